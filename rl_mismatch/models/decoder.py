@@ -1,0 +1,381 @@
+"""One Flax NNX decoder for the Llama / Qwen2 / Qwen3 / SmolLM2 family, with a functional KV cache.
+
+Numerics (every one of these is a mismatch decision, so they are explicit):
+
+* Weights are stored in ``param_dtype`` and cast to the compute ``dtype`` where they are used.
+* Matmuls take ``dtype`` operands and accumulate in float32 (``preferred_element_type``), then
+  round the result to ``dtype``. That is what GPU/TPU matmul units do, and on AVX-512 CPUs a bf16
+  matmul with a float32 result runs ~4x faster in XLA than one with a bf16 result.
+* RMSNorm statistics, RoPE rotation and the attention softmax run in float32; their outputs are
+  rounded to ``dtype`` (as HF does for the norm).
+* The KV cache is stored in ``dtype``. Logits are returned in float32.
+
+Token layout. Batches are left-padded: ``valid_BT`` is False on padding, padded keys are never
+attended, and RoPE positions default to ``cumsum(valid) - 1`` so a sequence's first real token
+sits at position 0 whatever its padding. ``logits_BTV[:, t]`` predicts ``tokens_BT[:, t + 1]``.
+
+Layers are stacked along a leading ``layers`` axis and applied with ``lax.scan``: one compiled
+block instead of ``n_layers`` copies keeps compile time flat in depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rl_mismatch.models.config import ModelConfig
+
+# Logical axis names carried as `out_sharding` metadata; rl_mismatch.sharding maps them to mesh
+# axes (tensor-parallel for the sampler, FSDP for the trainer).
+LAYERS, VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP = (
+    "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
+
+_NEG_INF = -1e30  # finite "minus infinity" for masked scores: exp underflows to exactly 0, no NaN.
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, *, scale=None, value=None) -> nnx.Param:
+    if value is None:
+        fan_in = shape[0] if scale is None else None
+        std = scale if scale is not None else fan_in ** -0.5
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    # eager_sharding=False: placement is decided by the caller (rl_mismatch.sharding), not here.
+    return nnx.Param(jnp.asarray(value, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _dot(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum in the operands' dtype with float32 accumulation, rounded back to that dtype."""
+    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    # Statistics in float32 (a bf16 mean of squares loses ~3 significant digits), result in x.dtype.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in HF's "rotate half" layout (pairs i and i + H/2), computed in float32."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def _attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS) -> jax.Array:
+    """Grouped-query attention; query head n uses KV head n // (N / K). Softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores * (H ** -0.5)
+    scores = jnp.where(allowed_BTS[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH, preferred_element_type=jnp.float32)
+    return out.astype(q_BTNH.dtype).reshape(B, T, N, H)
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for ``max_len`` slots.
+
+    Attributes:
+      k: [L, B, S, K, H] keys (after RoPE), in the compute dtype.
+      v: [L, B, S, K, H] values.
+      valid_BS: which slots hold a real (non-padding) token.
+      index: int32 scalar, the next slot to write; every sequence writes the same slot.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid_BS: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: ModelConfig, *, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache. ``max_len`` bounds prompt + generated tokens."""
+    if max_len > config.max_seq_len:
+        raise ValueError(f"max_len={max_len} exceeds the model's context of {config.max_seq_len} tokens.")
+    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, config: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        c, pd = config, param_dtype
+        D, N, K, H, F = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
+        self.attn_norm = _param(rngs, (D,), (EMBED,), pd, value=jnp.ones((D,)))
+        self.q = _param(rngs, (D, N, H), (EMBED, HEADS, HEAD_DIM), pd)
+        self.k = _param(rngs, (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), pd)
+        self.v = _param(rngs, (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), pd)
+        self.o = _param(rngs, (N, H, D), (HEADS, HEAD_DIM, EMBED), pd, scale=(N * H) ** -0.5)
+        if c.qkv_bias:
+            self.q_bias = _param(rngs, (N, H), (HEADS, HEAD_DIM), pd, value=jnp.zeros((N, H)))
+            self.k_bias = _param(rngs, (K, H), (KV_HEADS, HEAD_DIM), pd, value=jnp.zeros((K, H)))
+            self.v_bias = _param(rngs, (K, H), (KV_HEADS, HEAD_DIM), pd, value=jnp.zeros((K, H)))
+        if c.qk_norm:
+            self.q_norm = _param(rngs, (H,), (HEAD_DIM,), pd, value=jnp.ones((H,)))
+            self.k_norm = _param(rngs, (H,), (HEAD_DIM,), pd, value=jnp.ones((H,)))
+        self.mlp_norm = _param(rngs, (D,), (EMBED,), pd, value=jnp.ones((D,)))
+        self.gate = _param(rngs, (D, F), (EMBED, MLP), pd)
+        self.up = _param(rngs, (D, F), (EMBED, MLP), pd)
+        self.down = _param(rngs, (F, D), (MLP, EMBED), pd)
+        self.config = config
+
+    def __call__(self, x_BTD, positions_BT, keys_fn):
+        """``keys_fn(k_BTKH, v_BTKH) -> (k_BSKH, v_BSKH, allowed_BTS, aux)`` supplies the keys
+        attended (the chunk itself, or the chunk written into a cache) and the mask."""
+        c = self.config
+        h = _rms_norm(x_BTD, self.attn_norm[...], c.rms_eps)
+        q = _dot("btd,dnh->btnh", h, self.q[...])
+        k = _dot("btd,dkh->btkh", h, self.k[...])
+        v = _dot("btd,dkh->btkh", h, self.v[...])
+        if c.qkv_bias:
+            q = q + self.q_bias[...].astype(q.dtype)
+            k = k + self.k_bias[...].astype(k.dtype)
+            v = v + self.v_bias[...].astype(v.dtype)
+        if c.qk_norm:
+            q = _rms_norm(q, self.q_norm[...], c.rms_eps)
+            k = _rms_norm(k, self.k_norm[...], c.rms_eps)
+        q = _rope(q, positions_BT, c.rope_theta)
+        k = _rope(k, positions_BT, c.rope_theta)
+        k_all, v_all, allowed_BTS, aux = keys_fn(k, v)
+        attn = _attention(q, k_all, v_all, allowed_BTS)
+        x_BTD = x_BTD + _dot("btnh,nhd->btd", attn, self.o[...])
+        h = _rms_norm(x_BTD, self.mlp_norm[...], c.rms_eps)
+        gated = jax.nn.silu(_dot("btd,df->btf", h, self.gate[...])) * _dot("btd,df->btf", h, self.up[...])
+        return x_BTD + _dot("btf,fd->btd", gated, self.down[...]), aux
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer. ``model(tokens_BT) -> logits_BTV`` (float32).
+
+    Args:
+      config: shapes and architecture flags.
+      dtype: compute dtype of weights-in-use, activations and KV cache.
+      param_dtype: storage dtype of the parameters (float32 master weights for a trainer;
+        the sampler dtype for a sampler copy, see ``rl_mismatch.sampler``).
+      rngs: initialisation randomness.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from rl_mismatch.models.config import tiny_config
+      >>> model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+      (2, 5, 256)
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        V, D = config.vocab_size, config.d_model
+        self.embed = _param(rngs, (V, D), (VOCAB, EMBED), param_dtype, scale=0.02)
+
+        @nnx.split_rngs(splits=config.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+        def make_blocks(rngs):
+            return Block(config, param_dtype=param_dtype, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = _param(rngs, (D,), (EMBED,), param_dtype, value=jnp.ones((D,)))
+        if not config.tie_embeddings:
+            self.lm_head = _param(rngs, (D, V), (EMBED, VOCAB), param_dtype)
+
+    def _embed(self, tokens_BT):
+        return self.embed[...].astype(self.dtype)[tokens_BT]
+
+    def _logits(self, x_BTD):
+        x = _rms_norm(x_BTD, self.final_norm[...], self.config.rms_eps)
+        if self.config.tie_embeddings:
+            w = self.embed[...].astype(self.dtype)
+            return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _run_blocks(self, x_BTD, positions_BT, keys_fn, aux):
+        """Scans the stacked blocks; ``keys_fn(k, v, layer, aux)`` threads ``aux`` through layers."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(carry, layer_and_state):
+            x, aux = carry
+            layer, block_state = layer_and_state
+            block = nnx.merge(graphdef, block_state)
+            return block(x, positions_BT, lambda k, v: keys_fn(k, v, layer, aux)), None
+
+        layers = jnp.arange(self.config.n_layers)
+        (x_BTD, aux), _ = jax.lax.scan(body, (x_BTD, aux), (layers, state))
+        return x_BTD, aux
+
+    def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None) -> jax.Array:
+        """Full-sequence (teacher-forced) forward; returns float32 logits [B, T, V]."""
+        B, T = tokens_BT.shape
+        valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
+        if positions_BT is None:
+            positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        allowed_BTS = causal[None] & valid_BT[:, None, :]
+
+        def keys_fn(k, v, layer, aux):
+            del layer
+            return k, v, allowed_BTS, aux
+
+        x, _ = self._run_blocks(self._embed(tokens_BT), positions_BT, keys_fn, ())
+        return self._logits(x)
+
+    def decode(self, tokens_BT, cache: KVCache, *, positions_BT=None, valid_BT=None):
+        """Runs ``T`` new tokens against the cache (prefill when T > 1, decoding when T == 1).
+
+        Writes their keys/values into slots ``[cache.index, cache.index + T)`` and returns
+        ``(logits_BTV, new_cache)``. Positions default to the count of valid tokens before each.
+        """
+        B, T = tokens_BT.shape
+        S = cache.valid_BS.shape[1]
+        valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
+        start = cache.index
+        valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BT, (0, start))
+        if positions_BT is None:
+            n_before_B = jnp.sum(cache.valid_BS, axis=1, dtype=jnp.int32)
+            positions_BT = n_before_B[:, None] + jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
+        query_slot_T = start + jnp.arange(T)
+        allowed_BTS = (jnp.arange(S)[None, :] <= query_slot_T[:, None])[None] & valid_BS[:, None, :]
+        dtype = cache.k.dtype
+
+        def keys_fn(k, v, layer, kv):
+            k_cache, v_cache = kv
+            # The whole cache rides in the scan carry, so the per-layer write is an in-place
+            # dynamic_update_slice rather than a fresh [L, ...] output buffer every step.
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(dtype)[None], (layer, 0, start, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(dtype)[None], (layer, 0, start, 0, 0))
+            k_all = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
+            v_all = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+            return k_all.astype(k.dtype), v_all.astype(v.dtype), allowed_BTS, (k_cache, v_cache)
+
+        x, (k_cache, v_cache) = self._run_blocks(self._embed(tokens_BT), positions_BT, keys_fn,
+                                                 (cache.k, cache.v))
+        new_cache = KVCache(k_cache, v_cache, valid_BS, start + T)
+        return self._logits(x), new_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# HF state dict <-> NNX parameters.
+
+_HF_BLOCK = {  # our name -> (HF suffix, transform from the torch [out, in] layout)
+    "attn_norm": ("input_layernorm.weight", "vector"),
+    "mlp_norm": ("post_attention_layernorm.weight", "vector"),
+    "q": ("self_attn.q_proj.weight", "in_heads_q"),
+    "k": ("self_attn.k_proj.weight", "in_heads_kv"),
+    "v": ("self_attn.v_proj.weight", "in_heads_kv"),
+    "o": ("self_attn.o_proj.weight", "heads_out"),
+    "q_bias": ("self_attn.q_proj.bias", "bias_q"),
+    "k_bias": ("self_attn.k_proj.bias", "bias_kv"),
+    "v_bias": ("self_attn.v_proj.bias", "bias_kv"),
+    "q_norm": ("self_attn.q_norm.weight", "vector"),
+    "k_norm": ("self_attn.k_norm.weight", "vector"),
+    "gate": ("mlp.gate_proj.weight", "transpose"),
+    "up": ("mlp.up_proj.weight", "transpose"),
+    "down": ("mlp.down_proj.weight", "transpose"),
+}
+
+
+def _from_torch(w: np.ndarray, how: str, c: ModelConfig) -> np.ndarray:
+    N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
+    if how == "vector":
+        return w
+    if how == "transpose":
+        return w.T
+    if how == "in_heads_q":
+        return w.T.reshape(c.d_model, N, H)
+    if how == "in_heads_kv":
+        return w.T.reshape(c.d_model, K, H)
+    if how == "heads_out":
+        return w.T.reshape(N, H, c.d_model)
+    if how == "bias_q":
+        return w.reshape(N, H)
+    if how == "bias_kv":
+        return w.reshape(K, H)
+    raise AssertionError(how)
+
+
+def _expected_torch_shape(how: str, c: ModelConfig) -> tuple[int, ...] | None:
+    D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    return {
+        "in_heads_q": (N * H, D), "in_heads_kv": (K * H, D), "heads_out": (D, N * H),
+        "bias_q": (N * H,), "bias_kv": (K * H,),
+    }.get(how)
+
+
+def from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *,
+                       dtype=jnp.float32, param_dtype=jnp.float32) -> Decoder:
+    """Builds a ``Decoder`` from HF-named tensors in torch's ``[out, in]`` layout.
+
+    Raises:
+      ValueError: a tensor is missing, or its shape disagrees with ``config``.
+    """
+    c = config
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in state_dict:
+            raise ValueError(f"Checkpoint lacks tensor {name!r} required by {c.architecture}.")
+        w = np.asarray(state_dict[name])
+        if tuple(w.shape) != tuple(shape):
+            raise ValueError(f"Tensor {name!r} has shape {tuple(w.shape)} but the config implies "
+                             f"{tuple(shape)}; the checkpoint and config.json disagree.")
+        return w
+
+    model = nnx.eval_shape(lambda: Decoder(c, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    D, V = c.d_model, c.vocab_size
+    values = {"embed": get("model.embed_tokens.weight", (V, D)),
+              "final_norm": get("model.norm.weight", (D,))}
+    if not c.tie_embeddings:
+        values["lm_head"] = get("lm_head.weight", (V, D)).T
+    blocks = {}
+    for ours, (suffix, how) in _HF_BLOCK.items():
+        if not hasattr(model.blocks, ours):
+            continue
+        target = getattr(model.blocks, ours).shape[1:]
+        shape = _expected_torch_shape(how, c) or (target if how == "vector" else target[::-1])
+        layers = [_from_torch(get(f"model.layers.{i}.{suffix}", shape), how, c) for i in range(c.n_layers)]
+        blocks[ours] = np.stack(layers)
+    # Replace the abstract parameters with concrete ones of the requested storage dtype.
+    for name, value in values.items():
+        getattr(model, name).set_value(jnp.asarray(value, param_dtype))
+    for name, value in blocks.items():
+        getattr(model.blocks, name).set_value(jnp.asarray(value, param_dtype))
+    return model
+
+
+def to_hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
+    """Inverse of ``from_hf_state_dict``: HF-named float32 numpy tensors in torch layout."""
+    c = model.config
+    out = {"model.embed_tokens.weight": np.asarray(model.embed[...], np.float32),
+           "model.norm.weight": np.asarray(model.final_norm[...], np.float32)}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = np.asarray(model.lm_head[...], np.float32).T
+    for ours, (suffix, how) in _HF_BLOCK.items():
+        if not hasattr(model.blocks, ours):
+            continue
+        stacked = np.asarray(getattr(model.blocks, ours)[...], np.float32)
+        for i in range(c.n_layers):
+            w = stacked[i]
+            if how in ("in_heads_q", "in_heads_kv"):
+                w = w.reshape(c.d_model, -1).T
+            elif how == "heads_out":
+                w = w.reshape(-1, c.d_model).T
+            elif how == "transpose":
+                w = w.T
+            elif how.startswith("bias"):
+                w = w.reshape(-1)
+            out[f"model.layers.{i}.{suffix}"] = w
+    return out

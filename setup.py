@@ -1,0 +1,41 @@
+"""rl_mismatch: measure, attribute, correct and prevent the training-inference mismatch."""
+
+import setuptools
+
+# Versions pinned to a set that was installed and tested together (Python 3.11, CPU).
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "numpy>=2.0,<3",
+    "absl-py==2.5.1",
+    "ml_collections==1.1.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "gguf==0.19.0",
+    "jinja2>=3.1",
+    "tensorflow-datasets==4.9.10",
+    "array_record==0.8.6",
+    "grain==0.2.18",
+    "reasoning-gym==0.1.25",
+    "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",
+    "tqdm==4.70.1",
+]
+
+setuptools.setup(
+    name="rl_mismatch",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["rl_mismatch", "rl_mismatch.*", "experiments", "experiments.*"]),
+    install_requires=CORE,
+    extras_require={
+        # torch is pinned exactly: any other version pulls gigabytes of CUDA wheels.
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "transformers==5.23.0"],
+        "colab": ["nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],
+    },
+)
