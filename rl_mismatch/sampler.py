@@ -1,0 +1,331 @@
+"""Batched generation: the project's stand-in for an RL system's inference engine.
+
+The sampler owns a copy of the weights in its own dtype and layout, made by ``sync_weights`` (the
+analogue of the weight sync from trainer to rollout engine). Generation is one compiled program:
+prefill of the left-padded prompts into a KV cache, then a ``lax.while_loop`` that samples one
+token per sequence per iteration, stops each sequence at EOS or ``max_new_tokens`` and leaves as
+soon as every sequence is done.
+
+Where the sampler's numbers differ from the trainer's, they differ on purpose, in these places:
+
+1. Weight rounding in ``sync_weights`` (float32 master -> sampler dtype).
+2. Activations and the KV cache in the sampler dtype; matmuls accumulate in float32 and round to
+   the sampler dtype (see ``rl_mismatch.models.decoder``). float32 accumulation is also the fast
+   choice on CPU: XLA's bf16 x bf16 -> bf16 matmul runs ~4x slower than bf16 x bf16 -> f32 (AMX).
+3. Incremental KV-cache decoding instead of one teacher-forced forward.
+4. Truncation (top-k / top-p): the token is drawn from the renormalised kept set, and both
+   log-probs (full and truncated) are recorded, with the log of the kept mass.
+
+Shapes are bucketed (batch to a power of two that the data axis divides, prompt length to a
+multiple of ``prompt_bucket``) so that steady-state calls reuse the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from rl_mismatch import sharding as shd
+from rl_mismatch.models.decoder import Decoder, init_cache
+from rl_mismatch.precision import parse_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn. Hashable: it is a static argument of the compiled loop.
+
+    Attributes:
+      max_new_tokens: response budget per sequence.
+      temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+      top_k: keep the k most probable tokens (0: no top-k).
+      top_p: keep the smallest set of most probable tokens whose mass reaches ``top_p`` (1: off).
+      eos_ids: token ids that end a sequence (the EOS token is part of the response).
+      pad_id: written after a sequence ends.
+      return_entropy: also record the entropy of the temperature-scaled distribution.
+      prompt_bucket: prompt lengths are padded up to a multiple of this.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    return_entropy: bool = False
+    prompt_bucket: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}; use 1.0 to disable it.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}.")
+        if self.prompt_bucket <= 0:
+            raise ValueError(f"prompt_bucket must be positive, got {self.prompt_bucket!r}.")
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+
+
+@struct.dataclass
+class Rollout:
+    """Prompts and sampled responses, aligned column by column.
+
+    ``tokens_BT`` holds the left-padded prompt in columns ``[0, P)`` and the response in
+    ``[P, P + N)``. Per-token arrays are aligned with ``tokens_BT``: the value at column ``t``
+    belongs to token ``tokens_BT[:, t]`` (and is 0 outside the response).
+
+    Attributes:
+      tokens_BT: int32 token ids.
+      valid_BT: prompt tokens and response tokens (padding False).
+      response_mask_BT: generated tokens, up to and including EOS.
+      prompt_lengths_B, response_lengths_B: token counts.
+      finished_B: the sequence emitted EOS (False: it ran out of budget).
+      logp_BT: sampler log-prob of each sampled token under the temperature-scaled full
+        distribution (the temperature-1 distribution when greedy).
+      logp_truncated_BT: log-prob under the truncated, renormalised distribution sampled from.
+      log_kept_mass_BT: log of the full-distribution mass kept by top-k/top-p (0 if no truncation);
+        ``logp_BT = logp_truncated_BT + log_kept_mass_BT`` for every response token.
+      entropy_BT: entropy of the temperature-scaled distribution (zeros unless requested).
+    """
+
+    tokens_BT: jax.Array
+    valid_BT: jax.Array
+    response_mask_BT: jax.Array
+    prompt_lengths_B: jax.Array
+    response_lengths_B: jax.Array
+    finished_B: jax.Array
+    logp_BT: jax.Array
+    logp_truncated_BT: jax.Array
+    log_kept_mass_BT: jax.Array
+    entropy_BT: jax.Array
+    prompt_width: int = struct.field(pytree_node=False, default=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight sync.
+
+
+def sync_weights(model: Decoder, dtype, mesh: jax.sharding.Mesh | None = None, *,
+                 rules=shd.SAMPLER_RULES) -> Decoder:
+    """The trainer -> sampler weight sync: cast every parameter to the sampler ``dtype`` and lay
+    it out for the sampler mesh.
+
+    The cast is round-to-nearest-even from the float32 master weights; for bfloat16 this alone
+    perturbs each weight by up to 2^-9 relative, the first cause of the mismatch. The returned
+    model computes in the same ``dtype``.
+    """
+    dtype = parse_dtype(dtype)
+    graphdef, state = nnx.split(model)
+    cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    if mesh is not None:
+        cast = jax.device_put(cast, shd.state_shardings(cast, mesh, rules))
+    sampler_model = nnx.merge(graphdef, cast)
+    sampler_model.dtype = jnp.dtype(dtype)
+    return sampler_model
+
+
+# ----------------------------------------------------------------------------------------------
+# Token selection.
+
+
+def _truncation_mask(scaled_BV: jax.Array, top_k: int, top_p: float) -> jax.Array | None:
+    """Boolean kept set of top-k / top-p, or None when neither is active (static)."""
+    if top_k == 0 and top_p >= 1.0:
+        return None
+    V = scaled_BV.shape[-1]
+    keep = jnp.ones(scaled_BV.shape, bool)
+    if 0 < top_k < V:
+        kth = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
+        keep &= scaled_BV >= kth
+    if top_p < 1.0:
+        # Sort once (descending); a token is kept if the mass strictly before it is < top_p, so
+        # the kept set is the smallest prefix whose mass reaches top_p (the top token always).
+        masked = jnp.where(keep, scaled_BV, -jnp.inf)
+        sorted_logits = -jnp.sort(-masked, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        keep &= scaled_BV >= threshold
+    return keep
+
+
+def select_tokens(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
+    """Draws one token per row; returns ``(tokens_B, logp_B, logp_truncated_B, log_kept_B, entropy_B)``."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    scaled = logits_BV if cfg.temperature == 0 else logits_BV / cfg.temperature
+    logp_full = jax.nn.log_softmax(scaled, axis=-1)
+    keep = _truncation_mask(scaled, cfg.top_k, cfg.top_p)
+    if keep is None:
+        logp_trunc = logp_full
+        log_kept = jnp.zeros(logits_BV.shape[:1], jnp.float32)
+    else:
+        logp_trunc = jax.nn.log_softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+        log_kept = jax.nn.logsumexp(jnp.where(keep, logp_full, -jnp.inf), axis=-1)
+    if cfg.temperature == 0:
+        tokens = jnp.argmax(logp_trunc, axis=-1)
+    else:
+        tokens = jax.random.categorical(key, logp_trunc, axis=-1)
+    take = lambda a: jnp.take_along_axis(a, tokens[:, None], axis=-1)[:, 0]
+    if cfg.return_entropy:
+        entropy = -jnp.sum(jnp.exp(logp_full) * logp_full, axis=-1)
+    else:
+        entropy = jnp.zeros(logits_BV.shape[:1], jnp.float32)
+    return tokens.astype(jnp.int32), take(logp_full), take(logp_trunc), log_kept, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled generation program.
+
+
+def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: SamplingConfig, mesh):
+    model = nnx.merge(graphdef, state)
+    B, P = prompt_BP.shape
+    N = cfg.max_new_tokens
+    cache = init_cache(model.config, batch=B, max_len=P + N, dtype=model.dtype)
+    if mesh is not None:
+        # Batch over data, KV heads over model: each device holds only its slice of the cache.
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.DATA, shd.MODEL, None, None))
+        constrain = lambda kv: tuple(jax.lax.with_sharding_constraint(a, spec) for a in kv)
+        cache = cache._replace(k=constrain(cache.k), v=constrain(cache.v))
+    logits_BPV, cache = model.decode(prompt_BP, cache, valid_BT=prompt_valid_BP)
+    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, out, finished = carry[0], carry[1], carry[2], carry[3], carry[4]
+        return (i < N) & ~jnp.all(finished)
+
+    def body(carry):
+        i, logits_BV, cache, out, finished, key = carry
+        key, sub = jax.random.split(key)
+        tok, lp, lp_tr, kept, ent = select_tokens(logits_BV, sub, cfg)
+        live = ~finished
+        tok = jnp.where(live, tok, cfg.pad_id)
+        zero = jnp.zeros_like(lp)
+        cols = (tok, live, jnp.where(live, lp, zero), jnp.where(live, lp_tr, zero),
+                jnp.where(live, kept, zero), jnp.where(live, ent, zero))
+        out = tuple(jax.lax.dynamic_update_index_in_dim(o, c, i, axis=1) for o, c in zip(out, cols))
+        finished = finished | (live & jnp.isin(tok, eos))
+        # Feed the token back; a finished row's pad token is marked invalid so it is never attended.
+        logits, cache = model.decode(tok[:, None], cache, valid_BT=live[:, None])
+        return i + 1, logits[:, 0], cache, out, finished, key
+
+    out0 = (jnp.full((B, N), cfg.pad_id, jnp.int32), jnp.zeros((B, N), bool),
+            *(jnp.zeros((B, N), jnp.float32) for _ in range(4)))
+    # Rows with no prompt token at all are batch padding: finished from the start.
+    finished0 = ~jnp.any(prompt_valid_BP, axis=1)
+    carry = (jnp.zeros((), jnp.int32), logits_BPV[:, -1], cache, out0, finished0, key)
+    _, _, _, out, finished, _ = jax.lax.while_loop(cond, body, carry)
+    tok_BN, mask_BN, lp_BN, lptr_BN, kept_BN, ent_BN = out
+    pad = lambda a, fill=0: jnp.concatenate([jnp.full((B, P), fill, a.dtype), a], axis=1)
+    return Rollout(
+        tokens_BT=jnp.concatenate([prompt_BP, tok_BN], axis=1),
+        valid_BT=jnp.concatenate([prompt_valid_BP, mask_BN], axis=1),
+        response_mask_BT=pad(mask_BN),
+        prompt_lengths_B=jnp.sum(prompt_valid_BP, axis=1, dtype=jnp.int32),
+        response_lengths_B=jnp.sum(mask_BN, axis=1, dtype=jnp.int32),
+        finished_B=finished & jnp.any(prompt_valid_BP, axis=1),
+        logp_BT=pad(lp_BN), logp_truncated_BT=pad(lptr_BN), log_kept_mass_BT=pad(kept_BN),
+        entropy_BT=pad(ent_BN), prompt_width=P,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, cfg: SamplingConfig, mesh):
+    fn = functools.partial(_generate, graphdef, cfg=cfg, mesh=mesh)
+    if mesh is None:
+        return jax.jit(fn)
+    batch = shd.batch_sharding(mesh)
+    return jax.jit(fn, in_shardings=(None, batch, batch, shd.replicated(mesh)),
+                   out_shardings=None)
+
+
+def bucket(n: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= n."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, prompt_bucket: int,
+                context: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads ragged token lists to ``[B, P]`` with ``P`` a multiple of ``prompt_bucket``.
+
+    Raises:
+      ValueError: empty batch, an empty prompt, or a prompt longer than ``context``.
+    """
+    if len(prompts) == 0:
+        raise ValueError("generate() got an empty batch of prompts; pass at least one prompt.")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"Prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
+    longest = max(lengths)
+    if context is not None and longest > context:
+        i = lengths.index(longest)
+        raise ValueError(f"Prompt {i} has {longest} tokens, more than the {context}-token context "
+                         "left for it; shorten it or lower max_new_tokens.")
+    P = bucket(longest, prompt_bucket)
+    if context is not None:
+        P = min(P, context)
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    valid = np.zeros((len(prompts), P), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = p
+        valid[i, P - len(p):] = True
+    return tokens, valid
+
+
+def batch_bucket(B: int, data_axis: int = 1) -> int:
+    """Power of two >= B, rounded up to a multiple of the data-axis size."""
+    b = 1 << max(0, math.ceil(math.log2(B)))
+    return bucket(b, data_axis)
+
+
+def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
+             mesh: jax.sharding.Mesh | None = None) -> Rollout:
+    """Samples a response for every prompt.
+
+    Args:
+      model: the sampler's model (from ``sync_weights``); it computes in its own dtype.
+      prompts: a list of token-id lists, or a ``(tokens_BP, valid_BP)`` pair already left-padded.
+      key: PRNG key; the same key and inputs give the same tokens.
+      cfg: sampling settings.
+      mesh: optional ``(data, model)`` mesh; the model must already be laid out on it
+        (``sync_weights(..., mesh=mesh)``).
+
+    Returns:
+      A ``Rollout`` with one row per prompt (batch padding removed).
+
+    Raises:
+      ValueError: empty batch, a prompt longer than the context, or a mesh the batch or heads do
+        not fit.
+    """
+    context = model.config.max_seq_len - cfg.max_new_tokens
+    if context <= 0:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {model.config.max_seq_len}-token context.")
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+        tokens, valid = (np.asarray(a) for a in prompts)
+        lists = [list(t[v]) for t, v in zip(tokens, valid)]
+    else:
+        lists = [list(p) for p in prompts]
+    tokens, valid = pad_prompts(lists, pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
+    B = tokens.shape[0]
+    Bb = batch_bucket(B, mesh.shape[shd.DATA] if mesh is not None else 1)
+    if Bb > B:  # all-padding rows: finished from the start, cut off below
+        tokens = np.concatenate([tokens, np.full((Bb - B, tokens.shape[1]), cfg.pad_id, np.int32)])
+        valid = np.concatenate([valid, np.zeros((Bb - B, valid.shape[1]), bool)])
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        shd.state_shardings(state, mesh, shd.SAMPLER_RULES)  # raises a clear error on a bad mesh
+    rollout = _compiled(graphdef, cfg, mesh)(state, tokens, valid, key)
+    if Bb > B:
+        rollout = jax.tree.map(lambda a: a[:B], rollout)
+    return rollout

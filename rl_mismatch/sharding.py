@@ -1,0 +1,94 @@
+"""Meshes and parameter placement: logical axis names -> mesh axes.
+
+Model parameters carry logical axis names (``rl_mismatch.models.decoder``: layers, vocab, embed,
+heads, kv_heads, head_dim, mlp) as ``out_sharding`` metadata. A *rule set* maps them to the two
+mesh axes, ``data`` and ``model``:
+
+* ``SAMPLER_RULES``: tensor parallelism. Heads, MLP and vocab split over ``model``; parameters
+  replicated over ``data`` (each data shard decodes its own slice of the batch).
+* ``TRAINER_RULES``: tensor parallelism plus FSDP. As above, and the ``embed`` axis of every
+  weight is split over ``data`` too; XLA all-gathers weights for the forward and reduce-scatters
+  gradients.
+
+The sampler and the trainer thus hold the same values in different layouts; the move between
+them is ``rl_mismatch.sampler.sync_weights``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+SAMPLER_RULES: Mapping[str, str | None] = {
+    "layers": None, "vocab": MODEL, "embed": None, "heads": MODEL, "kv_heads": MODEL,
+    "head_dim": None, "mlp": MODEL,
+}
+TRAINER_RULES: Mapping[str, str | None] = {**SAMPLER_RULES, "embed": DATA}
+
+
+def make_mesh(data: int = -1, model: int = 1, *, devices=None) -> jax.sharding.Mesh:
+    """A ``(data, model)`` mesh. ``data=-1`` takes every device not used by ``model``.
+
+    Axis types are Auto: shardings are given explicitly at jit boundaries and XLA propagates
+    them inside, which is what the step functions here are written for. (``jax.make_mesh``
+    now defaults to Explicit axes, under which every intermediate's sharding must be typed.)
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if model <= 0 or len(devices) % model:
+        raise ValueError(f"model axis size {model} must be positive and divide the {len(devices)} devices.")
+    if data == -1:
+        data = len(devices) // model
+    if data * model != len(devices):
+        raise ValueError(f"mesh ({data}, {model}) needs {data * model} devices; {len(devices)} are available.")
+    return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices)
+
+
+def logical_to_spec(axes, rules: Mapping[str, str | None]) -> P:
+    """Maps a tuple of logical axis names to a ``PartitionSpec`` of mesh axes."""
+    mesh_axes = []
+    for name in axes:
+        if name is not None and name not in rules:
+            raise ValueError(f"Logical axis {name!r} has no mesh rule; rules cover {sorted(rules)}.")
+        mesh_axes.append(None if name is None else rules[name])
+    return P(*mesh_axes)
+
+
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Mapping[str, str | None]):
+    """``NamedSharding`` for every variable of an NNX state, from its logical-axis metadata.
+
+    Raises:
+      ValueError: a dimension is not divisible by the size of the mesh axis it is split over
+        (e.g. a model axis of 4 with 3 KV heads), naming the parameter and the remedy.
+    """
+
+    def one(path, var):
+        axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+        shape = var.shape if hasattr(var, "shape") else np.shape(var[...])
+        if axes is None:
+            return NamedSharding(mesh, P())
+        spec = logical_to_spec(axes, rules)
+        for dim, (size, mesh_axis, name) in enumerate(zip(shape, spec, axes)):
+            if mesh_axis is not None and size % mesh.shape[mesh_axis]:
+                raise ValueError(
+                    f"Parameter {'/'.join(map(str, path))} axis {dim} ({name}, size {size}) is not "
+                    f"divisible by mesh axis {mesh_axis!r} of size {mesh.shape[mesh_axis]}. Choose a "
+                    f"'{mesh_axis}' axis size that divides {size}.")
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis over ``data``, the rest replicated."""
+    return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
