@@ -201,7 +201,7 @@ def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: Sampling
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
     def cond(carry):
-        i, _, _, out, finished = carry[0], carry[1], carry[2], carry[3], carry[4]
+        i, finished = carry[0], carry[4]
         return (i < N) & ~jnp.all(finished)
 
     def body(carry):
