@@ -1,0 +1,557 @@
+"""The trainer's step: a pure, jitted ``step(state, batch) -> (state, metrics)`` for one RL update.
+
+One call does, for one rollout batch (DESIGN.md §3)::
+
+    for each micro-batch m (lax.scan):
+        logp   = rescore(model(params, dtype=compute_dtype), m)  teacher-forced, compute dtype
+        old    = stop_gradient(logp)                            one update per rollout
+        loss_m = compute_policy_loss(logp, old, μ, A, mask, normalizer=N of the whole batch)
+        g_m    = ∇_params S·loss_m                              S = loss scale (1 unless float16)
+        G     += g_m                                            Σ_m loss_m is the whole-batch loss
+    G = G / S;  finite = isfinite(|G|²)
+    if finite: params, opt_state = optimizer.update(G, opt_state, params, **opt_signals)  (lax.cond)
+
+Precision. The master weights and the optimizer state stay float32. The step hands the float32
+parameters to the model built with the compute dtype (float32, bfloat16 or float16), and the
+model casts each weight where it is used (``Decoder``: ``w.astype(x.dtype)`` inside its layer
+scan); the cast is differentiated, so gradients arrive in float32 and micro-batch gradients
+are accumulated in float32. Why not cast the whole tree once up front: the gradient would
+then be taken with respect to stacked bfloat16 weights, and the backward layer scan writes
+those through a fused convert + dynamic-update-slice that XLA:CPU does not do in place —
+measured ≈ 2 CPU-s per step slower on SmolLM2-135M in bfloat16 (benchmarks/README.md).
+The loss itself is float32 (``rl_mismatch.losses``). float16 uses
+`rl_mismatch.precision.DynamicLossScale` (why not ``jmp``: see that module): the loss is
+multiplied by S before differentiation, so small float16 gradients do not underflow; the
+float32 sum of the micro-batch gradients is divided by S; a non-finite result skips the
+update — the step returns the previous parameters and optimizer state themselves, bit for
+bit — halves S and counts ``opt/skipped_steps``.
+
+The trainer's log-probs come from the same forward that is differentiated: ``old_logp`` is its
+``stop_gradient`` and the mismatch metrics compare the sampler's log-probs with it, so
+measuring the mismatch costs no extra forward pass.
+
+Gradient noise scale (McCandlish et al. 2018, DESIGN.md §6). Each micro-batch gradient G_m is
+also the gradient of the loss on a smaller batch (B_small = B / n_microbatches sequences), and
+their sum is the gradient of the big batch (B_big = B). From
+``|G_small|² = mean_m |G_m|²`` and ``|G_big|²``, `gradient_noise_scale` estimates
+``B_noise = tr(Σ)/|G|²`` with no extra backward pass. Here G_m is the loss of micro-batch m on
+its own, i.e. its share of the summed gradient divided by its share ``N_m/N`` of the
+normaliser (exact for every aggregation: the micro-batch loss uses the whole-batch normaliser N).
+
+Sharding. With a mesh, parameters are laid out by ``sharding.TRAINER_RULES`` (FSDP: ``embed``
+over ``data``, tensor parallelism over ``model``), the optimizer state's parameter-shaped
+leaves like the parameters they belong to, scalars replicated, and the batch split over
+``data``. Micro-batch m takes rows m, m + n, m + 2n, …, so that every micro-batch is spread
+over all data shards (a contiguous split would put each micro-batch on a few devices).
+
+Example (tiny model, one device):
+
+>>> import optax, jax, jax.numpy as jnp
+>>> from flax import nnx
+>>> from rl_mismatch.losses import LossConfig
+>>> from rl_mismatch.models import Decoder, tiny_config
+>>> model = Decoder(tiny_config(n_layers=1), rngs=nnx.Rngs(0))
+>>> opt = optax.adamw(1e-3)
+>>> graphdef, state = init_train_state(model, opt, compute_dtype="bf16", key=jax.random.key(0))
+>>> step = make_train_step(graphdef, opt, LossConfig(), compute_dtype="bf16")
+>>> tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+>>> mask = jnp.arange(8)[None, :] >= jnp.array([[3], [4]])
+>>> batch = TrainBatch(tokens, jnp.ones_like(mask), mask, jnp.full((2, 8), -5.5), jnp.array([1.0, -1.0]))
+>>> state, metrics = step(state, batch)
+>>> int(state.step), bool(jnp.isfinite(metrics["opt/grad_norm"]))
+(1, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rl_mismatch import losses, mismatch, optim, precision
+from rl_mismatch import sharding as shd
+
+
+class TrainBatch(struct.PyTreeNode):
+    """One RL batch, every array with the batch axis first (see `rl_mismatch.sampler.Rollout`).
+
+    The trainer's own log-probs are not part of the batch: the step computes them in its
+    forward (see the module docstring).
+
+    Attributes:
+      tokens_BT: int32 left-padded prompt + response tokens.
+      valid_BT: bool, False on padding.
+      response_mask_BT: bool, True on the response tokens the loss is taken over.
+      sampler_logp_BT: the sampler's log-prob of each token (``Rollout.logp_BT``, or
+        ``logp_truncated_BT`` when correcting for top-k/top-p truncation).
+      advantages_B: float32 advantage of each sequence (`losses.compute_advantages`).
+      sampler_entropy_BT: optional sampler entropy per token; when given, the mismatch
+        metrics are also binned by it (``mismatch/by_entropy/…``).
+    """
+
+    tokens_BT: jax.Array
+    valid_BT: jax.Array
+    response_mask_BT: jax.Array
+    sampler_logp_BT: jax.Array
+    advantages_B: jax.Array
+    sampler_entropy_BT: jax.Array | None = None
+
+    @classmethod
+    def from_rollout(cls, rollout, advantages_B: jax.Array, *, truncated: bool = False,
+                     with_entropy: bool = False) -> TrainBatch:
+        """The batch of a `rl_mismatch.sampler.Rollout` and its advantages.
+
+        Args:
+          rollout: the sampler's output.
+          advantages_B: [B] advantages.
+          truncated: use the log-probs of the truncated (top-k/top-p) distribution that was
+            sampled from, rather than of the full distribution.
+          with_entropy: pass the rollout's entropies on (only if the sampler recorded them).
+        """
+        return cls(tokens_BT=rollout.tokens_BT, valid_BT=rollout.valid_BT,
+                   response_mask_BT=rollout.response_mask_BT,
+                   sampler_logp_BT=rollout.logp_truncated_BT if truncated else rollout.logp_BT,
+                   advantages_B=advantages_B,
+                   sampler_entropy_BT=rollout.entropy_BT if with_entropy else None)
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a train step reads and replaces.
+
+    Attributes:
+      step: int32 scalar, number of steps taken (skipped float16 steps included).
+      params: float32 master parameters, the ``nnx.State`` of the `Decoder`.
+      opt_state: the optax state, parameter-shaped leaves float32 and sharded like params.
+      loss_scale: `precision.LossScaleState` (scale fixed at 1 unless computing in float16).
+      key: a PRNG key carried for the caller (e.g. ``jax.random.fold_in(key, step)`` for
+        per-step sampling keys). The step uses no randomness, so the key is kept out of the
+        compiled function and returned unchanged.
+    """
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    loss_scale: precision.LossScaleState
+    key: jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient noise scale
+# --------------------------------------------------------------------------------------------
+
+
+def noise_statistics(sq_small, sq_big, b_small, b_big) -> tuple[jax.Array, jax.Array]:
+    """Unbiased estimates of |G|² and tr(Σ) from two batch sizes (McCandlish et al. 2018, App. A).
+
+    With G_B the mean gradient of B independent examples, E|G_B|² = |G|² + tr(Σ)/B, so two
+    batch sizes give two equations::
+
+        |G|²  ≈ (B_big |G_big|² − B_small |G_small|²) / (B_big − B_small)
+        tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
+
+    Both are unbiased when the squared norms are; either may come out negative for one step.
+
+    Args:
+      sq_small: |G_small|², squared norm of a gradient over ``b_small`` examples (or the mean
+        of several such).
+      sq_big: |G_big|², the same over ``b_big`` examples.
+      b_small, b_big: the batch sizes, ``b_small < b_big``.
+
+    Returns:
+      ``(grad_sq, trace)``, float32.
+
+    >>> [round(float(x), 3) for x in noise_statistics(3.0, 1.5, 1, 4)]
+    [1.0, 2.0]
+    """
+    f32 = jnp.float32
+    sq_small, sq_big = jnp.asarray(sq_small, f32), jnp.asarray(sq_big, f32)
+    b_small, b_big = jnp.asarray(b_small, f32), jnp.asarray(b_big, f32)
+    grad_sq = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
+    trace = (sq_small - sq_big) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq, trace
+
+
+def gradient_noise_scale(sq_small, sq_big, b_small, b_big) -> jax.Array:
+    """The simple noise scale ``B_noise = tr(Σ) / |G|²`` (DESIGN.md §6; McCandlish et al. 2018).
+
+    B_noise is the batch size at which the gradient noise equals the signal: training is
+    far from its most data-efficient above it, and step-count-inefficient far below it.
+    Inputs as in `noise_statistics`. The estimate from one step is noisy (each squared norm
+    is a single sample, and |G|² can even come out ≤ 0); average ``sq_small`` and ``sq_big``
+    over many steps first — the train step logs them as ``opt/grad_sq_small`` and
+    ``opt/grad_sq_big`` for exactly that — and apply this function to the averages (the
+    ratio of averages, as McCandlish et al. do, not the average of ratios).
+
+    Returns:
+      float32 B_noise; +inf where the |G|² estimate is ≤ 0 (signal indistinguishable from
+      noise at these batch sizes).
+
+    >>> float(gradient_noise_scale(3.0, 1.5, 1, 4))   # |G|² = 1, tr(Σ) = 2
+    2.0
+    """
+    grad_sq, trace = noise_statistics(sq_small, sq_big, b_small, b_big)
+    return jnp.where(grad_sq > 0, trace / jnp.where(grad_sq > 0, grad_sq, 1.0), jnp.inf)
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+
+
+def _path_key(path) -> tuple[str, ...]:
+    return tuple(str(k) for k in path)
+
+
+def _opt_state_shardings(opt_state, params, param_shardings, mesh):
+    """Shardings for an optax state: a leaf whose path ends with a parameter's path and whose
+    shape is that parameter's (Adam's mu/nu, momentum, …) is placed like the parameter;
+    everything else (step counts, scalars of schedules and triggers) is replicated.
+
+    Matching by path suffix and shape works for any nesting of chain/named_chain/inject_…
+    without initialising the optimizer with placeholder parameters (which transforms that
+    look at their parameters' shapes or dtypes reject).
+    """
+    table = {}
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shardings = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if len(flat_params) != len(flat_shardings):
+        raise AssertionError("one sharding per parameter leaf expected")
+    for (path, leaf), sharding in zip(flat_params, flat_shardings):
+        table[_path_key(path)] = (tuple(np.shape(leaf)), sharding)
+    replicated = shd.replicated(mesh)
+
+    def one(path, leaf):
+        key = _path_key(path)
+        for start in range(len(key)):
+            hit = table.get(key[start:])
+            if hit is not None and hit[0] == tuple(np.shape(leaf)):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """The `TrainState`-shaped tree of ``NamedSharding`` the step keeps its state in.
+
+    Parameters by ``sharding.TRAINER_RULES``, the optimizer state as in
+    `_opt_state_shardings`, step / loss scale / key replicated. ``state`` may be abstract
+    (``jax.eval_shape``).
+    """
+    param_sh = shd.state_shardings(state.params, mesh, shd.TRAINER_RULES)
+    replicated = shd.replicated(mesh)
+    return TrainState(
+        step=replicated, params=param_sh,
+        opt_state=_opt_state_shardings(state.opt_state, state.params, param_sh, mesh),
+        loss_scale=jax.tree.map(lambda _: replicated, state.loss_scale),
+        key=None if state.key is None else replicated)
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, compute_dtype: Any,
+                     key: jax.Array, mesh: jax.sharding.Mesh | None = None,
+                     loss_scale: precision.LossScale | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """Splits ``model`` into its graph and a fresh `TrainState` placed on ``mesh``.
+
+    The state holds copies of the model's parameters: the step donates its state, and the
+    caller's ``model`` must stay usable (e.g. to build the first sampler copy).
+
+    Args:
+      model: a `rl_mismatch.models.Decoder` with float32 parameters (the master weights).
+      optimizer: the optax transform the step will apply.
+      compute_dtype: float32 / bfloat16 / float16 (names as `precision.parse_dtype`); picks
+        the default loss scaling.
+      key: a PRNG key stored in the state.
+      mesh: a ``(data, model)`` mesh (`sharding.make_mesh`), or None for the default device.
+      loss_scale: the loss scaling (default `precision.make_loss_scale(compute_dtype)`); pass
+        the same object to `make_train_step`.
+
+    Returns:
+      ``(graphdef, state)``.
+
+    Raises:
+      ValueError: a parameter is not float32, or a parameter dimension does not divide its
+        mesh axis.
+    """
+    compute_dtype = precision.parse_dtype(compute_dtype)
+    loss_scale = precision.make_loss_scale(compute_dtype) if loss_scale is None else loss_scale
+    graphdef, params = nnx.split(model)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != jnp.float32:
+            raise ValueError(
+                f"Parameter {jax.tree_util.keystr(path)} is {leaf.dtype}; the trainer keeps float32 master "
+                "weights. Build the model with param_dtype=jnp.float32 and choose compute_dtype instead.")
+    # Copies, not the model's buffers: the step donates the state (see the docstring).
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                       loss_scale=loss_scale.init(), key=key)
+    if mesh is None:
+        return graphdef, state.replace(opt_state=jax.jit(optimizer.init)(params))
+    abstract = state.replace(opt_state=jax.eval_shape(optimizer.init, params))
+    shardings = train_state_shardings(abstract, mesh)
+    params = jax.device_put(params, shardings.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    state = state.replace(params=params, opt_state=opt_state)
+    return graphdef, jax.device_put(state, shardings)
+
+
+# --------------------------------------------------------------------------------------------
+# Step
+# --------------------------------------------------------------------------------------------
+
+
+def _sq_norm(tree) -> jax.Array:
+    """Σ x² over every leaf, in float32."""
+    leaves = jax.tree.leaves(tree)
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+def _signal(value):
+    """An optimizer signal as a float32/int32 array, so that Python floats, NumPy scalars and
+    device scalars (a metric of the previous step) all reach the jitted step with the same
+    type (no weak types, no retracing); device values stay on device (no host round trip)."""
+    if not isinstance(value, jax.Array):
+        value = np.asarray(value)
+    if jnp.issubdtype(value.dtype, jnp.floating):
+        return jnp.asarray(value, jnp.float32)
+    if jnp.issubdtype(value.dtype, jnp.integer):
+        return jnp.asarray(value, jnp.int32)
+    return jnp.asarray(value)
+
+
+class TrainStep:
+    """``step(state, batch, **opt_signals) -> (state, metrics)``; see `make_train_step`.
+
+    Attributes:
+      jitted: the ``jax.jit``-ed function ``(state, batch, opt_signals) -> (state, metrics)``,
+        built on the first call (its shardings are read off the first state's layout); its
+        ``_cache_size()`` counts compilations.
+    """
+
+    def __init__(self, fn, mesh, check_batch):
+        self._fn = fn
+        self._mesh = mesh
+        self._check_batch = check_batch
+        self.jitted = None
+
+    def _build(self, state: TrainState):
+        if self._mesh is None:
+            return jax.jit(self._fn, donate_argnums=0)
+        state_sh = train_state_shardings(state, self._mesh)
+        replicated = shd.replicated(self._mesh)
+        # P(DATA) as a prefix of the whole batch: every array split over data along axis 0.
+        batch_sh = NamedSharding(self._mesh, P(shd.DATA))
+        return jax.jit(self._fn, in_shardings=(state_sh, batch_sh, replicated),
+                       out_shardings=(state_sh, replicated),
+                       donate_argnums=0)  # the old state is dead after the step: update in place
+
+    def __call__(self, state: TrainState, batch: TrainBatch, **opt_signals):
+        self._check_batch(batch)
+        # The key bypasses jit: the step draws no randomness, and a typed key returned from a
+        # sharded jit alternates its underlying layout (P() / P(None,)), which costs a second
+        # dispatch-cache entry.
+        key, state = state.key, state.replace(key=None)
+        if self.jitted is None:
+            self.jitted = self._build(state)
+        signals = {k: _signal(v) for k, v in opt_signals.items()}
+        # Inputs as device arrays with a fixed placement: NumPy vs device arrays, or committed
+        # vs uncommitted ones, are different cache keys for jit and would retrace the step.
+        if self._mesh is None:
+            batch = jax.tree.map(jnp.asarray, batch)
+        else:
+            batch = jax.device_put(batch, NamedSharding(self._mesh, P(shd.DATA)))
+            signals = jax.device_put(signals, shd.replicated(self._mesh))
+        new_state, metrics = self.jitted(state, batch, signals)
+        return new_state.replace(key=key), metrics
+
+
+def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
+    if not isinstance(batch, TrainBatch):
+        raise ValueError(f"batch must be a TrainBatch, got {type(batch).__name__}.")
+    shape = batch.tokens_BT.shape
+    if len(shape) != 2:
+        raise ValueError(f"tokens_BT must be [B, T], got shape {shape}.")
+    for name in ("valid_BT", "response_mask_BT", "sampler_logp_BT", "sampler_entropy_BT"):
+        x = getattr(batch, name)
+        if x is not None and x.shape != shape:
+            raise ValueError(f"batch.{name} has shape {x.shape}, expected tokens_BT's {shape}.")
+    if batch.advantages_B.shape != shape[:1]:
+        raise ValueError(f"batch.advantages_B has shape {batch.advantages_B.shape}, expected ({shape[0]},).")
+    if shape[0] % (n_micro * data_size):
+        raise ValueError(
+            f"Batch size {shape[0]} must be a multiple of n_microbatches × data-axis size = "
+            f"{n_micro} × {data_size}; pad the batch (all-False masks) or change n_microbatches.")
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    loss_config: losses.LossConfig, *, compute_dtype: Any, n_microbatches: int = 1,
+                    mesh: jax.sharding.Mesh | None = None, loss_scale: precision.LossScale | None = None,
+                    temperature: float = 1.0) -> TrainStep:
+    """Builds the jitted train step (see the module docstring for what one step computes).
+
+    Args:
+      graphdef: from `init_train_state`.
+      optimizer: an optax transform; keyword signals given to the step (``response_length=``,
+        ``k3=`` …) are passed to its ``update`` (it is wrapped with
+        ``optax.with_extra_args_support``, so plain transforms work too).
+      loss_config: the `losses.LossConfig` (policy loss, aggregation, correction).
+      compute_dtype: float32 / bfloat16 / float16 for the forward and backward.
+      n_microbatches: micro-batches per step, accumulated with ``lax.scan``. The batch size
+        must be a multiple of ``n_microbatches`` × the mesh's data-axis size.
+      mesh: the mesh the state was placed on by `init_train_state`, or None.
+      loss_scale: default `precision.make_loss_scale(compute_dtype)` (dynamic for float16);
+        must match the one given to `init_train_state`.
+      temperature: the sampler's temperature; logits are divided by it (as the sampler does)
+        for the loss and the mismatch metrics alike.
+
+    Returns:
+      A `TrainStep` ``step(state, batch, **opt_signals) -> (state, metrics)``. The input
+      state is donated (its buffers are reused for the output; do not touch it afterwards).
+      Metrics (float32 scalars unless stated), computed on the whole batch:
+
+      * ``loss/*``, ``is/*``: `losses.compute_policy_loss` (loss at the pre-update params).
+      * ``mismatch/*``: `mismatch.compute_mismatch_metrics` of the sampler's log-probs against
+        the trainer's (this step's forward, detached).
+      * ``opt/grad_norm`` (unscaled float32 gradient), ``opt/update_norm`` (the update
+        applied: 0 on a skipped step), ``opt/param_norm`` (after the step).
+      * ``opt/grad_sq_small`` = mean over micro-batches of |G_m|², ``opt/grad_sq_big`` =
+        |G|², ``opt/noise_trace`` = tr(Σ) estimate, ``opt/grad_noise_scale`` = B_noise from
+        this step alone (see `gradient_noise_scale`: noisy; average the first two over steps).
+        With ``n_microbatches == 1`` there is no small batch: ``grad_sq_small`` equals
+        ``grad_sq_big`` and ``noise_trace`` and ``grad_noise_scale`` are 0 (placeholders).
+      * ``opt/loss_scale``, ``opt/skipped_steps`` (after this step's adjustment),
+        ``opt/step_skipped`` (1.0 if this step's update was skipped).
+      * ``lr/scale``: the LR multiplier of the `rl_mismatch.optim` triggered decays in the
+        optimizer (after this update), present only if it contains one.
+
+    Raises:
+      ValueError: bad arguments (here), or (at call time) a batch whose shapes disagree or
+        whose size is not divisible as required.
+    """
+    compute_dtype = precision.parse_dtype(compute_dtype)
+    if not isinstance(loss_config, losses.LossConfig):
+        raise ValueError(f"loss_config must be a losses.LossConfig, got {type(loss_config).__name__}.")
+    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}.")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
+    loss_scale = precision.make_loss_scale(compute_dtype) if loss_scale is None else loss_scale
+    if not isinstance(loss_scale, (precision.DynamicLossScale, precision.NoOpLossScale)):
+        raise ValueError(f"loss_scale must be a precision.DynamicLossScale or NoOpLossScale, got {loss_scale!r}.")
+    optimizer = optax.with_extra_args_support(optimizer)
+    n_micro = n_microbatches
+    data_size = 1 if mesh is None else mesh.shape[shd.DATA]
+
+    def constrain(x, spec):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def micro_grads(params, ls_state, mb: TrainBatch, normalizer):
+        """Scaled float32 gradient of the micro-batch's share of the whole-batch loss, and its log-probs."""
+
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p)
+            model.dtype = compute_dtype  # the graph may carry the dtype the model was built with
+            logp_BT = mismatch.rescore(model, mb.tokens_BT, mb.valid_BT, response_mask_BT=mb.response_mask_BT,
+                                       temperature=temperature)
+            # One update per rollout: π_old is π_θ itself, detached (its value, not its gradient).
+            old_BT = jax.lax.stop_gradient(logp_BT)
+            loss, _ = losses.compute_policy_loss(logp_BT, old_BT, mb.sampler_logp_BT, mb.advantages_B,
+                                                 mb.response_mask_BT, loss_config, normalizer=normalizer)
+            return loss_scale.scale_loss(ls_state, loss), old_BT
+
+        # Differentiated with respect to the float32 parameters: the model's casts to the
+        # compute dtype are part of the function, so the gradient is float32.
+        grads, logp_BT = jax.grad(loss_fn, has_aux=True)(params)
+        return grads, logp_BT
+
+    def step_fn(state: TrainState, batch: TrainBatch, opt_signals: Mapping[str, jax.Array]):
+        B, T = batch.tokens_BT.shape
+        ls_state = state.loss_scale
+        mask_BT = batch.response_mask_BT.astype(bool)
+        batch = batch.replace(response_mask_BT=mask_BT, valid_BT=batch.valid_BT.astype(bool))
+        # The whole batch's normaliser, given to every micro-batch: their losses then sum to the
+        # whole-batch loss and their gradients to its gradient.
+        normalizer = losses.loss_normalizer(mask_BT, loss_config)
+        inv_scale_sq = 1.0 / jnp.square(ls_state.scale)
+
+        if n_micro == 1:
+            grads, logp_BT = micro_grads(state.params, ls_state, batch, normalizer)
+            sq_scaled = _sq_norm(grads)
+            sq_big = sq_scaled * inv_scale_sq
+            sq_small, trace, b_noise = sq_big, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+        else:
+            b = B // n_micro
+
+            def split(x):  # [B, ...] -> [n, B/n, ...]; micro-batch m = rows m, m + n, …
+                x = x.reshape(b, n_micro, *x.shape[1:]).swapaxes(0, 1)
+                return constrain(x, P(None, shd.DATA))
+
+            def body(acc, mb):
+                g, logp = micro_grads(state.params, ls_state, mb, normalizer)
+                # This micro-batch's share N_m/N of the normaliser: its gradient divided by the
+                # share is the gradient of its own loss (G_small of the noise-scale estimator).
+                share = losses.loss_normalizer(mb.response_mask_BT, loss_config) / jnp.maximum(normalizer, 1.0)
+                sq = _sq_norm(g) * inv_scale_sq
+                sq_small_m = jnp.where(share > 0, sq / jnp.where(share > 0, share, 1.0) ** 2, 0.0)
+                return jax.tree.map(jnp.add, acc, g), (logp, sq_small_m, share > 0)
+
+            acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
+            grads, (logp_nbT, sq_n, has_n) = jax.lax.scan(body, acc0, jax.tree.map(split, batch))
+            logp_BT = constrain(logp_nbT.swapaxes(0, 1).reshape(B, T), P(shd.DATA))
+            sq_scaled = _sq_norm(grads)
+            sq_big = sq_scaled * inv_scale_sq
+            # Micro-batches without loss tokens have no gradient of their own; leave them out.
+            sq_small = jnp.sum(sq_n) / jnp.maximum(jnp.sum(has_n), 1)
+            b_small, b_big = B // n_micro, B
+            _, trace = noise_statistics(sq_small, sq_big, b_small, b_big)
+            b_noise = gradient_noise_scale(sq_small, sq_big, b_small, b_big)
+
+        # Σ g² is finite iff every element is (an overflow of the sum itself would need |g| ≳ 1e19,
+        # beyond any usable gradient): one reduction serves the norm and the skip decision.
+        finite = jnp.isfinite(sq_scaled)
+
+        def apply(operands):
+            grads, opt_state, params = operands
+            grads = loss_scale.unscale_grads(ls_state, grads)  # fuses into the optimizer's first pass
+            updates, opt_state = optimizer.update(grads, opt_state, params, **opt_signals)
+            return optax.apply_updates(params, updates), opt_state, _sq_norm(updates)
+
+        def skip(operands):
+            _, opt_state, params = operands
+            return params, opt_state, jnp.zeros((), jnp.float32)
+
+        # lax.cond rather than computing the update and `precision.select_tree`-ing it away: the
+        # select reads old and new parameters and optimizer state in full on every step (≈ 1 s
+        # per step for a 135M-parameter model on a 2-core CPU), for a branch that is rarely taken.
+        # The skip branch returns the old state itself, so a skipped step leaves parameters and
+        # optimizer state bit for bit unchanged.
+        params, opt_state, update_sq = jax.lax.cond(finite, apply, skip, (grads, state.opt_state, state.params))
+        new_ls = loss_scale.adjust(ls_state, finite)
+
+        _, metrics = losses.compute_policy_loss(logp_BT, logp_BT, batch.sampler_logp_BT, batch.advantages_B,
+                                                mask_BT, loss_config, normalizer=normalizer)
+        metrics.update(mismatch.compute_mismatch_metrics(batch.sampler_logp_BT, logp_BT, mask_BT,
+                                                         sampler_entropy_BT=batch.sampler_entropy_BT))
+        metrics.update({
+            "opt/grad_norm": jnp.sqrt(sq_big),
+            "opt/update_norm": jnp.sqrt(update_sq),
+            "opt/param_norm": jnp.sqrt(_sq_norm(params)),
+            "opt/grad_sq_small": sq_small,
+            "opt/grad_sq_big": sq_big,
+            "opt/noise_trace": trace,
+            "opt/grad_noise_scale": b_noise,
+            "opt/step_skipped": (~finite).astype(jnp.float32),
+            **precision.loss_scale_metrics(new_ls),
+        })
+        if optim.lr_scales(opt_state):  # static: the optimizer state's structure
+            metrics["lr/scale"] = optim.lr_scale(opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               loss_scale=new_ls, key=state.key)
+        return new_state, metrics
+
+    return TrainStep(step_fn, mesh, lambda batch: _check_batch(batch, n_micro, data_size))

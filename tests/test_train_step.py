@@ -1,0 +1,360 @@
+"""Tests for rl_mismatch.train_step: compilation, loss scaling, sharding, micro-batching, noise scale.
+
+Numerical bounds used below (float32 unit roundoff u = 2**-24 ≈ 6e-8):
+
+* Sharded vs single-device and 4 micro-batches vs 1 compute the same sums in another order
+  (partial sums per device / per micro-batch, reduced afterwards). A reordered sum of n terms
+  differs by at most ≈ n·u·Σ|terms|. The longest reductions in the tiny model are over the
+  vocabulary (V = 256: logsumexp and the lm-head transpose) and the ~100 tokens of a batch,
+  and an error passes through ≈ 10 such operations (2 layers, forward and backward), so the
+  worst case is ≈ 10·256·u ≈ 1.5e-4 of the magnitudes involved. We compare parameter updates
+  of SGD with learning rate 1 (i.e. the gradients themselves) with
+  ``atol = _REORDER_RTOL · max|Δ|`` and scalar metrics with ``rtol = _REORDER_RTOL``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rl_mismatch import losses, optim, precision
+from rl_mismatch import sharding as shd
+from rl_mismatch import train_step as ts
+from rl_mismatch.mismatch import rescore
+from rl_mismatch.models import Decoder, tiny_config
+
+_REORDER_RTOL = 1.5e-4  # see the module docstring
+_CFG = tiny_config()  # 4 heads, 2 KV heads, d_model 64, d_ff 128, V 256: divisible by every mesh used
+
+
+def _model(seed=0):
+    return Decoder(_CFG, rngs=nnx.Rngs(seed))
+
+
+def _batch(B=8, T=12, seed=0, adv_scale=1.0) -> ts.TrainBatch:
+    """Left-padded prompts of 2–5 tokens, then responses of varied length (≥ 1 token)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, _CFG.vocab_size, (B, T)).astype(np.int32)
+    pad = rng.integers(0, 3, B)
+    prompt_end = pad + rng.integers(2, 4, B)
+    col = np.arange(T)[None]
+    valid = col >= pad[:, None]
+    resp_len = rng.integers(1, T - prompt_end.max() + 1, B)
+    resp = (col >= prompt_end[:, None]) & (col < (prompt_end + resp_len)[:, None])
+    sampler_logp = np.where(resp, -rng.uniform(0.5, 8.0, (B, T)), 0.0).astype(np.float32)
+    adv = (adv_scale * rng.normal(size=B)).astype(np.float32)
+    return ts.TrainBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(resp),
+                         jnp.asarray(sampler_logp), jnp.asarray(adv))
+
+
+def _bits(tree):
+    """Raw bytes of every leaf: equal lists mean bitwise identical trees."""
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def _np(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def _one_step(mesh, n_micro, *, dtype="f32", optimizer=None, batch=None, loss_config=losses.LossConfig()):
+    """(params after − before, metrics) of one step from the same initial model."""
+    optimizer = optax.sgd(1.0) if optimizer is None else optimizer
+    graphdef, state = ts.init_train_state(_model(), optimizer, compute_dtype=dtype, key=jax.random.key(0),
+                                          mesh=mesh)
+    before = _np(state.params)  # host copy: the step donates the state
+    step = ts.make_train_step(graphdef, optimizer, loss_config, compute_dtype=dtype,
+                              n_microbatches=n_micro, mesh=mesh)
+    state, metrics = step(state, _batch() if batch is None else batch)
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, before)
+    return delta, _np(metrics)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single device, one micro-batch, float32: the step everything else is compared with."""
+    return _one_step(None, 1)
+
+
+def _assert_same_step(got, ref):
+    delta, metrics = got
+    ref_delta, ref_metrics = ref
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(ref_delta))
+    for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(ref_delta)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=_REORDER_RTOL * scale)
+    for key in ("loss/policy", "opt/grad_norm", "opt/grad_sq_big", "opt/param_norm", "mismatch/k1",
+                "mismatch/ratio_p50", "is/weight_mean"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=_REORDER_RTOL, atol=1e-7, err_msg=key)
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation
+
+
+@pytest.mark.parametrize("mesh_shape,n_micro,dtype", [(None, 1, "f32"), ((4, 2), 2, "fp16")])
+def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype):
+    mesh = None if mesh_shape is None else shd.make_mesh(*mesh_shape)
+    opt = optax.chain(optax.adamw(1e-3), optim.length_triggered_decay(warmup=0, baseline_window=2))
+    graphdef, state = ts.init_train_state(_model(), opt, compute_dtype=dtype, key=jax.random.key(0), mesh=mesh)
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype, n_microbatches=n_micro,
+                              mesh=mesh, loss_scale=precision.make_loss_scale(dtype, initial_scale=2.0**8)
+                              if dtype == "fp16" else None)
+    batch = _batch()
+    state, metrics = step(state, batch, response_length=7.0)  # traces and compiles
+    state, metrics = step(state, _batch(seed=1), response_length=7.5)
+    device_length = metrics["loss/policy"] + 10.0  # eager op compiled here, before counting
+    cache_size = step.jitted._cache_size()
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event in ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                     "/jax/core/compile/backend_compile_duration"):
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        # New batch values, the signal as a Python float, a NumPy scalar and a device scalar (as a
+        # metric of the previous step would be): none of it may retrace, lower or compile anything.
+        for i, length in enumerate([8.0, np.float64(9.0), device_length]):
+            state, metrics = step(state, _batch(seed=i + 2), response_length=length)
+        jax.block_until_ready((state, metrics))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert events == []
+    assert step.jitted._cache_size() == cache_size == 1
+    assert int(state.step) == 5
+    assert float(metrics["lr/scale"]) == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# float16 and loss scaling
+
+
+def _fp16_setup(initial_scale, growth_interval):
+    opt = optax.adamw(1e-3)
+    ls = precision.DynamicLossScale(initial_scale=initial_scale, growth_interval=growth_interval)
+    graphdef, state = ts.init_train_state(_model(), opt, compute_dtype="fp16", key=jax.random.key(0),
+                                          loss_scale=ls)
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="fp16", loss_scale=ls)
+    return state, step
+
+
+def test_fp16_overflow_skips_step_and_halves_scale():
+    state, step = _fp16_setup(2.0**8, growth_interval=1000)
+    state, metrics = step(state, _batch())  # a clean step first, so the optimizer state is non-trivial
+    assert float(metrics["opt/step_skipped"]) == 0.0 and float(metrics["opt/loss_scale"]) == 2.0**8
+    params_bits, opt_bits = _bits(state.params), _bits(state.opt_state)
+    # Advantages of ~1e6 make S·∂loss/∂logits ≈ 2^8·1e6/N, far above float16's maximum (65504):
+    # the float16 backward overflows, as a too-large loss scale would.
+    state, metrics = step(state, _batch(seed=1, adv_scale=1e6))
+    assert float(metrics["opt/step_skipped"]) == 1.0
+    assert not np.isfinite(float(metrics["opt/grad_norm"]))
+    assert float(metrics["opt/update_norm"]) == 0.0
+    assert float(state.loss_scale.scale) == 2.0**7 == float(metrics["opt/loss_scale"])
+    assert int(state.loss_scale.skipped_steps) == 1 == int(metrics["opt/skipped_steps"])
+    assert int(state.step) == 2
+    assert _bits(state.params) == params_bits
+    assert _bits(state.opt_state) == opt_bits
+    # And training goes on: the next clean step is applied.
+    state, metrics = step(state, _batch(seed=2))
+    assert float(metrics["opt/step_skipped"]) == 0.0
+    assert _bits(state.params) != params_bits
+
+
+def test_fp16_scale_grows_after_growth_interval_clean_steps():
+    state, step = _fp16_setup(2.0**6, growth_interval=3)
+    scales = []
+    for i in range(4):
+        state, metrics = step(state, _batch(seed=i))
+        assert float(metrics["opt/step_skipped"]) == 0.0
+        scales.append(float(state.loss_scale.scale))
+    assert scales == [2.0**6, 2.0**6, 2.0**7, 2.0**7]
+
+
+def test_fp16_and_bf16_gradients_track_fp32(reference):
+    """Low-precision compute over float32 master weights: same update direction, params stay float32.
+
+    bf16 rounds every activation and weight to 8 significant bits (relative error 2**-9 ≈ 0.2%),
+    fp16 to 11 (0.05%); through two layers the gradient picks up errors of a few 0.1%, so
+    the update's direction must agree with float32's to a cosine ≥ 0.99 (an error of 10% of
+    the norm would still pass; a wrong cast, missing unscale or lost loss scale would not).
+    """
+    ref = np.concatenate([x.ravel() for x in jax.tree.leaves(reference[0])])
+    for dtype, ls in (("bf16", None), ("fp16", precision.DynamicLossScale(initial_scale=2.0**8))):
+        opt = optax.sgd(1.0)
+        graphdef, state = ts.init_train_state(_model(), opt, compute_dtype=dtype, key=jax.random.key(0),
+                                              loss_scale=ls)
+        before = _np(state.params)
+        step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype, loss_scale=ls)
+        state, metrics = step(state, _batch())
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+        got = np.concatenate([(np.asarray(a) - b).ravel() for a, b in zip(jax.tree.leaves(state.params),
+                                                                            jax.tree.leaves(before))])
+        cos = got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref))
+        assert cos >= 0.99, (dtype, cos)
+        assert float(metrics["opt/step_skipped"]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding and micro-batching
+
+
+@pytest.mark.parametrize("mesh_shape", [(4, 2), (8, 1)])
+def test_sharded_step_equals_single_device(mesh_shape, reference):
+    mesh = shd.make_mesh(*mesh_shape)
+    _assert_same_step(_one_step(mesh, 1), reference)
+
+
+def test_sharded_state_layout():
+    mesh = shd.make_mesh(4, 2)
+    opt = optax.adamw(1e-3)
+    _, state = ts.init_train_state(_model(), opt, compute_dtype="f32", key=jax.random.key(0), mesh=mesh)
+    expected = shd.state_shardings(state.params, mesh, shd.TRAINER_RULES)
+    q_sharding = state.params["blocks"]["q"][...].sharding
+    assert q_sharding == expected["blocks"]["q"]
+    assert q_sharding.spec == jax.sharding.PartitionSpec(None, "data", "model", None)
+    adam = state.opt_state[0]
+    assert adam.mu["blocks"]["q"][...].sharding == q_sharding  # moments sharded like their parameter
+    assert adam.nu["embed"][...].sharding == expected["embed"]
+    assert adam.count.sharding.spec == jax.sharding.PartitionSpec()  # scalars replicated
+    assert state.loss_scale.scale.sharding.spec == jax.sharding.PartitionSpec()
+
+
+def test_four_microbatches_equal_one_big_batch(reference):
+    _assert_same_step(_one_step(None, 4), reference)
+
+
+def test_microbatches_on_a_mesh_equal_one_big_batch(reference):
+    _assert_same_step(_one_step(shd.make_mesh(4, 2), 2), reference)
+
+
+def test_microbatches_with_sequence_aggregation_and_correction():
+    """The normaliser and the IS weights must not depend on how the batch is split."""
+    config = losses.LossConfig(aggregation="seq_mean_token_mean",
+                               correction=losses.CorrectionConfig("seq_tis", high=2.0))
+    _assert_same_step(_one_step(None, 4, loss_config=config), _one_step(None, 1, loss_config=config))
+
+
+# --------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_repeated_steps_on_a_fixed_batch_decrease_the_loss():
+    """PPO epochs on one batch: with μ as the old policy ('bypass') the clipped surrogate
+    −Σ min(q·A, clip(q)·A)/N with q = π_θ/μ is a function of θ that each Adam step lowers."""
+    model = _model()
+    batch = _batch()
+    # Start at q = 1 (μ = the model's own log-probs), where nothing is clipped yet.
+    own = rescore(model, batch.tokens_BT, batch.valid_BT, response_mask_BT=batch.response_mask_BT)
+    batch = batch.replace(sampler_logp_BT=own)
+    # Adam moves every parameter by ≈ lr per step; 1e-4 keeps q within the clip range
+    # [0.8, 1.2] for these few steps (a larger step clips every token and the loss stalls).
+    opt = optax.adam(1e-4)
+    config = losses.LossConfig(correction=losses.CorrectionConfig("bypass"))
+    graphdef, state = ts.init_train_state(model, opt, compute_dtype="f32", key=jax.random.key(0))
+    step = ts.make_train_step(graphdef, opt, config, compute_dtype="f32")
+    history = []
+    for _ in range(6):
+        state, metrics = step(state, batch)
+        history.append(float(metrics["loss/policy"]))
+    assert all(b < a for a, b in zip(history, history[1:])), history
+    assert history[-1] < history[0] - 0.05, history
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient noise scale
+
+
+def test_noise_scale_estimator_matches_brute_force_on_logistic_regression():
+    """B_noise = tr(Σ)/|G|² from per-example gradients of many samples vs `gradient_noise_scale`
+    from micro-batch / batch gradient norms averaged over steps, exactly as the step logs them."""
+    d, n_pop = 8, 400_000
+    key_w, key_x, key_y, key_s = jax.random.split(jax.random.key(0), 4)
+    w_true = jax.random.normal(key_w, (d,))
+    w = 0.3 * w_true  # not at the optimum, so G ≠ 0; B_noise ≈ 47, between b_small and b_big
+
+    def sample(key, n):
+        kx, ky = jax.random.split(key)
+        x = jax.random.normal(kx, (n, d))
+        y = jax.random.bernoulli(ky, jax.nn.sigmoid(x @ w_true)).astype(jnp.float32)
+        return x, y
+
+    def per_example_grads(x, y):  # ∇_w of the logistic loss, one row per example
+        return (jax.nn.sigmoid(x @ w) - y)[:, None] * x
+
+    g_pop = per_example_grads(*sample(key_x, n_pop))
+    mean = g_pop.mean(axis=0)
+    brute = float(jnp.sum(g_pop.var(axis=0)) / jnp.sum(mean**2))
+
+    # 2000 steps: the averaged squared norms then carry ≈ 3% relative error (measured over
+    # seeds), well inside the 20% asked for, and the brute force over 4e5 examples less.
+    n_steps, n_micro, b_small = 2000, 4, 8
+    b_big = n_micro * b_small
+
+    def one_step(key):
+        g = per_example_grads(*sample(key, b_big)).reshape(n_micro, b_small, d)
+        micro = g.mean(axis=1)
+        return jnp.mean(jnp.sum(micro**2, axis=1)), jnp.sum(micro.mean(axis=0) ** 2)
+
+    sq_small, sq_big = jax.vmap(one_step)(jax.random.split(key_s, n_steps))
+    estimate = float(ts.gradient_noise_scale(sq_small.mean(), sq_big.mean(), b_small, b_big))
+    assert 10 < brute < 200  # the regime where the estimator is informative at these batch sizes
+    assert abs(estimate - brute) <= 0.2 * brute, (estimate, brute)
+
+
+def test_noise_statistics_exact_on_known_moments():
+    # E|G_B|² = |G|² + tr(Σ)/B with |G|² = 2, tr(Σ) = 12: B = 4 → 5, B = 16 → 2.75.
+    grad_sq, trace = ts.noise_statistics(5.0, 2.75, 4, 16)
+    np.testing.assert_allclose([float(grad_sq), float(trace)], [2.0, 12.0], rtol=1e-6)
+    assert float(ts.gradient_noise_scale(5.0, 2.75, 4, 16)) == pytest.approx(6.0)
+    # 16·1.0 − 4·5.0 < 0: the |G|² estimate is negative, the noise swamps the signal.
+    assert float(ts.gradient_noise_scale(5.0, 1.0, 4, 16)) == np.inf
+
+
+def test_step_noise_inputs_match_separate_small_and_big_batch_steps():
+    """opt/grad_sq_small and opt/grad_sq_big of a 2-micro-batch step equal |G_m|² and |G|²
+    measured by separate single-micro-batch steps on the two halves and on the whole batch."""
+    batch = _batch()
+    _, big = _one_step(None, 1, batch=batch)
+    _, split = _one_step(None, 2, batch=batch)
+    halves = [jax.tree.map(lambda x, m=m: x[m::2], batch) for m in range(2)]  # rows m, m + 2, …
+    small = [_one_step(None, 1, batch=h)[1]["opt/grad_sq_big"] for h in halves]
+    np.testing.assert_allclose(split["opt/grad_sq_big"], big["opt/grad_sq_big"], rtol=_REORDER_RTOL)
+    np.testing.assert_allclose(split["opt/grad_sq_small"], np.mean(small), rtol=_REORDER_RTOL)
+    expected = ts.gradient_noise_scale(np.mean(small), big["opt/grad_sq_big"], 4, 8)
+    np.testing.assert_allclose(split["opt/grad_noise_scale"], expected, rtol=1e-3)
+    assert big["opt/grad_noise_scale"] == 0.0 and big["opt/noise_trace"] == 0.0  # one micro-batch
+    assert big["opt/grad_sq_small"] == big["opt/grad_sq_big"]
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+def test_validation_errors():
+    opt = optax.sgd(0.1)
+    graphdef, state = ts.init_train_state(_model(), opt, compute_dtype="f32", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="n_microbatches"):
+        ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", n_microbatches=0)
+    with pytest.raises(ValueError, match="dtype"):
+        ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="int8")
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", n_microbatches=3)
+    with pytest.raises(ValueError, match="multiple of n_microbatches"):
+        step(state, _batch(B=8))
+    bad = _batch().replace(advantages_B=jnp.zeros(3))
+    with pytest.raises(ValueError, match="advantages_B"):
+        step(state, bad)
+    half = Decoder(_CFG, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="float32 master"):
+        ts.init_train_state(half, opt, compute_dtype="bf16", key=jax.random.key(0))
+
+
+def test_state_is_a_copy_and_no_lr_scale_without_a_trigger():
+    model = _model()
+    opt = optax.sgd(0.1)
+    graphdef, state = ts.init_train_state(model, opt, compute_dtype="f32", key=jax.random.key(0))
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32")
+    state, metrics = step(state, _batch())
+    assert "lr/scale" not in metrics
+    model(jnp.zeros((1, 3), jnp.int32))  # the caller's model survives the donated step
