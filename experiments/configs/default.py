@@ -1,0 +1,54 @@
+r"""default: the main job. SmolLM2-135M-Instruct learns one-digit arithmetic with GRPO; bf16 sampler,
+fp32 trainer, length-triggered LR (plus the same trigger on the mismatch k3).
+
+  python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/default_run
+  python -m experiments.plot --workdir /tmp/default_run --out /tmp/default_run/plot.png
+
+What to expect (measured: 12 min 20 s wall on a 2-core CPU shared with other jobs, 32 s of it
+compiling; 16 steps of 4 prompts x 4 samples of "Calculate 7 - 3.", 48-token responses, Adam
+at 5e-5): the share of replies in ``<answer>`` tags (reward/format) climbs from 0 to 1 by step
+7 and accuracy follows (0 -> 0.5-0.9 from step 10 on), so reward/mean rises from 0 to ~0.8.
+The mean response length wanders between ~28 and ~42 tokens without a surge, so the length
+rule stays quiet in so short a run (``bf16_length_lr`` is that rule alone). The bf16-vs-fp32
+mismatch grows with the updates -- mismatch/k3 7e-4 at steps 0-2, 2-3e-3 from step 3 on, max
+|pi - mu| 0.03 -> 0.1-0.27 -- the k3 detector fires at step 7 (smoothed k3 > 2x its baseline)
+and lr/scale drops to 0.5 from step 9, after which k3 stops growing (1.3-2.8e-3).
+``--config=experiments/configs/default.py:N`` runs N steps.
+"""
+
+from experiments.configs import base
+
+
+def get_config(arg: str | None = None):
+    c = base.get_base_config()
+    c.steps = base.steps_from_arg(arg, 16)
+    c.model.source = "smollm2-135m-instruct"
+    c.task.name = "basic_arithmetic"
+    # "Calculate 7 - 3.": two one-digit terms, + and - only (200 distinct questions).
+    c.task.train_size = 100
+    c.task.eval_size = 20
+    c.task.kwargs = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=("+", "-"),
+                         allow_parentheses=False, allow_negation=False)
+    # SmolLM2-135M ignores a bare "put the answer in <answer></answer>"; with this worked example
+    # about 1 reply in 15 is well-formed, enough for GRPO to find and reinforce.
+    c.task.system_prompt = "You solve arithmetic. Reply in exactly this format:\n3 + 4 = 7\n<answer>7</answer>"
+    c.rollout.prompts_per_step = 4
+    c.rollout.group_size = 4
+    c.sampler.dtype = "bfloat16"
+    c.sampler.max_new_tokens = 48
+    c.trainer.dtype = "float32"
+    c.trainer.n_microbatches = 2  # Two half-batch gradients give the gradient noise scale.
+    c.optim.learning_rate = 5e-5  # High on purpose: visible learning (and mismatch growth) in 16 steps.
+    c.optim.lr_schedule = "length_triggered"
+    # Detector windows scaled to a 16-step run (the paper's W = 50, warmup = 10 assume thousands):
+    # baseline over steps 2-4, then a surge of 1.25x (length) or 2x (k3) over it fires; the LR
+    # then halves every round(1.0 * surge step) steps.
+    c.optim.trigger_warmup = 2
+    c.optim.trigger_baseline_window = 3
+    c.optim.trigger_threshold = 1.25
+    c.optim.trigger_smoothing = 0.5
+    c.optim.trigger_period_factor = 1.0
+    c.optim.k3_trigger_threshold = 2.0
+    c.checkpoint.every = 4
+    c.mesh.data = 1  # One CPU device: the cores go to XLA's intra-op threads.
+    return c

@@ -1,0 +1,83 @@
+r"""Runs an RL experiment: sample -> reward -> rescore -> mismatch metrics -> train step -> LR transform.
+
+  python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/default_run
+  python -m experiments.train --config=experiments/configs/tiny.py --workdir=/tmp/tiny \
+      --config.steps=20 --config.sampler.dtype=fp16
+
+The config file's ``get_config(arg)`` (``--config=path.py:arg``) gives the settings; any of them
+can be overridden with ``--config.<key>=<value>``. Rerunning the same command on the same
+``--workdir`` resumes from the latest checkpoint. Outputs: ``metrics.jsonl``,
+``tensorboard/``, ``checkpoints/``, ``config.json``; plot with ``python -m experiments.plot``.
+
+Multi-host: start one process per host with ``--coordinator_address=host0:port
+--num_processes=N --process_id=i`` (or ``--distributed`` to let ``jax.distributed.initialize``
+read a cluster environment such as SLURM or a TPU pod), all with the same ``--workdir`` on a
+shared file system.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rl_mismatch import experiment
+from rl_mismatch.experiment_config import ExperimentConfig
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, experiments/configs/<name>.py[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; an existing run in it is resumed.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with the cluster environment's settings.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a clear message for a ``--config.<key>`` that names no setting.
+
+    (ml_collections reports that as a bare ``AttributeError: "'key'"`` traceback.)
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except (AttributeError, KeyError) as e:
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        sys.exit(f"error: unknown config key {str(e).strip(chr(34) + chr(39))!r}: one of {overrides} names no "
+                 "setting of the config file; the settings are listed in experiments/configs/base.py.")
+
+
+class _QuietOrbax(std_logging.Filter):
+    """Drops orbax's INFO chatter (a dozen lines per checkpoint); keeps its warnings."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    try:
+        # Typed and validated before anything heavy happens: a bad setting fails in a second.
+        cfg = ExperimentConfig.from_dict(_CONFIG.value.to_dict())
+        if _COORDINATOR.value or _DISTRIBUTED.value:
+            jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+        logging.info("Process %d/%d, %d devices; workdir %s.", jax.process_index(), jax.process_count(),
+                     jax.device_count(), _WORKDIR.value)
+        experiment.run(cfg, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input: the message says what and how to fix it; a traceback would only bury it.
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,513 @@
+"""The RL experiment loop: sample -> reward -> advantages -> train step, with metrics and checkpoints.
+
+:func:`run` is what ``experiments/train.py`` calls with an
+:class:`~rl_mismatch.experiment_config.ExperimentConfig`. One step ``s`` (0-based; the
+``TrainState.step`` before it is ``s``):
+
+.. code-block:: text
+
+  prompts   = PromptBatches[s]                   this process's slice of the global batch
+  sampler   = sync_weights(trainer params -> sampler dtype, sampler layout)
+  rollout   = generate(sampler, prompts, fold_in(rollout_key, s))
+  rewards   = tasks.score(decode(rollout)) [+ overlong penalty]
+  A         = compute_advantages(rewards, G)     group baseline over the global batch
+  state, m  = train_step(state, TrainBatch(rollout, A), response_length=mean |y|)
+              (the step rescores with the trainer and reports mismatch/*, is/*, opt/*, lr/scale)
+  metrics   = reward/*, rollout/*, time/* on the host + m, written one step late
+  checkpoint every ``checkpoint.every`` steps and after the last
+
+Metrics per step (``metrics.jsonl`` and TensorBoard): the train step's ``loss/*``, ``is/*``,
+``mismatch/*``, ``opt/*`` and ``lr/scale``; ``reward/{mean,std,accuracy,format,
+overlong_penalty,zero_advantage_groups}``; ``rollout/{response_length_mean,_max,_min,
+finished_frac,prompt_length_mean,prompt_width}``; ``time/step_s`` (host time of the loop body;
+sampling waits for the previous update, so in steady state this is the time per step),
+``time/sample_s``, ``time/score_s`` and ``time/compile_s`` (seconds JAX spent tracing and
+compiling during the step: the first step's compile time, and any recompilation later).
+
+Determinism and resumption. Every random draw comes from keys derived from ``config.seed``
+(``fold_in(key, step)`` per step), the prompt stream is a pure function of ``(seed, step)``,
+and the checkpoint holds the train state, the rollout key and the data position. A resumed run
+(same command, same workdir) therefore recomputes exactly the steps an uninterrupted run
+would have; the metrics file drops the rows of steps after the checkpoint first.
+
+Multi-host: call ``jax.distributed.initialize`` before :func:`run`. Each process reads its own
+``B / n`` prompts, the prompt tokens are gathered so the sampler runs one global batch on the
+global mesh (so the samples do not depend on the process count), each process scores its own
+rows, and rewards are gathered for the advantages. Process 0 writes the metrics.
+
+Bad input fails at start-up with a ``ValueError`` naming it (unwritable workdir, a task with no
+examples, a prompt longer than the context, a config that does not match the checkpoint in the
+workdir); a non-finite reward stops the run at the step that produced it, after saving the
+last good state and writing every finished step's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from rl_mismatch import losses, optim, sampler, tasks
+from rl_mismatch import sharding as shd
+from rl_mismatch.checkpointing import Checkpointer, abstract_like
+from rl_mismatch.experiment_config import (
+    JSONL_TASK_NAME,
+    TINY_MODEL,
+    ExperimentConfig,
+    ModelSettings,
+    OptimSettings,
+    TaskSettings,
+    config_differences,
+)
+from rl_mismatch.metric_writing import MetricWriter, Row, fetch_to_host
+from rl_mismatch.precision import make_loss_scale, parse_dtype
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# ChatML, the template of SmolLM2 and Qwen, for the tiny byte-level tokenizer.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Streams of the root key: fold_in(root, stream). Fixed numbers, so adding a stream later does
+# not change the draws of the existing ones.
+_MODEL_INIT, _ROLLOUT, _TRAIN = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------
+# Compile time
+
+
+class _CompileClock:
+    """Seconds JAX spent tracing, lowering and compiling, from jax.monitoring events."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+        del kwargs
+        if event.startswith("/jax/core/compile/"):
+            with self._lock:
+                self.seconds += duration
+
+
+_clock: _CompileClock | None = None
+
+
+def _compile_seconds() -> float:
+    global _clock
+    if _clock is None:  # Registered once per process; listeners cannot be removed.
+        _clock = _CompileClock()
+    return _clock.seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up pieces (each usable on its own)
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> str:
+    """Creates ``workdir`` and checks it is writable; returns its absolute path.
+
+    Raises:
+      ValueError: it cannot be created or written, with the reason.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    probe = os.path.join(path, f".write_test.{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"The workdir {path!r} is not a writable directory ({e.strerror or e}); checkpoints and "
+            "metrics go there. Pass a --workdir you can write to.") from e
+    return path
+
+
+def tiny_chat_tokenizer():
+    """A byte-level tokenizer (one token per byte, no merges) with ChatML special tokens.
+
+    Ids 0-255 are the bytes, then ``<|im_start|>``, ``<|im_end|>`` (EOS) and ``<pad>``.
+    """
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from rl_mismatch.models.tokenizer import Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>", "<pad>"])
+    return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<pad>", chat_template=CHATML_TEMPLATE)
+
+
+def load_model(settings: ModelSettings, *, dtype: Any, key: jax.Array):
+    """The trainer's model (float32 master weights computing in ``dtype``) and its tokenizer."""
+    from rl_mismatch.models import Decoder, load_pretrained, tiny_config
+
+    if settings.source == TINY_MODEL:
+        tok = tiny_chat_tokenizer()
+        vocab = -(-tok.vocab_size // 8) * 8  # Rounded up so a model axis of 2, 4 or 8 divides it.
+        config = tiny_config(vocab_size=vocab, max_seq_len=settings.tiny_max_seq_len)
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        return Decoder(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed)), tok
+    return load_pretrained(settings.source, dtype=dtype, param_dtype=jnp.float32,
+                           cache_dir=settings.cache_dir or None)
+
+
+def prepare_task(settings: TaskSettings, data_dir: str) -> str:
+    """Builds (or reuses) the task's dataset under ``data_dir``; returns its tfds name."""
+    if settings.name == JSONL_TASK_NAME:
+        return tasks.prepare_jsonl(settings.jsonl_path, data_dir, eval_size=0, seed=settings.seed)
+    return tasks.prepare_reasoning_gym(settings.name, data_dir, train_size=settings.train_size,
+                                       eval_size=settings.eval_size, seed=settings.seed, **settings.kwargs)
+
+
+def make_mesh(data: int, model: int) -> jax.sharding.Mesh:
+    """A ``(data, model)`` mesh over the first ``data * model`` devices (all with ``data=-1``)."""
+    devices = jax.devices()
+    if data == -1:
+        return shd.make_mesh(-1, model, devices=devices)
+    if data * model > len(devices):
+        raise ValueError(f"config.mesh ({data}, {model}) needs {data * model} devices; "
+                         f"{len(devices)} are available.")
+    return shd.make_mesh(data, model, devices=devices[: data * model])
+
+
+def make_optimizer(settings: OptimSettings) -> optax.GradientTransformationExtraArgs:
+    """``clip -> AdamW -> LR multiplier(s)``.
+
+    Its ``update`` needs ``response_length=`` (the batch's mean response length) and, with
+    ``settings.k3_trigger_threshold > 0``, ``k3=`` (the previous step's ``mismatch/k3``). The
+    multipliers scale the whole Adam update, i.e. they multiply the learning rate.
+    """
+    constant = settings.lr_schedule == "constant"
+    window = dict(warmup=settings.trigger_warmup, baseline_window=settings.trigger_baseline_window,
+                  smoothing=settings.trigger_smoothing, period_factor=settings.trigger_period_factor,
+                  max_triggers=settings.trigger_max_triggers)
+    triggers = [optim.length_triggered_decay(
+        threshold=settings.trigger_threshold,
+        # A constant LR keeps the detector (lr/scale and the would-be surge step are logged)
+        # but a multiplier pinned at 1.
+        decay_base=1.0 if constant else settings.trigger_decay_base,
+        floor=1.0 if constant else settings.trigger_floor, **window)]
+    if settings.k3_trigger_threshold > 0:
+        triggers.append(optim.signal_triggered_decay(
+            "k3", threshold=settings.k3_trigger_threshold, decay_base=settings.trigger_decay_base,
+            floor=settings.trigger_floor, **window))
+    return optax.chain(
+        optax.clip_by_global_norm(settings.grad_clip),
+        optax.adamw(settings.learning_rate, b1=settings.b1, b2=settings.b2, eps=settings.eps,
+                    weight_decay=settings.weight_decay),
+        *triggers,
+    )
+
+
+def overlong_penalty(lengths_B: np.ndarray, max_new_tokens: int, buffer: int, weight: float) -> np.ndarray:
+    """DAPO's soft overlong punishment: ``−weight · clip((|y| − (N − L)) / L, 0, 1)``.
+
+    ``N`` = ``max_new_tokens``, ``L`` = ``buffer`` (0: no penalty). A response that uses the whole
+    budget (truncated) gets ``−weight``; one shorter than ``N − L`` gets 0.
+
+    >>> overlong_penalty(np.array([2, 6, 8]), 8, 4, 1.0).tolist()
+    [0.0, -0.5, -1.0]
+    """
+    if buffer <= 0:
+        return np.zeros(len(lengths_B), np.float32)
+    excess = (np.asarray(lengths_B, np.float32) - (max_new_tokens - buffer)) / buffer
+    return (0.0 - weight * np.clip(excess, 0.0, 1.0)).astype(np.float32)  # 0 - x: no -0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-host helpers
+
+
+def _gather_rows(x: np.ndarray) -> np.ndarray:
+    """This process's rows -> the global rows (process order), on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def _replicated_key(seed: int, stream: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """``fold_in(key(seed), stream)`` as a global array replicated over ``mesh`` (what a multi-host
+    checkpoint needs). Made by a jitted function with that output sharding: ``device_put`` of a
+    typed key onto other processes' devices is unsupported, and one wrapped from global key data
+    has broken shards (jax 0.10)."""
+    return jax.jit(lambda: jax.random.fold_in(jax.random.key(seed), stream), out_shardings=shd.replicated(mesh))()
+
+
+def _generate(sampler_model, prompts: tuple[np.ndarray, np.ndarray], key: jax.Array,
+              sampling: sampler.SamplingConfig, mesh: jax.sharding.Mesh) -> sampler.Rollout:
+    """``sampler.generate`` on the global batch; with several processes, on global arrays.
+
+    ``sampler.generate`` hands host NumPy arrays to its jitted program, which multi-controller
+    JAX accepts only for replicated inputs. With several processes the prompts are therefore
+    padded exactly as ``generate`` pads them and passed to the same compiled program as global
+    arrays split over the data axis.
+    """
+    if jax.process_count() == 1:
+        return sampler.generate(sampler_model, prompts, key, sampling, mesh=mesh)
+    tokens, valid = prompts
+    context = sampler_model.config.max_seq_len - sampling.max_new_tokens
+    tokens, valid = sampler.pad_prompts([list(t[v]) for t, v in zip(tokens, valid)], pad_id=sampling.pad_id,
+                                        prompt_bucket=sampling.prompt_bucket, context=context)
+    rows = tokens.shape[0]
+    if sampler.batch_bucket(rows, mesh.shape[shd.DATA]) != rows:
+        raise ValueError(f"With several processes the batch ({rows} rows) must be a power of two that the "
+                         f"data axis ({mesh.shape[shd.DATA]}) divides; change rollout.prompts_per_step.")
+    sharding = shd.batch_sharding(mesh)
+
+    def to_global(a: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    graphdef, state = nnx.split(sampler_model)
+    return sampler._compiled(graphdef, sampling, mesh)(state, to_global(tokens), to_global(valid), key)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _progress(cfg: ExperimentConfig):
+    def log_row(row: Row) -> None:
+        step = row["step"]
+        if jax.process_index() != 0 or (step + 1) % cfg.log.every and step + 1 != cfg.steps:
+            return
+        logging.info(
+            "step %d/%d | reward %.3f acc %.3f fmt %.3f | len %.1f fin %.2f | k3 %.2e dp_max %.2e | "
+            "lr x%.3f | %.1f s (compile %.1f s)",
+            step + 1, cfg.steps, row.get("reward/mean", np.nan), row.get("reward/accuracy", np.nan),
+            row.get("reward/format", np.nan), row.get("rollout/response_length_mean", np.nan),
+            row.get("rollout/finished_frac", np.nan), row.get("mismatch/k3", np.nan),
+            row.get("mismatch/prob_diff_max", np.nan), row.get("lr/scale", np.nan),
+            row.get("time/step_s", np.nan), row.get("time/compile_s", np.nan))
+
+    return log_row
+
+
+def _write_config(workdir: str, cfg: ExperimentConfig) -> None:
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
+        score_fns: Mapping[str, tasks.rewards.ScoreFn] | None = None) -> Row | None:
+    """Runs (or resumes) the RL experiment ``cfg`` in ``workdir`` up to ``cfg.steps`` steps.
+
+    Args:
+      cfg: the validated experiment settings.
+      workdir: run directory: ``config.json``, ``metrics.jsonl``, ``tensorboard/``,
+        ``checkpoints/`` and (by default) ``data/``. A workdir with a checkpoint is resumed.
+      score_fns: optional ``{task: fn(answer, entry) -> float}`` verifiers overriding the
+        built-in ones (see :func:`rl_mismatch.tasks.score`).
+
+    Returns:
+      The last metrics row written (None if there was nothing left to run).
+
+    Raises:
+      ValueError: bad input (see the module docstring), with the reason.
+    """
+    from rl_mismatch import train_step  # Imported here: the experiment's one heavy dependency.
+
+    primary = jax.process_index() == 0
+    n_proc = jax.process_count()
+    if primary:
+        workdir = prepare_workdir(workdir)
+    if n_proc > 1:
+        multihost_utils.sync_global_devices("rl_mismatch:workdir")
+    workdir = os.path.abspath(os.fspath(workdir))
+    root = jax.random.key(cfg.seed)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
+    rows_per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if rows_per_step % mesh.shape[shd.DATA]:
+        raise ValueError(f"rollout.prompts_per_step * group_size = {rows_per_step} rows must be a multiple of "
+                         f"the mesh's data axis ({mesh.shape[shd.DATA]}).")
+
+    # Data before the model: a bad task fails in seconds. Process 0 builds it, the others then
+    # reuse it (two concurrent builds of one dataset would race on tfds' final rename).
+    data_dir = cfg.task.data_dir or os.path.join(workdir, "data")
+    name = prepare_task(cfg.task, data_dir) if primary else None
+    if n_proc > 1:
+        multihost_utils.sync_global_devices("rl_mismatch:data")
+        name = name or prepare_task(cfg.task, data_dir)
+    split = tasks.load_split(name, tasks.TRAIN_SPLIT, data_dir)
+
+    trainer_dtype, sampler_dtype = parse_dtype(cfg.trainer.dtype), parse_dtype(cfg.sampler.dtype)
+    model, tok = load_model(cfg.model, dtype=trainer_dtype, key=jax.random.fold_in(root, _MODEL_INIT))
+    N = cfg.sampler.max_new_tokens
+    context = model.config.max_seq_len
+    max_prompt_len = cfg.rollout.max_prompt_len or context - N
+    if max_prompt_len < 1 or max_prompt_len + N > context:
+        raise ValueError(
+            f"The model's context is {context} tokens; rollout.max_prompt_len={cfg.rollout.max_prompt_len} plus "
+            f"sampler.max_new_tokens={N} does not fit. Lower max_new_tokens or max_prompt_len.")
+    system_prompt = cfg.task.system_prompt or None
+    # Every prompt once, now: a too-long prompt fails here, named, not at the step that draws it.
+    longest = tasks.check_prompt_lengths(split, tok, max_prompt_len=max_prompt_len, system_prompt=system_prompt)
+    bucket = cfg.rollout.prompt_bucket or min(-(-longest // 8) * 8, max_prompt_len)
+    batches = tasks.PromptBatches(
+        split, tok, batch_size=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
+        max_prompt_len=max_prompt_len, seed=cfg.seed % 2**32, min_bucket=min(bucket, max_prompt_len),
+        pad_to=max_prompt_len if n_proc > 1 else None, system_prompt=system_prompt,
+        shard_options=grain.sharding.ShardOptions(shard_index=jax.process_index(), shard_count=n_proc))
+    sampling = sampler.SamplingConfig(
+        max_new_tokens=N, temperature=cfg.sampler.temperature, top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
+        eos_ids=(tok.eos_id,), pad_id=tok.pad_id, return_entropy=cfg.sampler.return_entropy, prompt_bucket=bucket)
+
+    optimizer = make_optimizer(cfg.optim)
+    loss_scale = (make_loss_scale(trainer_dtype, initial_scale=cfg.trainer.loss_scale_initial,
+                                  growth_interval=cfg.trainer.loss_scale_growth_interval)
+                  if trainer_dtype == jnp.float16 else make_loss_scale(trainer_dtype))
+    graphdef, state = train_step.init_train_state(
+        model, optimizer, compute_dtype=trainer_dtype, key=_replicated_key(cfg.seed, _TRAIN, mesh),
+        mesh=mesh, loss_scale=loss_scale)
+    del model  # The train state owns the weights now.
+    step_fn = train_step.make_train_step(
+        graphdef, optimizer, cfg.loss.loss_config(), compute_dtype=trainer_dtype,
+        n_microbatches=cfg.trainer.n_microbatches, mesh=mesh, loss_scale=loss_scale,
+        temperature=cfg.sampler.temperature)
+
+    # Everything a resumed run needs that the config does not already determine.
+    loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=cfg.checkpoint.max_to_keep)
+    start = 0
+    # The k3 signal is the previous step's (the current one is computed inside the step); NaN
+    # before the first step, which the detector ignores. Checkpointed with the data position.
+    last_k3: Any = None
+    if ckpt.latest_step() is not None:
+        loop, meta = ckpt.restore(abstract_like(loop))
+        changed = config_differences(meta["config"], cfg.to_dict())
+        if changed:
+            raise ValueError(
+                f"The workdir {workdir!r} holds a run (checkpoint {ckpt.latest_step()}) with other settings: "
+                f"{'; '.join(changed)}. Use a new --workdir, or the settings the run was started with.")
+        start = int(meta["data_position"])
+        last_k3 = meta.get("last_k3")
+        logging.info("Resuming from checkpoint %d in %s.", start, ckpt.directory)
+    if primary:
+        _write_config(workdir, cfg)
+    writer = MetricWriter(workdir, resume_step=start, enabled=primary, tensorboard=cfg.log.tensorboard,
+                          on_row=_progress(cfg))
+    local_rows = batches.local_batch_size * cfg.rollout.group_size
+    row_slice = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+    last_saved = completed = start
+    state_intact = True
+    use_k3 = cfg.optim.k3_trigger_threshold > 0
+
+    def k3_signal() -> float | None:
+        # Fetched only when needed, so the host does not wait for the step just dispatched.
+        nonlocal last_k3
+        if last_k3 is not None and not isinstance(last_k3, float):
+            last_k3 = float(fetch_to_host(last_k3))
+        return None if last_k3 is None or np.isnan(last_k3) else last_k3
+
+    def save(done: int) -> None:
+        ckpt.save(done, loop, {"data_position": done, "last_k3": k3_signal(), "config": cfg.to_dict()})
+
+    try:
+        for step in range(start, cfg.steps):
+            t0, c0 = time.perf_counter(), _compile_seconds()
+            batch = batches[step]
+            prompts = (_gather_rows(batch.tokens_BP), _gather_rows(batch.valid_BP))
+            train = loop["train"]
+            # The weight sync: float32 master -> sampler dtype and layout.
+            sampler_model = sampler.sync_weights(nnx.merge(graphdef, train.params), sampler_dtype, mesh)
+            rollout = _generate(sampler_model, prompts, jax.random.fold_in(loop["rollout_key"], step),
+                                sampling, mesh)
+            del sampler_model  # Its buffers may alias the master weights the step donates.
+            host = fetch_to_host({"tokens": rollout.tokens_BT, "mask": rollout.response_mask_BT,
+                                  "lengths": rollout.response_lengths_B, "finished": rollout.finished_B,
+                                  "prompt_lengths": rollout.prompt_lengths_B,
+                                  **({"entropy": rollout.entropy_BT} if cfg.sampler.return_entropy else {})})
+            t1 = time.perf_counter()
+
+            responses = [tok.decode(t[m]) for t, m in zip(host["tokens"][row_slice], host["mask"][row_slice])]
+            scored = tasks.score(responses, batch.examples, format_weight=cfg.task.format_weight,
+                                 score_fns=score_fns)
+            penalty = overlong_penalty(host["lengths"][row_slice], N, cfg.task.overlong_buffer,
+                                       cfg.task.overlong_weight)
+            rewards = _gather_rows(scored["rewards"] + penalty)
+            correct, formatted = _gather_rows(scored["correct"]), _gather_rows(scored["formatted"])
+            if not np.all(np.isfinite(rewards)):
+                bad = np.flatnonzero(~np.isfinite(rewards)).tolist()
+                raise ValueError(f"Non-finite rewards at step {step}, rows {bad}; the reward function must "
+                                 "return finite numbers.")
+            advantages = np.asarray(losses.compute_advantages(jnp.asarray(rewards), cfg.rollout.group_size,
+                                                              cfg.loss.advantage_mode))
+            # The step lays the batch out over the mesh's data axis itself.
+            train_batch = train_step.TrainBatch.from_rollout(
+                rollout, advantages, truncated=cfg.sampler.logp == "truncated",
+                with_entropy=cfg.sampler.return_entropy)
+            lengths = host["lengths"].astype(np.float64)
+            t2 = time.perf_counter()
+            signals = {"response_length": jnp.float32(lengths.mean())}
+            if use_k3:  # The previous step's k3: a device scalar (no host wait), or from the checkpoint.
+                signals["k3"] = last_k3 if isinstance(last_k3, jax.Array) else np.float32(
+                    np.nan if last_k3 is None else last_k3)
+            state_intact = False  # The step donates the state it is given.
+            train, device_metrics = step_fn(train, train_batch, **signals)
+            loop = {**loop, "train": train}
+            state_intact, completed = True, step + 1
+
+            groups = rewards.reshape(-1, cfg.rollout.group_size)
+            host_metrics = {
+                "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+                "reward/accuracy": correct.mean(), "reward/format": formatted.mean(),
+                "reward/overlong_penalty": _gather_rows(penalty).mean(),
+                "reward/zero_advantage_groups": np.mean(groups.max(1) == groups.min(1)),
+                "rollout/response_length_mean": lengths.mean(), "rollout/response_length_max": lengths.max(),
+                "rollout/response_length_min": lengths.min(), "rollout/finished_frac": host["finished"].mean(),
+                "rollout/prompt_length_mean": host["prompt_lengths"].mean(),
+                "rollout/prompt_width": rollout.prompt_width,
+                "time/sample_s": t1 - t0, "time/score_s": t2 - t1,
+                "time/step_s": time.perf_counter() - t0, "time/compile_s": _compile_seconds() - c0,
+            }
+            if cfg.sampler.return_entropy:
+                host_metrics["rollout/entropy_mean"] = (host["entropy"] * host["mask"]).sum() / max(host["mask"].sum(), 1)
+            if step == start:
+                logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
+                             host_metrics["time/step_s"], host_metrics["time/compile_s"])
+            writer.write(step, host_metrics, device_metrics)
+            last_k3 = device_metrics["mismatch/k3"]
+            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
+                writer.flush()  # The file holds every step the checkpoint covers.
+                save(step + 1)
+                last_saved = step + 1
+        return writer.flush()
+    except BaseException:
+        # Nothing lost: finished steps' metrics are written, and an intact state newer than the
+        # last checkpoint is saved, so a rerun continues from the step that failed. (With several
+        # processes the others may be blocked in a collective; only a lone process saves.)
+        try:
+            writer.flush()
+        except Exception:  # A failed device computation fails its metrics too; keep the first error.
+            logging.exception("Could not write the last step's metrics.")
+            state_intact = False
+        if state_intact and n_proc == 1 and completed > last_saved:
+            save(completed)
+            logging.error("Saved the state after step %d in %s before stopping.", completed, ckpt.directory)
+        raise
+    finally:
+        writer.close()
+        ckpt.close()

@@ -1,0 +1,426 @@
+"""Typed, validated experiment settings: what an ``ml_collections`` config file becomes.
+
+``experiments/configs/*.py`` return ``ml_collections.ConfigDict``s so that every field can be
+overridden from the command line (``--config.sampler.dtype=fp16``). At the top of ``main`` the
+config becomes an :class:`ExperimentConfig` with :meth:`ExperimentConfig.from_dict` (a plain
+nested ``dict``: library code never sees a ``ConfigDict``). Construction checks everything that
+can be checked without loading a model or a dataset, and names the offending key:
+
+* an unknown key (``config.sampler.dtyp``) -> ``ValueError`` listing the known keys;
+* a wrongly typed value (``config.steps='ten'``) -> ``ValueError``;
+* an invalid dtype name (``config.sampler.dtype='bf17'``) -> ``ValueError`` listing valid names;
+* an invalid loss / correction / sampling setting -> the library's own ``ValueError``, prefixed
+  with the config path.
+
+The dataclasses are frozen and hashable; :meth:`ExperimentConfig.to_dict` gives the JSON that
+is stored next to the checkpoints and compared on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from rl_mismatch import losses
+from rl_mismatch.precision import parse_dtype
+from rl_mismatch.sampler import SamplingConfig
+
+LrSchedule = Literal["constant", "length_triggered"]
+SamplerLogp = Literal["full", "truncated"]
+
+TINY_MODEL = "tiny"  # model.source for a random tiny decoder with a byte-level ChatML tokenizer.
+JSONL_TASK_NAME = "jsonl"  # task.name for a user's JSONL file (task.jsonl_path).
+
+
+def _require(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{path} {message}")
+
+
+def _check_literal(value: Any, literal: Any, path: str) -> None:
+    options = typing.get_args(literal)
+    _require(value in options, path, f"= {value!r} is not one of {list(options)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """Which model the trainer starts from.
+
+    Attributes:
+      source: ``"tiny"`` (random :func:`~rl_mismatch.models.config.tiny_config` decoder with a
+        byte-level ChatML tokenizer built in code), a known name such as
+        ``"smollm2-135m-instruct"``, a ``.gguf`` file or an HF model directory.
+      tiny_max_seq_len: context length of the tiny model (ignored otherwise).
+      cache_dir: where dequantized GGUF files are cached ("" = ``~/.cache/rl_mismatch``).
+    """
+
+    source: str = "smollm2-135m-instruct"
+    tiny_max_seq_len: int = 256
+    cache_dir: str = ""
+
+    def __post_init__(self):
+        _require(bool(self.source), "model.source", "must name a model (e.g. 'smollm2-135m-instruct' or 'tiny').")
+        _require(self.tiny_max_seq_len >= 2, "model.tiny_max_seq_len", f"= {self.tiny_max_seq_len} must be >= 2.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """The task: dataset, prompt and reward.
+
+    Attributes:
+      name: a reasoning-gym task (``basic_arithmetic``, ``countdown``, ...) or ``"jsonl"``.
+      jsonl_path: the JSONL file of ``{question, answer}`` lines when ``name == "jsonl"``.
+      train_size, eval_size: examples per generated split (reasoning-gym).
+      seed: dataset generation seed.
+      kwargs: reasoning-gym config fields, e.g. ``{"max_numbers": 3}`` for countdown.
+      data_dir: where the ArrayRecord files go ("" = ``<workdir>/data``).
+      system_prompt: optional system message ("" = the chat template's default).
+      format_weight: reward for a well-formed ``<answer>`` block (see ``tasks.rewards``).
+      overlong_buffer: DAPO's soft overlong penalty buffer ``L_cache`` in tokens (0 = off):
+        ``−overlong_weight · clip((|y| − (N − L_cache)) / L_cache, 0, 1)`` with ``N`` the
+        response budget, so a truncated response gets ``−overlong_weight``.
+      overlong_weight: scale of that penalty.
+    """
+
+    name: str = "basic_arithmetic"
+    jsonl_path: str = ""
+    train_size: int = 500
+    eval_size: int = 50
+    seed: int = 0
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_dir: str = ""
+    system_prompt: str = ""
+    format_weight: float = 0.1
+    overlong_buffer: int = 0
+    overlong_weight: float = 1.0
+
+    def __post_init__(self):
+        # Sorted, so that equal settings compare and hash equal whatever their order.
+        object.__setattr__(self, "kwargs", dict(sorted(dict(self.kwargs).items())))
+        _require(bool(self.name), "task.name", "must name a reasoning-gym task or 'jsonl'.")
+        if self.name == JSONL_TASK_NAME:
+            _require(bool(self.jsonl_path), "task.jsonl_path", "must be set when task.name='jsonl'.")
+        _require(self.train_size >= 1 and self.eval_size >= 1, "task.train_size",
+                 f"= {self.train_size} / eval_size = {self.eval_size}: a split needs at least one example.")
+        _require(self.seed >= 0, "task.seed", f"= {self.seed} must be >= 0.")
+        _require(math.isfinite(self.format_weight), "task.format_weight", "must be finite.")
+        _require(self.overlong_buffer >= 0, "task.overlong_buffer", f"= {self.overlong_buffer} must be >= 0.")
+        _require(math.isfinite(self.overlong_weight) and self.overlong_weight >= 0, "task.overlong_weight",
+                 "must be finite and >= 0.")
+
+    def __hash__(self):
+        return hash((self.name, self.jsonl_path, self.train_size, self.eval_size, self.seed,
+                     tuple(self.kwargs.items()), self.data_dir, self.system_prompt))
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """Prompts per step and samples per prompt.
+
+    Attributes:
+      prompts_per_step: prompts per RL step over all processes (``B``).
+      group_size: samples per prompt (``G`` >= 2, the GRPO group).
+      prompt_bucket: prompt widths are padded to a multiple of this; 0 = one width for the
+        whole run, the longest prompt of the split rounded up to 8 (no recompilation ever).
+      max_prompt_len: longest prompt allowed; 0 = the model's context minus the response budget.
+    """
+
+    prompts_per_step: int = 4
+    group_size: int = 4
+    prompt_bucket: int = 0
+    max_prompt_len: int = 0
+
+    def __post_init__(self):
+        _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", f"= {self.prompts_per_step} must be >= 1.")
+        _require(self.group_size >= 2, "rollout.group_size",
+                 f"= {self.group_size} must be >= 2 (a GRPO group of one has zero advantage).")
+        _require(self.prompt_bucket >= 0 and self.max_prompt_len >= 0, "rollout.prompt_bucket",
+                 "and rollout.max_prompt_len must be >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """The rollout engine: its precision and how it samples.
+
+    Attributes:
+      dtype: sampler weights / activations / KV cache: ``bf16``, ``fp16`` or ``fp32``.
+      max_new_tokens: response budget ``N``.
+      temperature: sampling temperature (> 0); the trainer rescores with the same temperature.
+      top_k, top_p: truncation (0 / 1.0 = off).
+      logp: which sampler log-prob the loss sees as ``μ``: ``"full"`` (the untruncated
+        distribution) or ``"truncated"`` (the renormalised distribution actually sampled).
+      return_entropy: record the sampler's entropy (``rollout/entropy_mean``).
+    """
+
+    dtype: str = "bfloat16"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    logp: str = "full"
+    return_entropy: bool = False
+
+    def __post_init__(self):
+        try:
+            parse_dtype(self.dtype)
+        except ValueError as e:
+            raise ValueError(f"config.sampler.dtype: {e}") from None
+        _check_literal(self.logp, SamplerLogp, "sampler.logp")
+        _require(self.temperature > 0, "sampler.temperature",
+                 f"= {self.temperature} must be > 0: greedy decoding gives every sample of a GRPO group the "
+                 "same response (zero advantages).")
+        try:
+            SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           top_k=self.top_k, top_p=self.top_p)
+        except ValueError as e:
+            raise ValueError(f"config.sampler: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSettings:
+    """The trainer's precision.
+
+    Attributes:
+      dtype: compute dtype of the forward/backward (master weights stay float32).
+      n_microbatches: gradient accumulation steps per RL step (divides the batch).
+      loss_scale_initial, loss_scale_growth_interval: dynamic loss scaling (float16 only).
+    """
+
+    dtype: str = "float32"
+    n_microbatches: int = 1
+    loss_scale_initial: float = 2.0**15
+    loss_scale_growth_interval: int = 2000
+
+    def __post_init__(self):
+        try:
+            parse_dtype(self.dtype)
+        except ValueError as e:
+            raise ValueError(f"config.trainer.dtype: {e}") from None
+        _require(self.n_microbatches >= 1, "trainer.n_microbatches", f"= {self.n_microbatches} must be >= 1.")
+        _require(self.loss_scale_initial > 0 and self.loss_scale_growth_interval >= 1,
+                 "trainer.loss_scale_initial", "must be > 0 and loss_scale_growth_interval >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """AdamW with gradient clipping and an LR multiplier (``rl_mismatch.optim``).
+
+    ``lr_schedule="length_triggered"`` chains :func:`rl_mismatch.optim.length_triggered_decay`
+    with the ``trigger_*`` constants; ``"constant"`` chains the same detector with
+    ``decay_base = floor = 1`` so the LR never moves but ``lr/scale`` and the would-be surge step
+    are still logged.
+
+    ``k3_trigger_threshold > 0`` chains a second detector, the same rule on the mismatch
+    (:func:`rl_mismatch.optim.signal_triggered_decay` fed the previous step's ``mismatch/k3``):
+    it fires when the smoothed k3 exceeds ``k3_trigger_threshold`` times its baseline. Both
+    multipliers multiply. The ``trigger_*`` window and decay constants apply to both.
+    """
+
+    learning_rate: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lr_schedule: str = "length_triggered"
+    trigger_warmup: int = 10
+    trigger_baseline_window: int = 50
+    trigger_threshold: float = 3.0
+    trigger_smoothing: float = 0.9
+    trigger_decay_base: float = 0.5
+    trigger_period_factor: float = 1.8
+    trigger_floor: float = 0.1
+    trigger_max_triggers: int = 1
+    k3_trigger_threshold: float = 0.0
+
+    def __post_init__(self):
+        _check_literal(self.lr_schedule, LrSchedule, "optim.lr_schedule")
+        _require(self.k3_trigger_threshold >= 0, "optim.k3_trigger_threshold",
+                 f"= {self.k3_trigger_threshold} must be >= 0 (0 = off).")
+        _require(not (self.lr_schedule == "constant" and self.k3_trigger_threshold > 0),
+                 "optim.k3_trigger_threshold", "must be 0 with lr_schedule='constant' (a constant LR "
+                 "cannot decay on a k3 surge).")
+        _require(self.learning_rate > 0 and math.isfinite(self.learning_rate), "optim.learning_rate",
+                 f"= {self.learning_rate} must be a finite number > 0.")
+        _require(self.grad_clip > 0, "optim.grad_clip", f"= {self.grad_clip} must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """Advantages, policy loss and the mismatch correction (``rl_mismatch.losses``)."""
+
+    advantage_mode: str = "grpo"
+    policy_loss: str = "ppo"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    aggregation: str = "token_mean"
+    norm_length: int = 0
+    correction: str = "none"
+    correction_low: float | None = None
+    correction_high: float | None = None
+
+    def __post_init__(self):
+        _check_literal(self.advantage_mode, losses.AdvantageMode, "loss.advantage_mode")
+        try:
+            self.loss_config()
+        except ValueError as e:
+            raise ValueError(f"config.loss: {e}") from None
+
+    def loss_config(self) -> losses.LossConfig:
+        """The library's :class:`~rl_mismatch.losses.LossConfig` (validates itself)."""
+        correction = losses.CorrectionConfig(self.correction, low=self.correction_low, high=self.correction_high)
+        return losses.LossConfig(policy_loss=self.policy_loss, clip_eps_low=self.clip_eps_low,
+                                 clip_eps_high=self.clip_eps_high, aggregation=self.aggregation,
+                                 norm_length=self.norm_length or None, correction=correction)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """Attributes: every: save every N steps (and after the last); max_to_keep: kept on disk."""
+
+    every: int = 10
+    max_to_keep: int = 2
+
+    def __post_init__(self):
+        _require(self.every >= 1 and self.max_to_keep >= 1, "checkpoint.every",
+                 "and checkpoint.max_to_keep must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+    """Attributes: every: a progress log line every N steps; tensorboard: write event files."""
+
+    every: int = 1
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        _require(self.every >= 1, "log.every", f"= {self.every} must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """A ``(data, model)`` mesh over the first ``data * model`` devices; ``data=-1``: all."""
+
+    data: int = -1
+    model: int = 1
+
+    def __post_init__(self):
+        _require(self.model >= 1 and (self.data >= 1 or self.data == -1), "mesh.data",
+                 f"= {self.data} / mesh.model = {self.model}: need data >= 1 (or -1) and model >= 1.")
+
+
+# Settings that may change between a run and its resumption (they do not change the numbers).
+RESUMABLE_KEYS = ("steps", "checkpoint", "log")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One RL experiment. Build with :meth:`from_dict`; every field has a default.
+
+    Attributes:
+      seed: root of every PRNG key (model init, sampling, train step).
+      steps: RL steps to run in total (a resumed run continues up to this).
+    """
+
+    seed: int = 0
+    steps: int = 10
+    model: ModelSettings = ModelSettings()
+    task: TaskSettings = TaskSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    sampler: SamplerSettings = SamplerSettings()
+    trainer: TrainerSettings = TrainerSettings()
+    optim: OptimSettings = OptimSettings()
+    loss: LossSettings = LossSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    log: LogSettings = LogSettings()
+    mesh: MeshSettings = MeshSettings()
+
+    def __post_init__(self):
+        _require(self.seed >= 0, "seed", f"= {self.seed} must be >= 0.")
+        _require(self.steps >= 1, "steps", f"= {self.steps} must be >= 1.")
+        if self.loss.aggregation == "seq_mean_token_sum_norm":
+            _require(self.loss.norm_length >= 1, "loss.norm_length",
+                     "must be set (e.g. to sampler.max_new_tokens) for seq_mean_token_sum_norm.")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
+        """Builds and validates a config from nested plain dicts (``ConfigDict.to_dict()``).
+
+        Raises:
+          ValueError: an unknown key, a value of the wrong type, or an invalid setting; the
+            message names the key (``config.sampler.dtype``).
+        """
+        return _build(cls, values, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dicts of JSON types (the inverse of :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Checks ``value`` against a field's type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
+        origin = typing.get_origin(hint)
+    if hint is bool:
+        _require(isinstance(value, bool), path, f"must be a bool, got {value!r}.")
+    elif hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), path, f"must be an int, got {value!r}.")
+    elif hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), path,
+                 f"must be a number, got {value!r}.")
+        value = float(value)
+    elif hint is str:
+        _require(isinstance(value, str), path, f"must be a string, got {value!r}.")
+    elif origin is not None and issubclass(origin, Mapping):
+        _require(isinstance(value, Mapping), path, f"must be a mapping, got {value!r}.")
+        value = {str(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"config.{prefix.rstrip('.')} must be a group of settings, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = f"config.{prefix.rstrip('.')}" if prefix else "config"
+        raise ValueError(f"Unknown config key(s) {[prefix + k for k in unknown]}; the keys of {where} are {names}.")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every setting that differs, ignoring :data:`RESUMABLE_KEYS`."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if not prefix and key in RESUMABLE_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "kwargs":
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif _jsonable(a) != _jsonable(b):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

@@ -1,0 +1,177 @@
+"""Per-step metrics to a JSONL file and TensorBoard event files, fetched one step late.
+
+One JSON object per line in ``<workdir>/metrics.jsonl``: ``{"step": s, "reward/mean": ...,
+"mismatch/k3": ..., ...}``; scalar metrics also go to TensorBoard (tensorboardX) under
+``<workdir>/tensorboard``. Array-valued metrics (``mismatch/by_position/*``) are written to the
+JSONL as lists and skipped in TensorBoard.
+
+Fetching one step late. The train step returns its metrics as device arrays while the device
+may still be computing them. :meth:`MetricWriter.write` therefore only *holds* step ``s``'s
+row; it fetches and writes the row of step ``s - 1`` (finished long since), so the host never
+waits on the device just to log. :meth:`MetricWriter.flush` writes the held row right away --
+call it before a checkpoint so that the file and the checkpoint always agree.
+
+Resuming. ``MetricWriter(..., resume_step=n)`` drops every row with ``step >= n`` (rows that a
+killed run wrote after its last checkpoint; the resumed run writes them again) by rewriting
+the file atomically, and opens the TensorBoard writer with ``purge_step=n`` so TensorBoard
+discards the stale events too. The file therefore never holds a step twice.
+
+Multi-host: every process calls :meth:`write` and :meth:`flush` (fetching may need a
+collective); only the one created with ``enabled=True`` (process 0) writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+JSONL_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+Row = dict[str, Any]
+
+
+def fetch_to_host(tree: Any) -> Any:
+    """``jax.device_get`` that also works on multi-host global arrays.
+
+    A leaf this process can see entirely is copied; a fully replicated one is read from a
+    local replica; any other is gathered from all processes (a collective: every process must
+    call this with the same tree).
+    """
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
+def to_json_value(x: Any) -> Any:
+    """A host value as a JSON value: scalars to float/int, arrays to lists."""
+    a = np.asarray(x)
+    if a.ndim == 0:
+        v = a.item()
+        return v if isinstance(v, (bool, int)) else float(v)
+    return a.tolist()
+
+
+def read_metrics(path: str | os.PathLike) -> list[Row]:
+    """The rows of a metrics JSONL file (a missing file has none). A truncated last line -- a
+    process killed mid-write -- is skipped."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, JSONL_NAME)
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # Only a last line cut short by a kill can be malformed.
+    return rows
+
+
+def _truncate(path: str, keep_below: int) -> None:
+    """Rewrites ``path`` with only the rows whose step is < ``keep_below`` (atomic rename)."""
+    rows = [r for r in read_metrics(path) if int(r["step"]) < keep_below]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricWriter:
+    """Writes one row per step to JSONL and TensorBoard, one step late.
+
+    Args:
+      workdir: the run directory (the JSONL file and the TensorBoard dir go in it).
+      resume_step: the first step this run will write; rows from ``resume_step`` on are
+        removed from an existing file.
+      enabled: write files (False on processes other than 0).
+      tensorboard: also write TensorBoard event files.
+      on_row: called with every row as it is written (e.g. to log progress).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0, enabled: bool = True,
+                 tensorboard: bool = True, on_row: Callable[[Row], None] | None = None):
+        self.path = os.path.join(os.fspath(workdir), JSONL_NAME)
+        self.enabled = enabled
+        self._on_row = on_row
+        self._pending: tuple[int, Mapping[str, Any], Any] | None = None
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            _truncate(self.path, resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # Lazy: only the writing process needs it.
+
+            self._tb = SummaryWriter(os.path.join(os.fspath(workdir), TENSORBOARD_DIR),
+                                     purge_step=resume_step if resume_step > 0 else None)
+
+    def write(self, step: int, host_metrics: Mapping[str, Any], device_metrics: Any = None) -> Row | None:
+        """Holds step ``step``'s metrics and writes the previously held row.
+
+        Args:
+          step: the step the metrics belong to.
+          host_metrics: values already on the host (floats, numpy).
+          device_metrics: a dict of device arrays, fetched when the row is written.
+
+        Returns:
+          The row written now (the previous step's), or None.
+        """
+        row = self.flush()
+        self._pending = (int(step), dict(host_metrics), device_metrics)
+        return row
+
+    def flush(self) -> Row | None:
+        """Fetches and writes the held row now; returns it (None if nothing was held)."""
+        if self._pending is None:
+            return None
+        step, host, device = self._pending
+        self._pending = None
+        values = dict(host)
+        if device is not None:
+            values.update(fetch_to_host(device))
+        row: Row = {"step": step}
+        row.update({k: to_json_value(v) for k, v in sorted(values.items())})
+        if self.enabled:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()  # A kill -9 loses nothing that was written (the OS holds it).
+            if self._tb is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._tb.add_scalar(key, value if math.isfinite(value) else float("nan"), step)
+                self._tb.flush()
+        if self._on_row is not None:
+            self._on_row(row)
+        return row
+
+    def close(self) -> None:
+        """Writes the held row and closes the files."""
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

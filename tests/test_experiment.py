@@ -1,0 +1,333 @@
+"""Tests for the RL experiment: configs, the tiny run end to end, resume, multi-process, bad input."""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rl_mismatch import experiment, tasks
+from rl_mismatch.experiment_config import ExperimentConfig
+from rl_mismatch.metric_writing import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
+CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+                      if not os.path.basename(p).startswith("_") and not p.endswith("base.py"))
+PAPER_CONFIGS = ("bf16_constant_lr", "fp16", "bf16_length_lr", "bf16_token_tis", "bf16_seq_mis", "fp32")
+
+
+def _config_dict(name: str, arg: str | None = None) -> dict:
+    return importlib.import_module(f"experiments.configs.{name}").get_config(arg).to_dict()
+
+
+def _tiny(**overrides) -> ExperimentConfig:
+    """The tiny config with dotted overrides, e.g. ``_tiny(**{"sampler.dtype": "fp16"})``."""
+    values = _config_dict("tiny")
+    for dotted, value in overrides.items():
+        *groups, key = dotted.split(".")
+        node = values
+        for g in groups:
+            node = node[g]
+        node[key] = value
+    return ExperimentConfig.from_dict(values)
+
+
+def _subprocess_env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    # conftest gives this process 8 fake devices; a child sets its own count explicitly.
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _train_cmd(workdir, *flags) -> list[str]:
+    return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+            f"--workdir={workdir}", *flags]
+
+
+def _comparable(rows):
+    """Rows without wall-clock timings (the only values that may differ between equal runs)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_every_config_validates_and_documents_its_command():
+    assert set(PAPER_CONFIGS) | {"default", "tiny"} <= set(CONFIG_NAMES)
+    for name in CONFIG_NAMES:
+        module = importlib.import_module(f"experiments.configs.{name}")
+        assert f"experiments/configs/{name}.py" in module.__doc__, name
+        assert "What to expect" in module.__doc__, name
+        cfg = ExperimentConfig.from_dict(module.get_config(None).to_dict())
+        assert cfg.steps >= 1
+    assert ExperimentConfig.from_dict(_config_dict("default", "3")).steps == 3
+
+
+def test_base_config_lists_every_setting():
+    def keys(d, prefix=""):
+        return {prefix + k if not isinstance(v, dict) or k == "kwargs" else x
+                for k, v in d.items()
+                for x in ([None] if not isinstance(v, dict) or k == "kwargs" else keys(v, prefix + k + "."))} - {None}
+
+    from experiments.configs import base
+
+    assert keys(base.get_base_config().to_dict()) == keys(ExperimentConfig().to_dict())
+    assert ExperimentConfig.from_dict(base.get_base_config().to_dict()) == ExperimentConfig()
+
+
+def test_paper_configs_differ_where_the_papers_do():
+    cfgs = {n: ExperimentConfig.from_dict(_config_dict(n)) for n in PAPER_CONFIGS}
+    assert (cfgs["fp16"].sampler.dtype, cfgs["fp16"].trainer.dtype) == ("float16", "float16")
+    assert (cfgs["fp32"].sampler.dtype, cfgs["fp32"].trainer.dtype) == ("float32", "float32")
+    assert cfgs["bf16_constant_lr"].optim.lr_schedule == "constant"
+    assert cfgs["bf16_length_lr"].optim.lr_schedule == "length_triggered"
+    assert cfgs["bf16_token_tis"].loss.correction == "token_tis"
+    assert cfgs["bf16_seq_mis"].loss.correction == "seq_mis"
+    for name in ("bf16_constant_lr", "bf16_length_lr", "bf16_token_tis", "bf16_seq_mis"):
+        assert (cfgs[name].sampler.dtype, cfgs[name].trainer.dtype) == ("bfloat16", "float32")
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("sampler.dtyp", "bf16", r"Unknown config key\(s\) \['sampler.dtyp'\]"),
+    ("nonsense", 1, r"Unknown config key\(s\) \['nonsense'\]"),
+    ("sampler.dtype", "bf17", r"config.sampler.dtype: Unknown dtype name 'bf17'"),
+    ("trainer.dtype", "int8", r"config.trainer.dtype: Unknown dtype name 'int8'"),
+    ("steps", "ten", r"config.steps must be an int"),
+    ("rollout.group_size", 1, r"config.rollout.group_size = 1 must be >= 2"),
+    ("loss.correction", "token_tis", r"config.loss: .*needs `high`"),
+    ("optim.lr_schedule", "cosine", r"config.optim.lr_schedule = 'cosine' is not one of"),
+    ("sampler.temperature", 0.0, r"config.sampler.temperature = 0.0 must be > 0"),
+    ("task.train_size", 0, r"a split needs at least one example"),
+])
+def test_bad_config_is_a_clear_error(dotted, value, message):
+    values = _config_dict("tiny")
+    *groups, key = dotted.split(".")
+    node = values
+    for g in groups:
+        node = node[g]
+    node[key] = value
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.sampler.nonexistent=1", "unknown config key 'nonexistent'"),
+    ("--config.steps=ten", "flag --config.steps=ten: invalid literal"),
+    ("--config.sampler.dtype=bf17", "Unknown dtype name 'bf17'"),
+])
+def test_command_line_rejects_bad_settings_at_startup(tmp_path, flag, message):
+    proc = subprocess.run(_train_cmd(tmp_path / "run", flag), cwd=REPO, env=_subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # Failed before touching the workdir.
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny config run once, uninterrupted: (workdir, rows)."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    experiment.run(_tiny(), workdir)
+    return workdir, read_metrics(workdir)
+
+
+def test_tiny_end_to_end(tiny_run):
+    workdir, rows = tiny_run
+    cfg = _tiny()
+    assert [r["step"] for r in rows] == list(range(cfg.steps))
+    for key in ("reward/mean", "reward/accuracy", "reward/format", "rollout/response_length_mean",
+                "rollout/finished_frac", "mismatch/k3", "mismatch/prob_diff_max", "is/weight_mean",
+                "opt/grad_norm", "opt/grad_sq_small", "opt/grad_sq_big", "lr/scale", "time/compile_s",
+                "time/step_s"):
+        assert all(key in r and math.isfinite(r[key]) for r in rows), key
+    # One step's noise-scale estimate is +inf when its |G|^2 estimate is <= 0 (documented).
+    assert all(not math.isnan(r["opt/grad_noise_scale"]) for r in rows)
+    # The first step compiles; later steps reuse the programs (one prompt width for the run).
+    assert rows[0]["time/compile_s"] > 0
+    assert all(r["time/compile_s"] < 0.5 * rows[0]["time/compile_s"] for r in rows[2:])
+    assert len({r["rollout/prompt_width"] for r in rows}) == 1
+    # bf16 sampler vs fp32 trainer: a small but nonzero mismatch.
+    assert all(0 < r["mismatch/k3"] < 1e-2 for r in rows)
+    # The overlong penalty spreads rewards within groups, so the policy gets gradients.
+    assert any(r["opt/grad_norm"] > 0 for r in rows)
+    assert os.listdir(workdir / "checkpoints") and glob.glob(str(workdir / "tensorboard" / "events.*"))
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
+
+
+def test_plot_draws_runs(tiny_run, tmp_path):
+    from experiments import plot
+
+    workdir, _ = tiny_run
+    out = plot.plot_runs([str(workdir), str(workdir)], str(tmp_path / "plot.png"))
+    assert os.path.getsize(out) > 10_000
+    assert "bfloat16/float32, length_triggered" in plot.run_label(str(workdir))
+    with pytest.raises(ValueError, match="no metrics"):
+        plot.plot_runs([str(tmp_path)], str(tmp_path / "x.png"))
+    # Ratio of averages (McCandlish et al.): B_small = 4 / 4 = 1, B_big = 4; |G_small|^2 averages
+    # to 3 and |G_big|^2 to 1.5, so |G|^2 = (4*1.5 - 3) / 3 = 1, tr = 1.5 / 0.75 = 2, B_noise = 2.
+    cfg = {"trainer": {"n_microbatches": 4}, "rollout": {"prompts_per_step": 2, "group_size": 2}}
+    rows = [{"step": 0, "opt/grad_sq_small": 2.0, "opt/grad_sq_big": 1.0},
+            {"step": 1, "opt/grad_sq_small": 4.0, "opt/grad_sq_big": 2.0}]
+    assert plot.smoothed_noise_scale(rows, cfg)[1]["opt/grad_noise_scale"] == pytest.approx(2.0)
+
+
+def test_resume_after_restart_equals_uninterrupted(tiny_run, tmp_path):
+    _, reference = tiny_run
+    # Stop after step 4 (checkpoints at 2 and 4) ...
+    experiment.run(_tiny(steps=4), tmp_path)
+    # ... as a killed run would: rows past the checkpoint, one cut off mid-line.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "reward/mean": 123.0}) + "\n" + '{"step": 5, "rew')
+    experiment.run(_tiny(), tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(6))  # no step twice
+    # Same state, key, data position and programs: the resumed steps are bit-for-bit the same.
+    assert _comparable(rows) == _comparable(reference)
+
+
+def test_resume_refuses_other_settings(tiny_run, tmp_path):
+    experiment.run(_tiny(steps=2), tmp_path)
+    with pytest.raises(ValueError, match=r"other settings: sampler.dtype: 'bfloat16' -> 'float16'"):
+        experiment.run(_tiny(**{"sampler.dtype": "float16"}), tmp_path)
+
+
+def test_kill_9_then_rerun_resumes_with_the_same_metrics(tiny_run, tmp_path):
+    _, reference = tiny_run  # the same settings, 6 steps, uninterrupted, in this process
+    steps = 30  # Long enough that the kill lands mid-run (a tiny step takes ~0.1 s).
+    cmd = _train_cmd(tmp_path, f"--config.steps={steps}")
+    env = _subprocess_env(devices=8)  # As in this process, so that XLA compiles the same programs.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            break  # the first checkpoint (step 2) is complete
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    assert done < len(reference), "the kill came too late to test a resume against the reference"
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"Resuming from checkpoint {done}" in rerun.stderr
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(steps))  # every step once
+    # Steps before and after the kill equal the uninterrupted run's, bit for bit: the same
+    # programs on one device, restored state and keys, and the prompt stream is a function of
+    # the step. (The run's length does not enter any step.)
+    assert _comparable(rows[: len(reference)]) == _comparable(reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    steps = 4
+    port = _free_port()
+    flags = [f"--config.steps={steps}", "--config.mesh.data=2", f"--coordinator_address=127.0.0.1:{port}",
+             "--num_processes=2"]
+    procs = [subprocess.Popen(_train_cmd(tmp_path / "two", *flags, f"--process_id={i}"), cwd=REPO,
+                              env=_subprocess_env(devices=1), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
+
+    experiment.run(_tiny(steps=steps, **{"mesh.data": 2}), tmp_path / "one")
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(steps))
+    # Both runs see the same global batch, keys and mesh shape (2 devices on the data axis); what
+    # differs is how XLA reduces gradients across the 2 devices (one program vs. two processes
+    # talking over gloo), which may round differently in the last bit (seen: opt/update_norm at
+    # step 1, 0.67285728 vs 0.67285734). Hence, per group of metrics:
+    for a, b in zip(one, two):
+        # Step 0's rescoring and sampling precede any update: identical inputs, per-row math and
+        # exact all-gathers of the weights, so its mismatch metrics agree bit for bit.
+        if a["step"] == 0:
+            assert {k: v for k, v in a.items() if k.startswith("mismatch/")} == \
+                   {k: v for k, v in b.items() if k.startswith("mismatch/")}
+        for key, value in a.items():
+            if key.startswith(("reward/", "rollout/")):
+                # Samples: argmax(logits + Gumbel noise) with the same noise; an ulp-level change
+                # of the float32 weights flips a few bf16 roundings, which moves a draw only at
+                # an exact near-tie -- so the responses, and all that is counted from them, agree.
+                assert b[key] == value, (a["step"], key)
+            elif key.startswith(("loss/", "is/", "opt/", "lr/")) and key != "opt/grad_noise_scale":
+                # float32 trainer quantities: a few last-bit differences per step, carried
+                # through 4 Adam steps, stay near 1e-6 relative.
+                np.testing.assert_allclose(b[key], value, rtol=1e-5, atol=1e-7, err_msg=f"{a['step']} {key}")
+            elif key in ("mismatch/k3", "mismatch/k2", "mismatch/prob_diff_mean"):
+                # After the first update the mismatch is bf16 rounding of weights that differ in
+                # the last bit, so it is re-drawn, not reproduced: its scale must agree (these
+                # are means of squares/magnitudes over ~300 tokens), not its value.
+                np.testing.assert_allclose(b[key], value, rtol=0.05, err_msg=f"{a['step']} {key}")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="is not a writable directory"):
+        experiment.run(_tiny(), blocker / "run")
+
+
+def test_dataset_with_no_examples_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cfg = _tiny(**{"task.name": "jsonl", "task.jsonl_path": str(empty)})
+    with pytest.raises(ValueError, match="contains no examples"):
+        experiment.run(cfg, tmp_path / "run")
+
+
+def test_prompt_longer_than_the_context_fails_at_startup(tmp_path):
+    cfg = _tiny(**{"model.tiny_max_seq_len": 64, "sampler.max_new_tokens": 16})
+    with pytest.raises(ValueError, match=r"renders to \d+ prompt tokens, more than the prompt limit max_prompt_len=48"):
+        experiment.run(cfg, tmp_path)
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_nan_reward_stops_the_run_and_loses_nothing(tmp_path, monkeypatch):
+    real_score = tasks.score
+    calls = []
+
+    def score_with_nan_at_step_3(responses, examples, **kwargs):
+        out = real_score(responses, examples, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            out["rewards"] = np.where(np.arange(len(responses)) == 1, np.nan, out["rewards"]).astype(np.float32)
+        return out
+
+    monkeypatch.setattr(tasks, "score", score_with_nan_at_step_3)
+    with pytest.raises(ValueError, match=r"Non-finite rewards at step 3, rows \[1\]"):
+        experiment.run(_tiny(), tmp_path)
+    # Steps 0-2 are recorded and their state saved (the regular checkpoint is at step 2, the
+    # one taken on the way out at 3), so a rerun continues from the failed step.
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [2, 3]
+    monkeypatch.setattr(tasks, "score", real_score)
+    experiment.run(_tiny(), tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(6))
