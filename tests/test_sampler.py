@@ -1,0 +1,218 @@
+"""Tests for rl_mismatch.sampler (issue 6): exactness against the full forward, determinism,
+truncation, sharding, compilation caching and argument errors. Tiny random models only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rl_mismatch import mismatch
+from rl_mismatch import sampler as smp
+from rl_mismatch import sharding as shd
+from rl_mismatch.models import Decoder, tiny_config
+
+# Mixed prompt lengths (left padding of 0 to 13 tokens inside one bucket of 16).
+PROMPT_LENGTHS = (3, 16, 7, 11, 1, 9)
+N_NEW = 10
+# float32 decode vs full forward: the same arithmetic up to summation order (cache slots vs
+# the whole sequence, one query row vs T). Every logit is a few chained float32 dot products of
+# length <= 128 over O(1) values, so each differs by a few hundred ulps of O(1) at most
+# (~1e-5 worst case, ~1e-6 typical), and log_softmax adds O(1) ulps of |logit| <= ~10.
+FP32_DECODE_ATOL = 2e-5
+
+
+def _model(**overrides):
+    return Decoder(tiny_config(**overrides), rngs=nnx.Rngs(0))
+
+
+def _prompts(lengths=PROMPT_LENGTHS, vocab=256, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+def _resp(rollout):
+    m = np.asarray(rollout.response_mask_BT, bool)
+    return m, np.asarray(rollout.tokens_BT), np.asarray(rollout.valid_BT)
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward(model):
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=16)
+    roll = smp.generate(model, _prompts(), jax.random.key(0), cfg)
+    P = roll.prompt_width
+    tokens, valid = np.asarray(roll.tokens_BT), np.asarray(roll.valid_BT)
+    assert np.all(np.asarray(roll.response_lengths_B) == N_NEW)  # no EOS: every row runs N_NEW steps
+    forward = jax.jit(lambda t, v: model(t, valid_BT=v)[:, -1])
+    for i in range(N_NEW):
+        logits = np.asarray(forward(tokens[:, :P + i], valid[:, :P + i]))
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        # A tie closer than the decode/forward difference could flip argmax legitimately;
+        # this precondition makes the exact comparison below meaningful.
+        assert np.min(top2[:, 1] - top2[:, 0]) > 10 * FP32_DECODE_ATOL
+        np.testing.assert_array_equal(np.argmax(logits, axis=-1), tokens[:, P + i], err_msg=f"step {i}")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_full_forward_log_softmax(model, temperature):
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=temperature, eos_ids=(7, 9),
+                             return_entropy=True, prompt_bucket=16)
+    roll = smp.generate(model, _prompts(), jax.random.key(1), cfg)
+    m, tokens, valid = _resp(roll)
+    logp, ent = jax.jit(lambda t, v, r: mismatch.rescore_with_entropy(model, t, v, response_mask_BT=r,
+                                                                      temperature=temperature))(
+        roll.tokens_BT, roll.valid_BT, roll.response_mask_BT)
+    np.testing.assert_allclose(np.asarray(roll.logp_BT)[m], np.asarray(logp)[m], rtol=0, atol=FP32_DECODE_ATOL)
+    # Entropy: a sum over V=256 probability-weighted terms of the same logits; same bound.
+    np.testing.assert_allclose(np.asarray(roll.entropy_BT)[m], np.asarray(ent)[m], rtol=0,
+                               atol=FP32_DECODE_ATOL)
+    # No truncation: the truncated log-prob is the full one and the kept mass is exactly 1.
+    np.testing.assert_array_equal(np.asarray(roll.logp_truncated_BT), np.asarray(roll.logp_BT))
+    np.testing.assert_array_equal(np.asarray(roll.log_kept_mass_BT), 0.0)
+    # Layout: response mask inside valid, zero log-probs elsewhere, EOS ends a row.
+    assert not np.any(m & ~valid)
+    assert np.all(np.asarray(roll.logp_BT)[~m] == 0)
+    lengths = m.sum(1)
+    np.testing.assert_array_equal(lengths, np.asarray(roll.response_lengths_B))
+    for b in range(m.shape[0]):
+        resp = tokens[b, roll.prompt_width:roll.prompt_width + lengths[b]]
+        eos_at = np.flatnonzero(np.isin(resp, (7, 9)))
+        assert bool(roll.finished_B[b]) == (eos_at.size > 0)
+        if eos_at.size:
+            assert eos_at[0] == lengths[b] - 1  # the first EOS is the last response token
+
+
+def test_same_key_same_tokens(model):
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, top_k=20, prompt_bucket=16)
+    a = smp.generate(model, _prompts(), jax.random.key(3), cfg)
+    b = smp.generate(model, _prompts(), jax.random.key(3), cfg)
+    c = smp.generate(model, _prompts(), jax.random.key(4), cfg)
+    np.testing.assert_array_equal(np.asarray(a.tokens_BT), np.asarray(b.tokens_BT))
+    np.testing.assert_array_equal(np.asarray(a.logp_BT), np.asarray(b.logp_BT))
+    assert not np.array_equal(np.asarray(a.tokens_BT), np.asarray(c.tokens_BT))
+
+
+def _kept_set(logits_V, top_k, top_p):
+    """The documented kept set in float64: top-k, then the smallest top-p prefix."""
+    order = np.argsort(-logits_V, kind="stable")
+    keep = np.zeros(logits_V.shape, bool)
+    k = top_k or logits_V.size
+    cand = order[:k]
+    p = np.exp(logits_V[cand] - logits_V[cand].max())
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    keep[cand[before < top_p]] = True
+    return keep
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (40, 0.6)])
+def test_truncation_never_leaves_the_kept_set(top_k, top_p):
+    V, draws = 256, 8192
+    rng = np.random.default_rng(0)
+    # Spread logits (std 2) so the kept sets have a handful to a few dozen tokens.
+    logits = (2.0 * rng.standard_normal((4, V))).astype(np.float32)
+    cfg = smp.SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=top_k, top_p=top_p)
+    select = jax.jit(lambda l, k: smp.select_tokens(l, k, cfg))
+    for row in logits:
+        keep = _kept_set(row.astype(np.float64), top_k, top_p)
+        assert 1 < keep.sum() < V
+        tok, lp, lp_tr, kept, _ = (np.asarray(x) for x in select(jnp.tile(row, (draws, 1)), jax.random.key(0)))
+        assert keep[tok].all(), f"emitted {np.unique(tok[~keep[tok]])} outside the kept set"
+        # Every kept token is reachable: with >= 8192 draws and kept probabilities >= ~1e-3 ...
+        p_full = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        p_kept = np.where(keep, p_full, 0) / p_full[keep].sum()
+        common = p_kept > 2e-3  # ... expected count >= 16, so P(never drawn) < e^-16
+        assert set(np.flatnonzero(common)) <= set(np.unique(tok))
+        # Kept mass: exp(log_kept) = Σ_kept p (float32 logsumexp over <= 256 terms: ~1e-6).
+        np.testing.assert_allclose(np.exp(kept), p_full[keep].sum(), rtol=2e-6)
+        if top_p < 1:
+            # The smallest prefix reaching top_p: its mass reaches top_p, without its least
+            # probable token it does not (float32 cumsum rounding ~1e-6 of slack).
+            # top-p cuts the top-k-renormalised distribution, so masses are relative to top-k's.
+            cand_mass = np.sort(p_full)[::-1][:top_k or V].sum()
+            mass = p_full[keep].sum() / cand_mass
+            assert mass >= top_p - 1e-6
+            assert mass - p_full[keep].min() / cand_mass < top_p + 1e-6
+        # Renormalisation: log p_trunc = log p − log kept mass; and the identity in the Rollout.
+        np.testing.assert_allclose(lp_tr, np.log(p_kept[tok]), atol=2e-6)
+        np.testing.assert_allclose(lp_tr + kept, lp, atol=2e-6)
+
+
+def test_top_p_rollout_kept_mass_is_consistent(model):
+    top_p = 0.7
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, top_p=top_p, prompt_bucket=16)
+    roll = smp.generate(model, _prompts(), jax.random.key(5), cfg)
+    m = np.asarray(roll.response_mask_BT, bool)
+    lp, lp_tr, kept = (np.asarray(x)[m] for x in (roll.logp_BT, roll.logp_truncated_BT, roll.log_kept_mass_BT))
+    # logp = logp_truncated + log_kept_mass: three float32 log-sum-exps of O(1)-O(10) values.
+    np.testing.assert_allclose(lp_tr + kept, lp, atol=4e-6)
+    # The kept mass reaches top_p (cumsum slack 1e-6) and never exceeds 1; the truncated
+    # distribution gives the token at least its full probability.
+    assert np.all(kept >= np.log(top_p) - 1e-6) and np.all(kept <= 1e-6)
+    assert np.all(lp_tr >= lp - 1e-6)
+    # Against the trainer: the full-distribution log-prob is the full forward's.
+    trainer = np.asarray(jax.jit(lambda t, v, r: mismatch.rescore(model, t, v, response_mask_BT=r))(
+        roll.tokens_BT, roll.valid_BT, roll.response_mask_BT))[m]
+    np.testing.assert_allclose(lp_tr + kept, trainer, atol=FP32_DECODE_ATOL)
+
+
+def test_greedy_on_meshes_matches_one_device():
+    model = _model(n_heads=8, n_kv_heads=4, head_dim=8)
+    prompts = _prompts((3, 16, 7, 11, 1, 9, 5, 14))
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=16)
+    ref = smp.generate(smp.sync_weights(model, jnp.float32), prompts, jax.random.key(0), cfg)
+    for data, mdl in ((8, 1), (4, 2), (2, 4)):
+        mesh = shd.make_mesh(data, mdl)
+        out = smp.generate(smp.sync_weights(model, jnp.float32, mesh), prompts, jax.random.key(0), cfg, mesh=mesh)
+        np.testing.assert_array_equal(np.asarray(out.tokens_BT), np.asarray(ref.tokens_BT), err_msg=str(mesh.shape))
+        # Sharded matmuls sum partial products in another order: same float32 bound as decode.
+        np.testing.assert_allclose(np.asarray(out.logp_BT), np.asarray(ref.logp_BT), rtol=0, atol=1e-5)
+
+
+def test_second_call_in_the_same_bucket_compiles_nothing(model):
+    cfg = smp.SamplingConfig(max_new_tokens=4, temperature=1.0, prompt_bucket=16)
+    compiled = smp._compiled(nnx.split(model)[0], cfg, None)
+    events = []
+    listener = lambda name, secs, **kw: events.append(name) if "backend_compile" in name else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(smp.generate(model, _prompts((3, 12, 5)), jax.random.key(0), cfg).tokens_BT)
+        first = len(events)
+        # Other prompts, other lengths, same batch size: same buckets (P=16, B=4 padded to 4).
+        out = smp.generate(model, _prompts((14, 2, 9), seed=1), jax.random.key(1), cfg)
+        jax.block_until_ready(out.tokens_BT)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert first >= 1  # the listener does see compilations
+    assert len(events) == first, events[first:]
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    cfg = smp.SamplingConfig(max_new_tokens=4)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="empty batch"):
+        smp.generate(model, [], key, cfg)
+    with pytest.raises(ValueError, match="context"):
+        smp.generate(model, [[1] * 510], key, cfg)  # 510 + 4 > max_seq_len 512
+    with pytest.raises(ValueError, match="context"):
+        smp.generate(model, [[1, 2]], key, smp.SamplingConfig(max_new_tokens=512))
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            smp.SamplingConfig(max_new_tokens=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        smp.SamplingConfig(max_new_tokens=4, temperature=-0.5)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            smp.SamplingConfig(max_new_tokens=4, top_p=bad)
+    for bad in ("int8", "float64", "fp8"):
+        with pytest.raises(ValueError):
+            smp.sync_weights(model, bad)
+    mesh = shd.make_mesh(2, 4)  # tiny_config has 4 query heads but only 2 KV heads
+    with pytest.raises(ValueError, match="divisible"):
+        smp.sync_weights(model, jnp.float32, mesh)
+    with pytest.raises(ValueError, match="divisible"):
+        smp.generate(model, [[1, 2, 3]], key, cfg, mesh=mesh)
