@@ -1,0 +1,505 @@
+"""The precision study: which part of the sampler/trainer mismatch comes from where.
+
+Responses are sampled **once** (float32 sampler, fixed key). Every comparison below then
+scores the *same* tokens two ways and feeds the two log-prob arrays to
+:func:`rl_mismatch.mismatch.compute_mismatch_metrics`, so differences between rows are caused
+by numerics alone, never by different samples.
+
+Two ways to score a token:
+
+* **sampler dtype d** (:func:`decode_log_probs`): the weights go through
+  :func:`rl_mismatch.sampler.sync_weights` (rounded to ``d``), the prompt is prefilled into a
+  ``d`` KV cache and the response is fed back one token at a time through ``Decoder.decode``,
+  exactly as ``rl_mismatch.sampler.generate`` does (same cache size, same masks, same
+  ``log_softmax`` of the float32 logits). For the dtype the tokens were sampled in, this
+  reproduces ``Rollout.logp_BT`` (the study records the largest difference).
+* **trainer dtype d'** (:func:`rescore_log_probs`): one teacher-forced full-sequence forward,
+  :func:`rl_mismatch.mismatch.rescore`, of the float32 master weights computing in ``d'``
+  (``Decoder(dtype=d', param_dtype=float32)``: weights cast to ``d'`` where used).
+
+Reported:
+
+1. **Grid** sampler dtype × trainer dtype over {float32, bfloat16, float16}.
+2. **Attribution**, one factor at a time. Each row names a *variant* and a *baseline* that
+   differ in exactly one factor (the variant plays the sampler in the metrics):
+
+   * weight-sync rounding: weights rounded to ``d``, float32 compute, full forward
+     vs the float32 reference (float32 weights and compute, full forward);
+   * activation / KV precision: compute in ``d`` vs float32 compute, both with the weights
+     already rounded to ``d`` (a ``d`` computation cannot use float32 weights: every matmul
+     casts its weight operand to ``d``); also given cumulatively against the reference;
+   * KV-cache decode vs full-sequence forward at the same precision (float32, bfloat16, ...);
+   * batch shape: each of the first rows rescored alone (batch 1) vs inside the batch;
+   * top-p truncation: a second float32 sample set with ``top_p < 1``; the sampler's
+     truncated log-prob vs the trainer's full-distribution log-prob, ignored (as is) and
+     corrected (``logp_truncated + log_kept_mass``).
+
+:func:`write_report` writes ``results.json``, ``results.md`` and ``log_ratios.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rl_mismatch import mismatch
+from rl_mismatch import sampler as sampler_lib
+from rl_mismatch.models.decoder import Decoder, init_cache
+from rl_mismatch.precision import parse_dtype
+
+DTYPES = ("float32", "bfloat16", "float16")
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# The metrics shown in results.md (results.json holds every metric).
+TABLE_KEYS = ("k1", "k3", "prob_diff_mean", "prob_diff_max", "ratio_p001", "ratio_p999",
+              "frac_out_10pct", "n_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """Settings of one study.
+
+    Attributes:
+      dtypes: precisions of the grid (and of the attribution rows); float32 must be included,
+        it is the reference.
+      max_new_tokens: response budget of both sample sets.
+      temperature: sampling temperature of both sets (log-probs are of the scaled distribution).
+      top_p: truncation of the second sample set (the top-p factor).
+      eos_ids, pad_id: as in ``SamplingConfig``.
+      batch1_rows: how many rows are rescored alone for the batch-shape factor (0: skip).
+      decode_dtypes_for_batch1: trainer dtypes of the batch-shape factor.
+      prompt_bucket: the sampler's prompt bucket (smaller = less padding to score).
+      seed: PRNG seed; the second set uses ``fold_in(key, 1)``.
+    """
+
+    dtypes: tuple[str, ...] = DTYPES
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 0.9
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    batch1_rows: int = 16
+    batch1_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    prompt_bucket: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        dtypes = tuple(str(parse_dtype(d)) for d in self.dtypes)
+        if "float32" not in dtypes:
+            raise ValueError(f"dtypes {self.dtypes} must include float32: it is the reference.")
+        if len(set(dtypes)) != len(dtypes):
+            raise ValueError(f"dtypes {self.dtypes} name a precision twice.")
+        object.__setattr__(self, "dtypes", dtypes)
+        object.__setattr__(self, "batch1_dtypes", tuple(str(parse_dtype(d)) for d in self.batch1_dtypes))
+        if self.batch1_rows < 0:
+            raise ValueError(f"batch1_rows must be >= 0, got {self.batch1_rows}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 for a sampled study, got {self.temperature}.")
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+
+    def sampling(self, top_p: float = 1.0) -> sampler_lib.SamplingConfig:
+        return sampler_lib.SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=top_p,
+            eos_ids=self.eos_ids, pad_id=self.pad_id, prompt_bucket=self.prompt_bucket)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model views: the same float32 master weights, seen by a trainer or a sampler.
+
+
+def _with_state(model: Decoder, fn: Callable[[jax.Array], jax.Array], compute_dtype) -> Decoder:
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: fn(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    out = nnx.merge(graphdef, state)
+    out.dtype = jnp.dtype(compute_dtype)
+    return out
+
+
+def trainer_view(model: Decoder, dtype) -> Decoder:
+    """The trainer at compute dtype ``d'``: float32 master weights, cast to ``d'`` where used."""
+    return _with_state(model, lambda x: x.astype(jnp.float32), parse_dtype(dtype))
+
+
+def rounded_weights_view(model: Decoder, dtype) -> Decoder:
+    """Weight-sync rounding alone: weights rounded to ``dtype`` (round to nearest even, as
+    ``sync_weights`` does) and stored back in float32; float32 compute."""
+    d = parse_dtype(dtype)
+    return _with_state(model, lambda x: x.astype(d).astype(jnp.float32), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring fixed tokens.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
+def _rescore(graphdef, state, tokens_BT, valid_BT, mask_BT, *, temperature):
+    return mismatch.rescore(nnx.merge(graphdef, state), tokens_BT, valid_BT,
+                            response_mask_BT=mask_BT, temperature=temperature)
+
+
+def rescore_log_probs(model: Decoder, tokens_BT, valid_BT, response_mask_BT, *,
+                      temperature: float = 1.0) -> jax.Array:
+    """Trainer log-probs: :func:`rl_mismatch.mismatch.rescore` (one full forward), jitted."""
+    graphdef, state = nnx.split(model)
+    return _rescore(graphdef, state, jnp.asarray(tokens_BT), jnp.asarray(valid_BT),
+                    jnp.asarray(response_mask_BT), temperature=float(temperature))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_width", "temperature"))
+def _decode_log_probs(graphdef, state, tokens_BT, valid_BT, mask_BT, *, prompt_width, temperature):
+    # Mirrors rl_mismatch.sampler._generate step for step; only token *selection* is replaced
+    # by reading the fixed token, so the arithmetic that produces each log-prob is the same.
+    model = nnx.merge(graphdef, state)
+    B, T = tokens_BT.shape
+    P, N = prompt_width, T - prompt_width
+    cache = init_cache(model.config, batch=B, max_len=P + N, dtype=model.dtype)
+    logits_BPV, cache = model.decode(tokens_BT[:, :P], cache, valid_BT=valid_BT[:, :P])
+    resp_tok_BN, live_BN = tokens_BT[:, P:], mask_BT[:, P:].astype(bool)
+
+    def body(i, carry):
+        logits_BV, cache, out_BN = carry
+        tok_B = jax.lax.dynamic_index_in_dim(resp_tok_BN, i, axis=1, keepdims=False)
+        live_B = jax.lax.dynamic_index_in_dim(live_BN, i, axis=1, keepdims=False)
+        # As in sampler.select_tokens: float32 logits, divided by the temperature, log_softmax.
+        logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / temperature, axis=-1)
+        lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+        out_BN = jax.lax.dynamic_update_index_in_dim(
+            out_BN, jnp.where(live_B, lp_B, 0.0), i, axis=1)
+        # A finished row's pad token is fed as invalid, as the sampler does.
+        logits, cache = model.decode(tok_B[:, None], cache, valid_BT=live_B[:, None])
+        return logits[:, 0], cache, out_BN
+
+    carry = (logits_BPV[:, -1], cache, jnp.zeros((B, N), jnp.float32))
+    _, _, out_BN = jax.lax.fori_loop(0, N, body, carry)
+    return jnp.concatenate([jnp.zeros((B, P), jnp.float32), out_BN], axis=1)
+
+
+def decode_log_probs(model: Decoder, tokens_BT, valid_BT, response_mask_BT, *, prompt_width: int,
+                     temperature: float = 1.0) -> jax.Array:
+    """Sampler log-probs of fixed tokens: prefill + one-token KV-cache decode steps.
+
+    ``model`` computes in its own dtype (pass ``sync_weights(master, d)`` for "sampler dtype
+    d"). Columns ``[0, prompt_width)`` hold the left-padded prompt, the rest the response; the
+    layout of a :class:`rl_mismatch.sampler.Rollout`. Returns ``logp_BT`` aligned like
+    ``Rollout.logp_BT`` (0 outside the response mask).
+    """
+    if not 0 < prompt_width < np.shape(tokens_BT)[1]:
+        raise ValueError(f"prompt_width={prompt_width} must lie strictly inside the {np.shape(tokens_BT)[1]} "
+                         "token columns (prompt first, then at least one response column).")
+    graphdef, state = nnx.split(model)
+    return _decode_log_probs(graphdef, state, jnp.asarray(tokens_BT), jnp.asarray(valid_BT),
+                             jnp.asarray(response_mask_BT), prompt_width=int(prompt_width),
+                             temperature=float(temperature))
+
+
+# ----------------------------------------------------------------------------------------------
+# The study.
+
+_metrics = jax.jit(mismatch.compute_mismatch_metrics)
+
+
+def _compare(variant_BT, baseline_BT, mask_BT) -> dict[str, Any]:
+    """Metrics with the variant in the sampler's seat and the baseline in the trainer's."""
+    m = _metrics(jnp.asarray(variant_BT), jnp.asarray(baseline_BT), jnp.asarray(mask_BT))
+    out = {}
+    for k, v in jax.device_get(m).items():
+        v = np.asarray(v)
+        out[k.removeprefix("mismatch/")] = v.item() if v.ndim == 0 else v.tolist()
+    mask = np.asarray(mask_BT, bool)
+    r = np.asarray(baseline_BT, np.float64)[mask] - np.asarray(variant_BT, np.float64)[mask]
+    out["frac_exact"] = float(np.mean(r == 0)) if r.size else 1.0
+    out["max_abs_log_ratio"] = float(np.max(np.abs(r))) if r.size else 0.0
+    return out
+
+
+def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Samples once, scores the tokens every way, returns the results (JSON-able, plus the
+    per-configuration log-ratios under ``"_log_ratios"`` for plotting).
+
+    Args:
+      model: the float32 master model (``param_dtype`` float32).
+      prompts: token-id lists, or a left-padded ``(tokens_BP, valid_BP)`` pair.
+      key: PRNG key of the sampler.
+      cfg: study settings.
+      progress: called with a short stage name after each stage (e.g. a tqdm update).
+    """
+    tick = progress or (lambda name: None)
+    stages = study_stages(cfg)
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def done(name):
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 3)
+        clock[0] = now
+        tick(name)
+
+    if any(np.dtype(x.dtype) != np.float32 for x in jax.tree.leaves(nnx.state(model))
+           if jnp.issubdtype(x.dtype, jnp.floating)):
+        raise ValueError("run_study needs the float32 master model (param_dtype=float32).")
+    master = trainer_view(model, jnp.float32)
+    temperature = cfg.temperature
+
+    # 1. One sample set, float32 sampler.
+    sampler32 = sampler_lib.sync_weights(master, jnp.float32)
+    rollout = sampler_lib.generate(sampler32, prompts, key, cfg.sampling())
+    jax.block_until_ready(rollout.logp_BT)
+    done("sample fp32")
+    tokens, valid, mask, P = rollout.tokens_BT, rollout.valid_BT, rollout.response_mask_BT, rollout.prompt_width
+
+    # 2. Sampler-side scores: KV-cache decode in each dtype.
+    dec = {}
+    for d in cfg.dtypes:
+        dec[d] = np.asarray(decode_log_probs(sampler_lib.sync_weights(master, d), tokens, valid, mask,
+                                             prompt_width=P, temperature=temperature))
+        done(f"decode {SHORT.get(d, d)}")
+    m = np.asarray(mask, bool)
+    repro = np.abs(dec["float32"][m] - np.asarray(rollout.logp_BT)[m])
+    reproduction = {"max_abs_diff": float(repro.max(initial=0.0)), "frac_exact": float(np.mean(repro == 0))
+                    if repro.size else 1.0}
+
+    # 3. Trainer-side scores: full forward of the master weights computing in each dtype.
+    fwd = {}
+    for d in cfg.dtypes:
+        fwd[d] = np.asarray(rescore_log_probs(trainer_view(master, d), tokens, valid, mask,
+                                              temperature=temperature))
+        done(f"rescore {SHORT.get(d, d)}")
+    rounded = {}
+    for d in cfg.dtypes:
+        if d != "float32":
+            rounded[d] = np.asarray(rescore_log_probs(rounded_weights_view(master, d), tokens, valid, mask,
+                                                      temperature=temperature))
+            done(f"rescore fp32 w/ {SHORT.get(d, d)} weights")
+
+    rows, log_ratios = [], {}
+
+    def add(group, name, variant, base, mask_BT, **info):
+        metrics = _compare(variant, base, mask_BT)
+        rows.append({"group": group, "name": name, **info, "metrics": metrics})
+        sel = np.asarray(mask_BT, bool)
+        log_ratios[f"{group}: {name}"] = (np.asarray(base, np.float64)[sel]
+                                          - np.asarray(variant, np.float64)[sel])
+
+    for ds in cfg.dtypes:
+        for dt in cfg.dtypes:
+            add("grid", f"sampler {SHORT.get(ds, ds)} x trainer {SHORT.get(dt, dt)}", dec[ds], fwd[dt], mask,
+                sampler_dtype=ds, trainer_dtype=dt)
+    ref = fwd["float32"]
+    for d in cfg.dtypes:
+        s = SHORT.get(d, d)
+        if d != "float32":
+            add("attribution", f"weight rounding to {s} (fp32 compute) vs fp32 ref", rounded[d], ref, mask,
+                factor="weights", dtype=d, baseline="fp32 full forward")
+            add("attribution", f"{s} activations+KV vs fp32 compute, same {s} weights", fwd[d], rounded[d], mask,
+                factor="activations", dtype=d, baseline=f"fp32 compute, {s}-rounded weights")
+            add("attribution", f"{s} weights+activations (full forward) vs fp32 ref", fwd[d], ref, mask,
+                factor="weights+activations", dtype=d, baseline="fp32 full forward")
+        add("attribution", f"{s} KV-cache decode vs {s} full forward", dec[d], fwd[d], mask,
+            factor="decode", dtype=d, baseline=f"{s} full forward")
+        if d != "float32":
+            add("attribution", f"{s} sampler (all factors) vs fp32 ref", dec[d], ref, mask,
+                factor="all", dtype=d, baseline="fp32 full forward")
+
+    # 4. Batch shape: the first rows alone.
+    n1 = min(cfg.batch1_rows, tokens.shape[0])
+    if n1 and tokens.shape[0] > 1:
+        for d in cfg.batch1_dtypes:
+            view = trainer_view(master, d)
+            alone = np.concatenate([np.asarray(rescore_log_probs(view, tokens[i:i + 1], valid[i:i + 1],
+                                                                 mask[i:i + 1], temperature=temperature))
+                                    for i in range(n1)])
+            s = SHORT.get(d, d)
+            add("attribution", f"{s} batch 1 vs batch {tokens.shape[0]} (first {n1} rows)", alone,
+                fwd[d][:n1], mask[:n1], factor="batch", dtype=d, baseline=f"{s} batch {tokens.shape[0]}")
+            done(f"batch-1 rescore {s}")
+
+    # 5. Top-p truncation, a second float32 sample set.
+    if cfg.top_p < 1.0:
+        roll_p = sampler_lib.generate(sampler32, prompts, jax.random.fold_in(key, 1), cfg.sampling(cfg.top_p))
+        jax.block_until_ready(roll_p.logp_BT)
+        done(f"sample fp32 top-p {cfg.top_p}")
+        trainer_p = np.asarray(rescore_log_probs(master, roll_p.tokens_BT, roll_p.valid_BT,
+                                                 roll_p.response_mask_BT, temperature=temperature))
+        done("rescore top-p set fp32")
+        mp = roll_p.response_mask_BT
+        trunc = np.asarray(roll_p.logp_truncated_BT)
+        kept = np.asarray(roll_p.log_kept_mass_BT)
+        add("attribution", f"top-p {cfg.top_p} ignored: logp_truncated vs fp32 trainer", trunc, trainer_p, mp,
+            factor="top_p", dtype="float32", baseline="fp32 full forward (top-p set)")
+        add("attribution", f"top-p {cfg.top_p} corrected: logp_truncated + log_kept_mass vs fp32 trainer",
+            trunc + kept, trainer_p, mp, factor="top_p_corrected", dtype="float32",
+            baseline="fp32 full forward (top-p set)")
+
+    missing = [s for s in stages if s not in timings]
+    if missing:  # keeps study_stages() honest: the progress bar's total is the real count
+        raise AssertionError(f"stages not run: {missing}")
+    grid = {(r["sampler_dtype"], r["trainer_dtype"]): r["metrics"] for r in rows if r["group"] == "grid"}
+    summary = _summary(grid, cfg.dtypes)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "shapes": {"batch": int(tokens.shape[0]), "prompt_width": int(P), "columns": int(tokens.shape[1]),
+                   "response_tokens": int(m.sum()),
+                   "mean_response_length": float(np.asarray(rollout.response_lengths_B).mean()),
+                   "finished_frac": float(np.asarray(rollout.finished_B).mean())},
+        "reproduction_fp32_decode_vs_rollout": reproduction,
+        "summary": summary,
+        "rows": rows,
+        "timings_s": timings,
+        "_log_ratios": log_ratios,
+    }
+
+
+def study_stages(cfg: StudyConfig) -> list[str]:
+    """Names of the stages :func:`run_study` reports, in order (the progress bar's total)."""
+    names = ["sample fp32"]
+    names += [f"decode {SHORT.get(d, d)}" for d in cfg.dtypes]
+    names += [f"rescore {SHORT.get(d, d)}" for d in cfg.dtypes]
+    names += [f"rescore fp32 w/ {SHORT.get(d, d)} weights" for d in cfg.dtypes if d != "float32"]
+    if cfg.batch1_rows:
+        names += [f"batch-1 rescore {SHORT.get(d, d)}" for d in cfg.batch1_dtypes]
+    if cfg.top_p < 1.0:
+        names += [f"sample fp32 top-p {cfg.top_p}", "rescore top-p set fp32"]
+    return names
+
+
+def _summary(grid, dtypes) -> dict[str, Any]:
+    """The headline numbers: low-precision sampling against a float32 trainer, and the ratios."""
+    out = {}
+    for d in dtypes:
+        for t in ("float32", d):
+            if (d, t) in grid:
+                s = f"{SHORT.get(d, d)}_sampler_{SHORT.get(t, t)}_trainer"
+                out[f"{s}/k3"] = grid[(d, t)]["k3"]
+                out[f"{s}/prob_diff_max"] = grid[(d, t)]["prob_diff_max"]
+    if {"bfloat16", "float16"} <= set(dtypes):
+        def ratio(a, b):
+            return a / b if b > 0 else math.inf
+        for t in ("fp32", None):  # trainer fp32; then sampler and trainer in the same dtype
+            bf = f"bf16_sampler_{t or 'bf16'}_trainer"
+            fp = f"fp16_sampler_{t or 'fp16'}_trainer"
+            tag = "trainer_fp32" if t else "same_dtype"
+            out[f"ratio_bf16_over_fp16/{tag}/k3"] = ratio(out[f"{bf}/k3"], out[f"{fp}/k3"])
+            out[f"ratio_bf16_over_fp16/{tag}/prob_diff_max"] = ratio(out[f"{bf}/prob_diff_max"],
+                                                                    out[f"{fp}/prob_diff_max"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(x) -> str:
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if x == 0:
+        return "0"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """results.md: summary, the grid and the attribution rows."""
+    lines = ["# Precision study", "",
+             f"Batch {results['shapes']['batch']}, {results['shapes']['response_tokens']} response tokens "
+             f"(mean length {results['shapes']['mean_response_length']:.1f}); "
+             f"fp32 decode reproduces the rollout's log-probs to "
+             f"{results['reproduction_fp32_decode_vs_rollout']['max_abs_diff']:.2e} "
+             f"({100 * results['reproduction_fp32_decode_vs_rollout']['frac_exact']:.1f}% bit-exact).", "",
+             "## Summary", "", "| quantity | value |", "|---|---|"]
+    if "xla_allow_excess_precision" in results:
+        lines[3:3] = [f"Model {results.get('model')}, task {results.get('task')}, XLA excess precision "
+                      f"{'allowed (default)' if results['xla_allow_excess_precision'] else 'disallowed'}.", ""]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in results["summary"].items()]
+    header = "| configuration | baseline | " + " | ".join(TABLE_KEYS) + " | exact |"
+    sep = "|---" * (len(TABLE_KEYS) + 3) + "|"
+    for group, title in (("grid", "Sampler dtype x trainer dtype (sampler: KV-cache decode, "
+                                  "trainer: full forward of fp32 master weights)"),
+                         ("attribution", "Attribution, one factor at a time")):
+        lines += ["", f"## {title}", "", header, sep]
+        for r in results["rows"]:
+            if r["group"] != group:
+                continue
+            m = r["metrics"]
+            lines.append(f"| {r['name']} | {r.get('baseline', '')} | "
+                         + " | ".join(_fmt(m[k]) for k in TABLE_KEYS) + f" | {_fmt(m['frac_exact'])} |")
+    lines += ["", "k1, k3: KL(sampler‖baseline) estimators (DESIGN.md §6); prob_diff: |π − μ|; "
+              "ratio_pX: quantiles of ρ = π/μ; exact: fraction of tokens with identical log-probs.", ""]
+    return "\n".join(lines)
+
+
+def plot_log_ratios(log_ratios: dict[str, np.ndarray], path: str) -> None:
+    """Histograms of log10 |r| per configuration (exactly-equal tokens counted in the legend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"grid": [], "attribution": []}
+    for name, r in log_ratios.items():
+        groups[name.split(":")[0]].append((name.split(": ", 1)[1], np.asarray(r)))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6.5))
+    bins = np.linspace(-10, 1, 89)
+    for ax, (group, items) in zip(axes, groups.items()):
+        for i, (name, r) in enumerate(items):
+            nz = np.abs(r[r != 0])
+            label = f"{name} (exact {100 * np.mean(r == 0) if r.size else 100:.0f}%)"
+            ax.hist(np.log10(np.clip(nz, 1e-10, 10)), bins=bins, histtype="step", linewidth=1.2,
+                    density=False, label=label, linestyle="-" if i < 10 else "--")
+        ax.set_yscale("log")
+        ax.set_xlabel("log10 |log π − log μ| per response token (exact ties not shown)")
+        ax.set_ylabel("tokens")
+        ax.set_title(group)
+        ax.legend(fontsize=6.5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """Writes results.json, results.md and log_ratios.png into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md"),
+             "png": os.path.join(out_dir, "log_ratios.png")}
+    public = {k: v for k, v in results.items() if not k.startswith("_")}
+    with open(paths["json"], "w") as f:
+        json.dump(public, f, indent=1, default=float)
+    with open(paths["md"], "w") as f:
+        f.write(markdown_table(results))
+    plot_log_ratios(results["_log_ratios"], paths["png"])
+    return paths
+
+
+def render_task_prompts(tokenizer, task: str, n: int, data_dir: str, *, seed: int = 0,
+                        max_prompt_len: int = 512) -> list[list[int]]:
+    """``n`` chat-templated prompts from the eval split of a reasoning-gym task."""
+    from rl_mismatch import tasks
+
+    name = tasks.prepare_reasoning_gym(task, data_dir, train_size=n, eval_size=n, seed=seed)
+    split = tasks.load_split(name, "eval", data_dir)
+    rendered = tasks.render_prompts(tokenizer, [split[i] for i in range(n)], max_prompt_len=max_prompt_len)
+    return [list(t[v]) for t, v in zip(rendered.tokens_BP, rendered.valid_BP)]
+
+
+def random_prompts(n: int, vocab: int, *, seed: int = 0, min_len: int = 4,
+                   max_len: int = 24) -> list[list[int]]:
+    """Random token prompts of mixed lengths (for tiny random models)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, rng.integers(min_len, max_len + 1)).tolist() for _ in range(n)]
+
+
+def prompts_from(prompts: Sequence[Sequence[int]] | tuple) -> list[list[int]]:
+    """Token lists from lists or a ``(tokens_BP, valid_BP)`` pair."""
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+        return [list(t[v]) for t, v in zip(np.asarray(prompts[0]), np.asarray(prompts[1], bool))]
+    return [list(p) for p in prompts]
