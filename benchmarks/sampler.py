@@ -1,0 +1,165 @@
+r"""Sampler throughput on SmolLM2-135M-Instruct vs HF transformers ``generate``, and vs the matmul peak.
+
+    python benchmarks/sampler.py                                   # everything (long on 2 cores)
+    python benchmarks/sampler.py --batches=64 --dtypes=bfloat16 --lengths=   # one cell
+
+For every (dtype, batch): ``batch`` prompts of ``--prompt_len`` tokens, ``--new_tokens`` new
+tokens forced (no EOS: ``eos_ids=()`` here, ``min_new_tokens=max_new_tokens`` in HF), sampling
+at temperature 1 with no top-k / top-p on both sides (HF's default ``top_k=50`` is switched
+off). New tokens/s = batch x new tokens / wall time of one whole generate call (prefill
+included, compilation excluded: our program is compiled beforehand, HF gets a short warm-up).
+
+HF runs ``LlamaForCausalLM`` (torch, eager, ``torch.set_num_threads(--threads)``) built from
+the same state dict our loader produces (``rl_mismatch.models.load_state_dict``).
+
+Peak: the best of a few large matmuls measured in the same run, float32 x float32 and bf16 x
+bf16 -> float32 (``preferred_element_type``, the decoder's choice). Decode FLOPs per new token
+= 2 x params (the tied embedding counted once, as the LM head) + attention
+4 x layers x heads x head_dim x (mean context); the fraction of peak is the achieved FLOP/s of
+the whole generate call over the peak of its dtype.
+
+Finally tokens/s at ``--lengths`` new tokens (batch ``--length_batch``, dtype ``--length_dtype``)
+to show the per-token cost does not grow with the length (beyond the attention term).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from rl_mismatch import sampler as smp
+from rl_mismatch.models import from_hf_state_dict, load_state_dict
+from rl_mismatch.models.config import ModelConfig
+
+_BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Sampler dtypes.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "New tokens per sequence (forced).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
+_LENGTHS = flags.DEFINE_list("lengths", ["32", "128", "512"], "New-token counts of the linearity check.")
+_LENGTH_BATCH = flags.DEFINE_integer("length_batch", 16, "Batch of the linearity check.")
+_LENGTH_DTYPE = flags.DEFINE_string("length_dtype", "bfloat16", "Dtype of the linearity check.")
+_SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Time only our sampler.")
+_THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads for HF.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls per cell (minimum reported).")
+
+
+def _prompts(batch, length, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, vocab - 100, (batch, length)).astype(np.int32)
+
+
+def matmul_peak(n=2048, repeats=5):
+    """GFLOP/s of an [n, n] x [n, n] matmul: float32, and bf16 operands with a float32 result."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    out = {}
+    for name, a, kw in (("float32", x, {}),
+                        ("bfloat16", x.astype(jnp.bfloat16), {"preferred_element_type": jnp.float32})):
+        f = jax.jit(lambda a, kw=kw: jnp.einsum("ij,jk->ik", a, a, **kw))
+        jax.block_until_ready(f(a))
+        best = min(_timed(lambda: jax.block_until_ready(f(a))) for _ in range(repeats))
+        out[name] = 2 * n ** 3 / best / 1e9
+    return out
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def flops_per_token(c: ModelConfig, context: float) -> float:
+    attention = 4 * c.n_layers * c.n_heads * c.head_dim * context
+    return 2 * c.n_params + attention
+
+
+def ours(master, dtype, prompts_BP, new_tokens, repeats):
+    """New tokens/s of ``rl_mismatch.sampler.generate`` (compiled beforehand)."""
+    model = smp.sync_weights(master, dtype)
+    cfg = smp.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(), prompt_bucket=64)
+    B, P = prompts_BP.shape
+    valid = np.ones_like(prompts_BP, bool)
+    # Compile without generating: all-padding rows are finished from the start, so the while
+    # loop exits at once; the shapes (and hence the program) are those of the timed call.
+    graphdef, state = nnx.split(model)
+    jax.block_until_ready(smp._compiled(graphdef, cfg, None)(
+        state, np.zeros_like(prompts_BP), np.zeros_like(valid), jax.random.key(0)).tokens_BT)
+    best = np.inf
+    for i in range(repeats):
+        start = time.perf_counter()
+        out = smp.generate(model, (prompts_BP, valid), jax.random.key(i), cfg)
+        jax.block_until_ready(out.tokens_BT)
+        best = min(best, time.perf_counter() - start)
+        assert int(out.response_lengths_B.min()) == new_tokens
+    return B * new_tokens / best
+
+
+def hf_model(hf_config, state_dict, dtype):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig.from_dict(hf_config)
+    model = transformers.LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32))
+                                                 for k, v in state_dict.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]).eval()
+
+
+def hf(model, prompts_BP, new_tokens, repeats, pad_id):
+    import torch
+
+    ids = torch.from_numpy(prompts_BP.astype(np.int64))
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+              pad_token_id=pad_id, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids, min_new_tokens=4, max_new_tokens=4, **kw)  # warm-up
+        best = np.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
+            best = min(best, time.perf_counter() - start)
+            assert out.shape[1] == prompts_BP.shape[1] + new_tokens
+    return prompts_BP.shape[0] * new_tokens / best
+
+
+def main(argv):
+    del argv
+    hf_config, state_dict, tok = load_state_dict("smollm2-135m-instruct")
+    config = ModelConfig.from_hf_config(hf_config)
+    master = from_hf_state_dict(config, state_dict, dtype=jnp.float32, param_dtype=jnp.float32)
+    if not _SKIP_HF.value:
+        import torch
+        torch.set_num_threads(_THREADS.value)
+    peak = matmul_peak()
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; matmul peak GFLOP/s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    N, P = _NEW_TOKENS.value, _PROMPT_LEN.value
+    fpt = flops_per_token(config, P + N / 2)
+    print(f"decode FLOPs/token ≈ {fpt / 1e9:.3f} GFLOP (2 x {config.n_params / 1e6:.1f}M params + attention)")
+    print(f"\n| dtype | batch | ours tok/s | HF tok/s | ours / HF | ours % of {'/'.join(peak)} peak |")
+    print("|---|---|---|---|---|---|")
+    for dtype in _DTYPES.value:
+        hf_m = None if _SKIP_HF.value else hf_model(hf_config, state_dict, dtype)
+        for b in map(int, _BATCHES.value):
+            prompts = _prompts(b, P, config.vocab_size)
+            ours_tps = ours(master, dtype, prompts, N, _REPEATS.value)
+            hf_tps = np.nan if hf_m is None else hf(hf_m, prompts, N, _REPEATS.value, tok.pad_id)
+            frac = ours_tps * fpt / (peak[dtype] * 1e9)
+            print(f"| {dtype} | {b} | {ours_tps:.0f} | {hf_tps:.0f} | {ours_tps / hf_tps:.2f}x | "
+                  f"{100 * frac:.1f}% |", flush=True)
+        del hf_m
+    if _LENGTHS.value:
+        b, dtype = _LENGTH_BATCH.value, _LENGTH_DTYPE.value
+        print(f"\nlinearity ({dtype}, batch {b}): | new tokens | tok/s | ms per decode step |")
+        prompts = _prompts(b, P, config.vocab_size)
+        for n in map(int, _LENGTHS.value):
+            tps = ours(master, dtype, prompts, n, _REPEATS.value)
+            print(f"| {n} | {tps:.0f} | {1e3 * b / tps:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,206 @@
+"""Train-step throughput on SmolLM2-135M: rl_mismatch's jitted step vs HF transformers + torch AdamW.
+
+    python benchmarks/train_step.py [--dtypes=fp32,bf16] [--steps=3] [--batch=8] [--seq_len=256]
+                                    [--skip_hf] [--random_init]
+
+One process measures, for each compute dtype:
+
+* ours: ``rl_mismatch.train_step`` (PPO-clip token-mean policy loss, ``optax.adamw``), float32
+  master weights, forward/backward in the compute dtype (bf16: matmuls accumulate in float32),
+  one micro-batch, mismatch metrics included (they are part of the step);
+* HF: ``LlamaForCausalLM`` built from the same config and loaded with the same weights,
+  the same loss written in torch (log-softmax gather, ratio against its detached self, clipped
+  surrogate, token mean), ``loss.backward()``, ``torch.optim.AdamW(fused=True).step()``. bf16 is
+  ``torch.autocast(cpu, bfloat16)`` over float32 weights, torch's counterpart of bf16 compute
+  over float32 master weights;
+* the machine's matmul peak as XLA reaches it: the best GFLOP/s of square float32 matmuls
+  (for fp32), and of bfloat16 matmuls accumulating in float32 (for bf16).
+
+Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
+one untimed step (compilation / warm-up); the achieved FLOP rate is ≈ 6 × parameters × tokens/s
+(attention's T² terms left out, as is customary), reported as a fraction of the peak.
+"""
+
+import time
+
+import numpy as np
+from absl import app, flags
+
+_DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measure.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per configuration (after one untimed step).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (prompt + response).")
+_SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Measure only rl_mismatch.")
+_RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Random weights of SmolLM2's config instead of the "
+                                 "pretrained ones (throughput does not depend on the values).")
+_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
+_FUSED = flags.DEFINE_bool("hf_fused_adamw", True, "torch.optim.AdamW(fused=True): torch's fastest CPU AdamW "
+                           "(~3x faster than its default per-tensor loop here), so the baseline is not handicapped.")
+
+
+def _batch_arrays(vocab: int, batch: int, seq_len: int, seed: int = 0):
+    """A rollout-shaped batch: 64-token prompts, the rest response; no padding (HF pads nothing)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq_len)).astype(np.int32)
+    prompt = min(64, seq_len // 4)
+    response = np.zeros((batch, seq_len), bool)
+    response[:, prompt:] = True
+    sampler_logp = np.where(response, -rng.uniform(0.5, 8.0, (batch, seq_len)), 0.0).astype(np.float32)
+    advantages = rng.normal(size=batch).astype(np.float32)
+    return tokens, response, sampler_logp, advantages
+
+
+def _time_steps(run_step, steps: int) -> tuple[float, float, float]:
+    """(best wall s, median wall s, best CPU s) per step over ``steps`` timed steps.
+
+    The minimum is the step least disturbed by other load on a shared machine; CPU seconds
+    (all threads of this process) are reported too, because under contention wall time
+    measures the neighbours as much as the code.
+    """
+    walls, cpus = [], []
+    for _ in range(steps):
+        start, cpu = time.perf_counter(), time.process_time()
+        run_step()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), float(np.median(walls)), min(cpus)
+
+
+def _matmul_peak(dtype_name: str) -> float:
+    """Best GFLOP/s of XLA square matmuls (bf16 operands accumulate and return in float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    best = 0.0
+    for n in (1024, 2048, 3072):
+        dtype = jnp.float32 if dtype_name == "fp32" else jnp.bfloat16
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+        mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        mm(a, b).block_until_ready()
+        reps = 3
+        for _ in range(reps):
+            start = time.perf_counter()
+            mm(a, b).block_until_ready()
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _ours(model, dtype_name, arrays, steps):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from rl_mismatch import losses
+    from rl_mismatch import train_step as ts
+
+    opt = optax.adamw(1e-6, weight_decay=0.0)
+    graphdef, state = ts.init_train_state(model, opt, compute_dtype=dtype_name, key=jax.random.key(0))
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype_name)
+    tokens, response, sampler_logp, advantages = arrays
+    batch = ts.TrainBatch(jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jnp.asarray(response),
+                          jnp.asarray(sampler_logp), jnp.asarray(advantages))
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready((holder["state"].params, metrics))
+
+    start = time.perf_counter()
+    run()  # compiles
+    first = time.perf_counter() - start
+    timings = _time_steps(run, steps)
+    del holder
+    return (first, *timings)
+
+
+def _hf(state_dict, hf_config, dtype_name, arrays, steps):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    config.pad_token_id = None
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()},
+                          strict=False)
+    model.tie_weights()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=_FUSED.value)
+    tokens, response, sampler_logp, advantages = (torch.from_numpy(a) for a in arrays)
+    tokens = tokens.long()
+    mask = response[:, 1:].float()
+    adv = advantages[:, None]
+    autocast = dtype_name == "bf16"
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=tokens).logits[:, :-1]
+        # The same PPO-clip token-mean loss; log-probs in float32 as ours.
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        ratio = torch.exp(logp - logp.detach())
+        pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+        loss = (pg * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+
+    start = time.perf_counter()
+    run()  # warm-up (allocator, oneDNN kernels)
+    first = time.perf_counter() - start
+    timings = _time_steps(run, steps)
+    return (first, *timings)
+
+
+def main(argv):
+    del argv
+    import jax
+    import torch
+
+    from rl_mismatch.models import Decoder, load_pretrained
+    from rl_mismatch.models.decoder import to_hf_state_dict
+
+    if _THREADS.value:
+        torch.set_num_threads(_THREADS.value)
+    if _RANDOM_INIT.value:
+        from flax import nnx
+
+        from rl_mismatch.models import load_state_dict
+        from rl_mismatch.models.config import ModelConfig
+
+        hf_config, _, _ = load_state_dict("smollm2-135m-instruct")
+        model = Decoder(ModelConfig.from_hf_config(hf_config), rngs=nnx.Rngs(0))
+        source = "random init, SmolLM2-135M config"
+    else:
+        model, _ = load_pretrained("smollm2-135m-instruct")
+        source = "pretrained SmolLM2-135M-Instruct"
+    config = model.config
+    hf_config = config.to_hf_config()
+    state_dict = to_hf_state_dict(model)
+    tokens_per_step = _BATCH.value * _SEQ_LEN.value
+    flops_per_token = 6 * config.n_params
+    arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value)
+    print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
+          f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+    for dtype_name in _DTYPES.value:
+        peak = _matmul_peak(dtype_name)
+        first, best, median, cpu = _ours(model, dtype_name, arrays, _STEPS.value)
+        ours_tps = tokens_per_step / best
+        gflops = ours_tps * flops_per_token / 1e9
+        msg = (f"[{dtype_name}] XLA matmul peak {peak:6.1f} GFLOP/s\n"
+               f"  ours: {ours_tps:6.1f} tok/s  (step {best:5.2f} s best, {median:5.2f} s median, {cpu:5.2f} CPU-s; "
+               f"first step {first:5.1f} s)  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of peak")
+        if not _SKIP_HF.value:
+            hf_first, hf_best, hf_median, hf_cpu = _hf(state_dict, hf_config, dtype_name, arrays, _STEPS.value)
+            hf_tps = tokens_per_step / hf_best
+            hf_gflops = hf_tps * flops_per_token / 1e9
+            msg += (f"\n  HF:   {hf_tps:6.1f} tok/s  (step {hf_best:5.2f} s best, {hf_median:5.2f} s median, "
+                    f"{hf_cpu:5.2f} CPU-s; first step {hf_first:5.1f} s)  {hf_gflops:6.1f} GFLOP/s = "
+                    f"{hf_gflops / peak:5.1%} of peak\n"
+                    f"  ours/HF = {ours_tps / hf_tps:.2f}x (wall), {hf_cpu / cpu:.2f}x (CPU time)")
+        print(msg, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
