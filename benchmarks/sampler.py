@@ -7,16 +7,17 @@ For every (dtype, batch): ``batch`` prompts of ``--prompt_len`` tokens, ``--new_
 tokens forced (no EOS: ``eos_ids=()`` here, ``min_new_tokens=max_new_tokens`` in HF), sampling
 at temperature 1 with no top-k / top-p on both sides (HF's default ``top_k=50`` is switched
 off). New tokens/s = batch x new tokens / wall time of one whole generate call (prefill
-included, compilation excluded: our program is compiled beforehand, HF gets a short warm-up).
+included, compilation excluded: our program is compiled beforehand, HF runs one untimed
+generation of the same shape first).
 
 HF runs ``LlamaForCausalLM`` (torch, eager, ``torch.set_num_threads(--threads)``) built from
 the same state dict our loader produces (``rl_mismatch.models.load_state_dict``).
 
 Peak: the best of a few large matmuls measured in the same run, float32 x float32 and bf16 x
-bf16 -> float32 (``preferred_element_type``, the decoder's choice). Decode FLOPs per new token
-= 2 x params (the tied embedding counted once, as the LM head) + attention
-4 x layers x heads x head_dim x (mean context); the fraction of peak is the achieved FLOP/s of
-the whole generate call over the peak of its dtype.
+bf16 -> float32 (``preferred_element_type``, the decoder's choice). FLOPs per token = 2 x params
+(the tied embedding counted once, as the LM head) + attention 4 x layers x heads x head_dim x
+(mean context); the fraction of peak is the useful FLOPs of the whole generate call (prompt
+tokens + new tokens) per second over the peak of its dtype.
 
 Finally tokens/s at ``--lengths`` new tokens (batch ``--length_batch``, dtype ``--length_dtype``)
 to show the per-token cost does not grow with the length (beyond the attention term).
@@ -116,7 +117,9 @@ def hf(model, prompts_BP, new_tokens, repeats, pad_id):
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
               pad_token_id=pad_id, eos_token_id=None)
     with torch.inference_mode():
-        model.generate(ids, min_new_tokens=4, max_new_tokens=4, **kw)  # warm-up
+        # Warm-up at the full length: oneDNN creates a kernel for every new shape (each KV
+        # length), so a first call is up to 20x slower (measured: 19 vs 382 tok/s, bf16, batch 64).
+        model.generate(ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
         best = np.inf
         for _ in range(repeats):
             start = time.perf_counter()
@@ -139,6 +142,7 @@ def main(argv):
           + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
     N, P = _NEW_TOKENS.value, _PROMPT_LEN.value
     fpt = flops_per_token(config, P + N / 2)
+    flops_per_seq = N * fpt + P * flops_per_token(config, P / 2)  # new tokens + prefill
     print(f"decode FLOPs/token ≈ {fpt / 1e9:.3f} GFLOP (2 x {config.n_params / 1e6:.1f}M params + attention)")
     print(f"\n| dtype | batch | ours tok/s | HF tok/s | ours / HF | ours % of {'/'.join(peak)} peak |")
     print("|---|---|---|---|---|---|")
@@ -148,17 +152,23 @@ def main(argv):
             prompts = _prompts(b, P, config.vocab_size)
             ours_tps = ours(master, dtype, prompts, N, _REPEATS.value)
             hf_tps = np.nan if hf_m is None else hf(hf_m, prompts, N, _REPEATS.value, tok.pad_id)
-            frac = ours_tps * fpt / (peak[dtype] * 1e9)
+            frac = ours_tps / N * flops_per_seq / (peak[dtype] * 1e9)
             print(f"| {dtype} | {b} | {ours_tps:.0f} | {hf_tps:.0f} | {ours_tps / hf_tps:.2f}x | "
                   f"{100 * frac:.1f}% |", flush=True)
         del hf_m
     if _LENGTHS.value:
         b, dtype = _LENGTH_BATCH.value, _LENGTH_DTYPE.value
-        print(f"\nlinearity ({dtype}, batch {b}): | new tokens | tok/s | ms per decode step |")
+        print(f"\nlength check ({dtype}, batch {b}; marginal = extra time per extra decode step "
+              "from the previous length, i.e. without the prefill):")
+        print("| new tokens | tok/s | s per call | marginal ms per decode step |\n|---|---|---|---|")
         prompts = _prompts(b, P, config.vocab_size)
-        for n in map(int, _LENGTHS.value):
+        prev = None
+        for n in sorted(map(int, _LENGTHS.value)):
             tps = ours(master, dtype, prompts, n, _REPEATS.value)
-            print(f"| {n} | {tps:.0f} | {1e3 * b / tps:.1f} |", flush=True)
+            secs = b * n / tps
+            marginal = "" if prev is None else f"{1e3 * (secs - prev[1]) / (n - prev[0]):.1f}"
+            print(f"| {n} | {tps:.0f} | {secs:.2f} | {marginal} |", flush=True)
+            prev = (n, secs)
 
 
 if __name__ == "__main__":
