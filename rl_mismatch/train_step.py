@@ -18,7 +18,7 @@ scan); the cast is differentiated, so gradients arrive in float32 and micro-batc
 are accumulated in float32. Why not cast the whole tree once up front: the gradient would
 then be taken with respect to stacked bfloat16 weights, and the backward layer scan writes
 those through a fused convert + dynamic-update-slice that XLA:CPU does not do in place —
-measured ≈ 2 CPU-s per step slower on SmolLM2-135M in bfloat16 (benchmarks/README.md).
+measured 1–3 CPU-s per step slower on SmolLM2-135M in bfloat16 (benchmarks/README.md).
 The loss itself is float32 (``rl_mismatch.losses``). float16 uses
 `rl_mismatch.precision.DynamicLossScale` (why not ``jmp``: see that module): the loss is
 multiplied by S before differentiation, so small float16 gradients do not underflow; the
@@ -32,11 +32,12 @@ measuring the mismatch costs no extra forward pass.
 
 Gradient noise scale (McCandlish et al. 2018, DESIGN.md §6). Each micro-batch gradient G_m is
 also the gradient of the loss on a smaller batch (B_small = B / n_microbatches sequences), and
-their sum is the gradient of the big batch (B_big = B). From
-``|G_small|² = mean_m |G_m|²`` and ``|G_big|²``, `gradient_noise_scale` estimates
-``B_noise = tr(Σ)/|G|²`` with no extra backward pass. Here G_m is the loss of micro-batch m on
-its own, i.e. its share of the summed gradient divided by its share ``N_m/N`` of the
-normaliser (exact for every aggregation: the micro-batch loss uses the whole-batch normaliser N).
+their sum is the gradient of the big batch (B_big = B). From ``|G_small|² = mean_m |G_m|²``
+and ``|G_big|²``, `gradient_noise_scale` estimates ``B_noise = tr(Σ)/|G|²`` with no extra
+backward pass. G_m is the gradient of micro-batch m's loss on its own: its share of the summed
+gradient divided by its share ``N_m/N`` of the normaliser (the micro-batch losses use the
+whole-batch normaliser N). Batch sizes count sequences; with token-mean aggregation a
+sequence's weight grows with its length, so B_noise is then in units of "average sequences".
 
 Sharding. With a mesh, parameters are laid out by ``sharding.TRAINER_RULES`` (FSDP: ``embed``
 over ``data``, tensor parallelism over ``model``), the optimizer state's parameter-shaped
@@ -330,7 +331,7 @@ class TrainStep:
     Attributes:
       jitted: the ``jax.jit``-ed function ``(state, batch, opt_signals) -> (state, metrics)``,
         built on the first call (its shardings are read off the first state's layout); its
-        ``_cache_size()`` counts compilations.
+        ``_cache_size()`` counts the compiled variants.
     """
 
     def __init__(self, fn, mesh, check_batch):
