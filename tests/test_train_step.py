@@ -282,7 +282,7 @@ def test_noise_scale_estimator_matches_brute_force_on_logistic_regression():
     """B_noise = tr(Σ)/|G|² from per-example gradients of many samples vs `gradient_noise_scale`
     from micro-batch / batch gradient norms averaged over steps, exactly as the step logs them."""
     d, n_pop = 8, 400_000
-    key_w, key_x, key_y, key_s = jax.random.split(jax.random.key(0), 4)
+    key_w, key_x, key_s = jax.random.split(jax.random.key(0), 3)
     w_true = jax.random.normal(key_w, (d,))
     w = 0.3 * w_true  # not at the optimum, so G ≠ 0; B_noise ≈ 47, between b_small and b_big
 
