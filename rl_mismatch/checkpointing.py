@@ -73,6 +73,12 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, item_names=(_STATE, _META), options=options)
+        # Orbax 0.12.8 starts that cleanup in a background thread and never joins it, so a save
+        # could race the deletion and the directory could still hold the debris after close().
+        # Join it here: the cleanup is a directory listing plus an rmtree per unfinished step.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def all_steps(self) -> list[int]:
         """Steps with a complete checkpoint, ascending."""
