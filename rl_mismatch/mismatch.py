@@ -28,7 +28,7 @@ of an empty mask is 0 with a token count of 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,27 +121,71 @@ def _check_rescore_args(tokens_BT, valid_BT, positions_BT, response_mask_BT):
                              "pass one entry per token column.")
 
 
-def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, with_entropy):
-    _check_rescore_args(tokens_BT, valid_BT, positions_BT, response_mask_BT)
+def _check_rescore_options(temperature, score_from, token_chunk, T):
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive Python number, got {temperature!r}; a greedy "
                          "sampler (temperature 0) records temperature-1 log-probs, so rescore with 1.0.")
-    B, T = tokens_BT.shape
-    valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
-    logits_BTV = model(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT)
-    if temperature != 1.0:  # the sampler's log-probs are of the temperature-scaled distribution
-        logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
-    # logits[:, t] predicts tokens[:, t + 1]: score the next token at every column (the last
-    # column's target is a dummy), then shift right by one so that column t holds the
-    # log-prob of tokens[:, t]. Shifting the [B, T] result avoids slicing the [B, T, V] logits.
-    next_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1)
-    if with_entropy:
-        lp_next_BT, ent_next_BT = token_log_probs_and_entropy(logits_BTV, next_BT)
-    else:
-        lp_next_BT, ent_next_BT = token_log_probs(logits_BTV, next_BT), None
+    if isinstance(score_from, bool) or not isinstance(score_from, int) or not 1 <= score_from < T:
+        raise ValueError(f"score_from={score_from!r} must be an int in [1, {T}): column 0 has no "
+                         "predecessor and at least one column must be scored.")
+    if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk <= 0:
+        raise ValueError(f"token_chunk must be a positive int, got {token_chunk!r}.")
 
-    def shift(x_BT):
-        return jnp.concatenate([jnp.zeros((B, 1), x_BT.dtype), x_BT[:, :-1]], axis=1)
+
+def _score_next(logits, targets, temperature, with_entropy):
+    """Log-prob (and entropy) of ``targets`` under ``softmax(logits / temperature)``, float32."""
+    if temperature != 1.0:  # the sampler's log-probs are of the temperature-scaled distribution
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) / temperature
+    if with_entropy:
+        return token_log_probs_and_entropy(logits, targets)
+    return token_log_probs(logits, targets), None
+
+
+def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_chunk):
+    """``_score_next(model.logits(h), ...)`` with the LM head applied ``token_chunk`` rows at a time.
+
+    Each chunk's logits (``token_chunk × V`` float32) are reduced to a log-prob while still in
+    cache and never written out whole; ``lax.map`` runs the chunks in sequence.
+    """
+    B, M, D = h_BMD.shape
+    n = -(-(B * M) // token_chunk)
+    pad = n * token_chunk - B * M
+    h = jnp.pad(h_BMD.reshape(B * M, D), ((0, pad), (0, 0))).reshape(n, 1, token_chunk, D)
+    y = jnp.pad(targets_BM.reshape(B * M), (0, pad)).reshape(n, 1, token_chunk)
+
+    def one(args):
+        lp, ent = _score_next(model.logits(args[0]), args[1], temperature, with_entropy)
+        return lp, (lp if ent is None else ent)
+
+    lp, ent = jax.lax.map(one, (h, y))
+    unchunk = lambda x: x.reshape(-1)[:B * M].reshape(B, M)
+    return unchunk(lp), (unchunk(ent) if with_entropy else None)
+
+
+def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, with_entropy,
+             score_from, token_chunk):
+    _check_rescore_args(tokens_BT, valid_BT, positions_BT, response_mask_BT)
+    B, T = tokens_BT.shape
+    _check_rescore_options(temperature, score_from, token_chunk, T)
+    valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
+    # Column t is predicted from column t − 1: queries [score_from − 1, T − 1), targets
+    # [score_from, T). Slicing happens before the LM head (on hidden states) or, for a plain
+    # logits function, on the [B, T] results, never on a [B, T, V] array.
+    targets_BM = tokens_BT[:, score_from:]
+    if hasattr(model, "hidden_states") and hasattr(model, "logits"):
+        h_BTD = model.hidden_states(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT)
+        lp_BM, ent_BM = _score_chunked(model, h_BTD[:, score_from - 1:T - 1], targets_BM,
+                                       temperature, with_entropy, token_chunk)
+    else:
+        logits_BTV = model(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT)
+        # Score the next token at every column (the last column's target is a dummy), then cut.
+        next_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1)
+        lp_BT, ent_BT = _score_next(logits_BTV, next_BT, temperature, with_entropy)
+        lp_BM = lp_BT[:, score_from - 1:T - 1]
+        ent_BM = None if ent_BT is None else ent_BT[:, score_from - 1:T - 1]
+
+    def place(x_BM):  # back to the token columns: column t holds the log-prob of tokens[:, t]
+        return jnp.concatenate([jnp.zeros((B, score_from), x_BM.dtype), x_BM], axis=1)
 
     # A column is scored only when it and its predecessor are real tokens: column 0 has no
     # predecessor, and the first token after left padding is predicted from a pad query
@@ -149,26 +193,40 @@ def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, tempera
     keep_BT = valid_BT & jnp.concatenate([jnp.zeros((B, 1), bool), valid_BT[:, :-1]], axis=1)
     if response_mask_BT is not None:
         keep_BT &= response_mask_BT.astype(bool)
-    logp_BT = jnp.where(keep_BT, shift(lp_next_BT), 0.0)
+    logp_BT = jnp.where(keep_BT, place(lp_BM), 0.0)
     if not with_entropy:
         return logp_BT
-    return logp_BT, jnp.where(keep_BT, shift(ent_next_BT), 0.0)
+    return logp_BT, jnp.where(keep_BT, place(ent_BM), 0.0)
 
 
-def rescore(model: Callable[..., jax.Array], tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
-            *, positions_BT: jax.Array | None = None,
-            response_mask_BT: jax.Array | None = None, temperature: float = 1.0) -> jax.Array:
+# Rows of the LM head per chunk: 64 × 49152 float32 logits are 12.6 MB, reduced while in cache.
+DEFAULT_TOKEN_CHUNK = 64
+
+
+def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
+            *, positions_BT: jax.Array | None = None, response_mask_BT: jax.Array | None = None,
+            temperature: float = 1.0, score_from: int = 1,
+            token_chunk: int = DEFAULT_TOKEN_CHUNK) -> jax.Array:
     """Trainer log-probs of the rollout tokens, teacher-forced, aligned with the sampler's.
 
-    ``logp_BT[:, t] = log softmax(logits_BTV[:, t − 1] / temperature)[tokens_BT[:, t]]`` where
-    ``logits_BTV = model(tokens_BT, positions_BT=..., valid_BT=...)`` is one full-sequence forward
-    in the model's own precision and sharding. Column 0, padding, the first real token of a
-    row (its predecessor is padding) and, when given, columns outside ``response_mask_BT``
-    are 0.
+    ``logp_BT[:, t] = log softmax(z_{t−1} / temperature)[tokens_BT[:, t]]``, where ``z`` are the
+    logits of one full-sequence forward over ``tokens_BT`` in the model's own precision and
+    sharding. Column 0, padding, the first real token of a row (its predecessor is padding),
+    columns before ``score_from`` and, when given, columns outside ``response_mask_BT`` are 0.
+
+    Two kinds of model are accepted:
+
+    * one with ``hidden_states(tokens_BT, positions_BT=, valid_BT=) -> h_BTD`` and
+      ``logits(h) -> z`` (a ``Decoder``): the LM head and its log-softmax run ``token_chunk``
+      positions at a time, so the [B, T, V] logits never exist, and query positions before
+      ``score_from − 1`` never reach the LM head (benchmarks/mismatch.py: this makes rescoring
+      cost no more than the plain forward that returns the logits);
+    * any ``model(tokens_BT, positions_BT=, valid_BT=) -> logits_BTV``.
+
+    Both give the same numbers up to float32 summation order.
 
     Args:
-      model: ``model(tokens_BT, positions_BT=, valid_BT=) -> logits_BTV`` (e.g. a ``Decoder``).
-        Jit it with ``nnx.jit(rescore)`` or call it inside a jitted step.
+      model: see above. Jit with ``nnx.jit(rescore)`` or call it inside a jitted step.
       tokens_BT: int32 prompt + response tokens, left-padded.
       valid_BT: False for padding (default: all True).
       positions_BT: RoPE positions (default: the model's, cumsum(valid) − 1).
@@ -176,9 +234,16 @@ def rescore(model: Callable[..., jax.Array], tokens_BT: jax.Array, valid_BT: jax
       temperature: static; the logits are divided by it, as the sampler does, so the result
         compares with the sampler's ``logp_BT`` (full temperature-scaled distribution). Use
         1.0 for a greedy sampler, which records temperature-1 log-probs.
+      score_from: static; the first column scored. Pass a rollout's ``prompt_width`` (its
+        responses start there) to skip the prompt's LM-head work.
+      token_chunk: static; positions per LM-head chunk (chunked path only).
 
     Returns:
       float32 ``logp_BT``, same columns as the sampler's stored log-probs.
+
+    Raises:
+      ValueError: mis-shaped or non-integer tokens, a non-positive temperature, ``score_from``
+        outside ``[1, T)`` or a non-positive ``token_chunk``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -186,23 +251,26 @@ def rescore(model: Callable[..., jax.Array], tokens_BT: jax.Array, valid_BT: jax
       >>> [round(x, 4) for x in rescore(uniform, jnp.array([[1, 2, 3]]))[0].tolist()]
       [0.0, -1.3863, -1.3863]
     """
-    return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, False)
+    return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, False,
+                    score_from, token_chunk)
 
 
-def rescore_with_entropy(model: Callable[..., jax.Array], tokens_BT: jax.Array,
-                         valid_BT: jax.Array | None = None, *, positions_BT: jax.Array | None = None,
-                         response_mask_BT: jax.Array | None = None,
-                         temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def rescore_with_entropy(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
+                         positions_BT: jax.Array | None = None,
+                         response_mask_BT: jax.Array | None = None, temperature: float = 1.0,
+                         score_from: int = 1, token_chunk: int = DEFAULT_TOKEN_CHUNK
+                         ) -> tuple[jax.Array, jax.Array]:
     """:func:`rescore` plus the trainer's entropy of the distribution each token came from.
 
-    ``entropy_BT[:, t] = H(softmax(logits_BTV[:, t − 1] / temperature))``, zeroed where
-    ``logp_BT`` is (compare with the sampler's ``entropy_BT``).
-    Costs one more fused reduction over the vocabulary.
+    ``entropy_BT[:, t] = H(softmax(z_{t−1} / temperature))``, zeroed where ``logp_BT`` is
+    (compare with the sampler's ``entropy_BT``). Costs one more fused reduction over the
+    vocabulary.
 
     Returns:
       ``(logp_BT, entropy_BT)``.
     """
-    return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, True)
+    return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, True,
+                    score_from, token_chunk)
 
 
 # ----------------------------------------------------------------------------- metrics

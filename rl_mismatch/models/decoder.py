@@ -21,6 +21,7 @@ KV-cache decoding unrolls them (see ``Decoder.decode``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -48,9 +49,45 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, *, scale=None, value=None) -> nnx
     return nnx.Param(jnp.asarray(value, dtype), out_sharding=axes, eager_sharding=False)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _mixed_einsum(eq: str, x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """``einsum(eq, x, w)`` with ``w`` cast to ``x.dtype``, float32 accumulation, ``out_dtype`` result.
+
+    The backward pass keeps the same discipline, which JAX's own rule for the casts would not:
+    the output cotangent is rounded to ``x.dtype`` and both backward matmuls take ``x.dtype``
+    operands with float32 accumulation. ``dx`` comes back in ``x.dtype``; ``dw`` comes back in
+    ``w``'s own dtype (float32 for float32 master weights) straight from the float32
+    accumulator, never rounded to the compute dtype on the way. In float32 this is exactly the
+    default rule. In bfloat16 it is what a bf16 backward pass on a GPU/TPU does, and on CPU it
+    keeps all three matmuls on the fast bf16 x bf16 -> f32 path: with the default rule the
+    float32 cotangent of the cast promotes the backward matmuls to float32 (~4x slower here).
+    ``eq`` must be a plain two-operand contraction ("ab,bc->ac": no index repeated within an
+    operand, every index of an operand present in the other operand or the output).
+    """
+    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _mixed_einsum_fwd(eq, x, w, out_dtype):
+    return _mixed_einsum(eq, x, w, out_dtype), (x, w)
+
+
+def _mixed_einsum_bwd(eq, out_dtype, residuals, g):
+    x, w = residuals
+    lhs, rest = eq.split(",")
+    rhs, out = rest.split("->")
+    g = g.astype(x.dtype)
+    wc = w.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, wc, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
 def _dot(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum in the operands' dtype with float32 accumulation, rounded back to that dtype."""
-    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    """einsum in ``x``'s dtype with float32 accumulation, rounded back to that dtype."""
+    return _mixed_einsum(eq, x, w, x.dtype)
 
 
 def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -205,17 +242,35 @@ class Decoder(nnx.Module):
     def _embed(self, tokens_BT):
         return self.embed[...].astype(self.dtype)[tokens_BT]
 
-    def _logits(self, x_BTD):
-        x = _rms_norm(x_BTD, self.final_norm[...], self.config.rms_eps)
-        if self.config.tie_embeddings:
-            w = self.embed[...].astype(self.dtype)
-            return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+    def logits(self, h_BTD: jax.Array) -> jax.Array:
+        """The LM head: float32 logits [B, T, V] of final hidden states from :meth:`hidden_states`.
 
+        The matmul takes compute-dtype operands and accumulates in float32; in the backward pass
+        the logits' cotangent is rounded to the compute dtype (see ``_mixed_einsum``).
+        """
+        if self.config.tie_embeddings:
+            return _mixed_einsum("btd,vd->btv", h_BTD, self.embed[...], jnp.float32)
+        return _mixed_einsum("btd,dv->btv", h_BTD, self.lm_head[...], jnp.float32)
 
     def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None) -> jax.Array:
-        """Full-sequence (teacher-forced) forward; returns float32 logits [B, T, V]."""
+        """Full-sequence (teacher-forced) forward; returns float32 logits [B, T, V].
+
+        Equal to ``self.logits(self.hidden_states(...))``.
+        """
+        return self.logits(self.hidden_states(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT))
+
+    def hidden_states(self, tokens_BT, *, positions_BT=None, valid_BT=None) -> jax.Array:
+        """Full-sequence forward up to the LM head: final-normed hidden states [B, T, D] in ``dtype``.
+
+        For callers that apply the LM head in pieces (``rl_mismatch.mismatch.rescore`` scores a
+        chunk of positions at a time and never forms the [B, T, V] logits).
+
+        Under differentiation each layer is rematerialised with the policy
+        ``dots_with_no_batch_dims_saveable``: the projection matmuls' outputs are saved, the
+        attention matmuls, norms, RoPE and activations are recomputed in the backward pass. That
+        trades a little compute for far less memory traffic (the scan would otherwise stack every
+        elementwise intermediate of every layer), a net win measured in benchmarks/train_step.py.
+        """
         B, T = tokens_BT.shape
         valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
         if positions_BT is None:
@@ -228,12 +283,17 @@ class Decoder(nnx.Module):
 
         graphdef, state = nnx.split(self.blocks)
 
+        @functools.partial(jax.checkpoint, prevent_cse=False,
+                           policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         def body(x, block_state):
             x, _ = nnx.merge(graphdef, block_state)(x, positions_BT, keys_fn)
             return x, None
 
         x, _ = jax.lax.scan(body, self._embed(tokens_BT), state)
-        return self._logits(x)
+        return self._final_norm(x)
+
+    def _final_norm(self, x_BTD):
+        return _rms_norm(x_BTD, self.final_norm[...], self.config.rms_eps)
 
     def decode(self, tokens_BT, cache: KVCache, *, positions_BT=None, valid_BT=None):
         """Runs ``T`` new tokens against the cache (prefill when T > 1, decoding when T == 1).
@@ -274,7 +334,7 @@ class Decoder(nnx.Module):
             new_k.append(k_cache)
             new_v.append(v_cache)
         new_cache = KVCache(tuple(new_k), tuple(new_v), valid_BS, start + T)
-        return self._logits(x), new_cache
+        return self.logits(self._final_norm(x)), new_cache
 
 
 # ----------------------------------------------------------------------------------------------

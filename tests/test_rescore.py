@@ -1,0 +1,110 @@
+"""Tests for rescoring through a Decoder: the chunked LM head, and gradients through the
+decoder's mixed-precision matmuls and rematerialised layers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rl_mismatch import mismatch
+from rl_mismatch.models import Decoder, tiny_config
+from rl_mismatch.models.decoder import _mixed_einsum
+
+B, T, P = 3, 20, 10
+# Both paths compute the same logits (same casts, float32 accumulation); only the matmul
+# blocking (token chunks vs the whole [B, T]) and the logsumexp's summation order differ. For
+# |logit| <= ~10 and V = 256 that is a few float32 ulps of 10: 1e-5 is a generous bound.
+ATOL = 1e-5
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(1, 256, (B, T)), jnp.int32)
+    valid = jnp.asarray(np.arange(T)[None] >= np.array([[0], [5], [9]]))  # left padding, one row
+    mask = valid & (jnp.arange(T) >= P)[None]                             # starts at its response
+    return tokens, valid, mask
+
+
+def _logits_only(model):
+    """The same model seen as a plain logits function: rescore takes its unchunked path."""
+    return lambda t, positions_BT=None, valid_BT=None: model(t, positions_BT=positions_BT, valid_BT=valid_BT)
+
+
+@pytest.mark.parametrize("tie,dtype", [(True, "float32"), (False, "bfloat16")])
+def test_chunked_equals_full_logits(tie, dtype):
+    model = Decoder(tiny_config(tie_embeddings=tie), rngs=nnx.Rngs(0))
+    model.dtype = jnp.dtype(dtype)  # fp32 master weights computing in dtype, as a trainer does
+    tokens, valid, mask = _inputs()
+    cases = (({"response_mask_BT": mask, "temperature": 0.7}, {"score_from": P, "token_chunk": 4}),
+             ({}, {"token_chunk": 7}))  # chunks not dividing B·(T − 1)
+    for kwargs, chunk_kwargs in cases:
+        for fn in (mismatch.rescore, mismatch.rescore_with_entropy):
+            ref = jax.jit(lambda t, v: fn(_logits_only(model), t, v, **kwargs))(tokens, valid)
+            got = jax.jit(lambda t, v: fn(model, t, v, **kwargs, **chunk_kwargs))(tokens, valid)
+            for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+                r, g = np.asarray(r), np.asarray(g)
+                np.testing.assert_array_equal(r == 0, g == 0)  # the same columns are scored
+                np.testing.assert_allclose(g, r, rtol=0, atol=ATOL)
+
+
+def test_score_from_zeroes_the_columns_before_it():
+    model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
+    tokens, valid, _ = _inputs()
+    full = np.asarray(mismatch.rescore(model, tokens, valid))
+    cut = np.asarray(mismatch.rescore(model, tokens, valid, score_from=P))
+    assert np.all(cut[:, :P] == 0)
+    np.testing.assert_allclose(cut[:, P:], full[:, P:], rtol=0, atol=ATOL)
+
+
+def test_gradient_through_chunks_equals_gradient_through_logits():
+    # The chunked LM head (lax.map), the layers' remat policy and the custom matmul VJP must
+    # not change the gradient: float32, same function, only summation order differs.
+    model = Decoder(tiny_config(tie_embeddings=False), rngs=nnx.Rngs(2))
+    graphdef, params = nnx.split(model)
+    tokens, valid, mask = _inputs()
+
+    def loss(p, chunked):
+        m = nnx.merge(graphdef, p)
+        lp = mismatch.rescore(m if chunked else _logits_only(m), tokens, valid, response_mask_BT=mask,
+                              token_chunk=8)
+        return jnp.sum(lp * jnp.linspace(-1.0, 1.0, T)[None])
+
+    g_ref = jax.grad(lambda p: loss(p, False))(params)
+    g_chk = jax.grad(lambda p: loss(p, True))(params)
+    assert jax.tree.structure(g_ref) == jax.tree.structure(g_chk)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ref), jax.tree.leaves(g_chk)):
+        scale = float(jnp.max(jnp.abs(a))) + 1e-12
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale, err_msg=str(path))
+
+
+def test_mixed_einsum_vjp():
+    x = jax.random.normal(jax.random.key(0), (4, 6, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 5))
+    g = jax.random.normal(jax.random.key(2), (4, 6, 5))
+    eq = "btd,df->btf"
+    # float32: exactly JAX's own rule for einsum.
+    _, vjp = jax.vjp(lambda a, b: _mixed_einsum(eq, a, b, jnp.float32), x, w)
+    _, vjp_ref = jax.vjp(lambda a, b: jnp.einsum(eq, a, b), x, w)
+    for got, ref in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    # bfloat16 compute over a float32 weight: dx in bf16, dw in float32 from a float32
+    # accumulator over bf16-rounded operands (no rounding of dw itself).
+    xb = x.astype(jnp.bfloat16)
+    out, vjp = jax.vjp(lambda a, b: _mixed_einsum(eq, a, b, jnp.bfloat16), xb, w)
+    dx, dw = vjp(g.astype(jnp.bfloat16))
+    assert (out.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+    f32 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+    gb = f32(g.astype(jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("btd,btf->df", f32(xb), gb), rtol=1e-5, atol=1e-5)
+    wb = f32(w.astype(jnp.bfloat16))
+    dx_ref = np.einsum("btf,df->btd", gb, wb)
+    np.testing.assert_allclose(f32(dx), dx_ref, rtol=2 ** -8, atol=2 ** -8 * np.abs(dx_ref).max())
+
+
+def test_bad_arguments():
+    model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
+    tokens, valid, _ = _inputs()
+    for kwargs in ({"score_from": 0}, {"score_from": T}, {"temperature": 0.0}, {"token_chunk": 0}):
+        with pytest.raises(ValueError):
+            mismatch.rescore(model, tokens, valid, **kwargs)
