@@ -163,7 +163,7 @@ def _decode_log_probs(graphdef, state, tokens_BT, valid_BT, mask_BT, *, prompt_w
     B, T = tokens_BT.shape
     P, N = prompt_width, T - prompt_width
     cache = init_cache(model.config, batch=B, max_len=P + N, dtype=model.dtype)
-    logits_BPV, cache = model.decode(tokens_BT[:, :P], cache, valid_BT=valid_BT[:, :P])
+    logits_B1V, cache = model.decode(tokens_BT[:, :P], cache, valid_BT=valid_BT[:, :P], last_only=True)
     resp_tok_BN, live_BN = tokens_BT[:, P:], mask_BT[:, P:].astype(bool)
 
     def body(i, carry):
@@ -179,7 +179,7 @@ def _decode_log_probs(graphdef, state, tokens_BT, valid_BT, mask_BT, *, prompt_w
         logits, cache = model.decode(tok_B[:, None], cache, valid_BT=live_B[:, None])
         return logits[:, 0], cache, out_BN
 
-    carry = (logits_BPV[:, -1], cache, jnp.zeros((B, N), jnp.float32))
+    carry = (logits_B1V[:, 0], cache, jnp.zeros((B, N), jnp.float32))
     _, _, out_BN = jax.lax.fori_loop(0, N, body, carry)
     return jnp.concatenate([jnp.zeros((B, P), jnp.float32), out_BN], axis=1)
 

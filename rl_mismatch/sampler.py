@@ -137,6 +137,24 @@ def sync_weights(model: Decoder, dtype, mesh: jax.sharding.Mesh | None = None, *
 # Token selection.
 
 
+# Top-p looks for its kept set among the most probable tokens first (lax.top_k), and sorts the
+# whole vocabulary only when these do not reach top_p in some row: a full sort of 64 × 49152
+# logits per decoding step cost more than the model's forward.
+_TOP_P_CANDIDATES = 256
+
+
+def _top_p_threshold(sorted_BC: jax.Array, lse_B1: jax.Array, top_p: float) -> jax.Array:
+    """Logit of the last kept token, from logits sorted in descending order (a prefix will do).
+
+    A token is kept if the mass strictly before it is < top_p: the smallest prefix whose mass
+    reaches top_p (the top token always).
+    """
+    probs = jnp.exp(sorted_BC - lse_B1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+    return jnp.take_along_axis(sorted_BC, n_keep - 1, axis=-1)
+
+
 def _truncation_mask(scaled_BV: jax.Array, top_k: int, top_p: float) -> jax.Array | None:
     """Boolean kept set of top-k / top-p, or None when neither is active (static)."""
     if top_k == 0 and top_p >= 1.0:
@@ -147,16 +165,61 @@ def _truncation_mask(scaled_BV: jax.Array, top_k: int, top_p: float) -> jax.Arra
         kth = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
         keep &= scaled_BV >= kth
     if top_p < 1.0:
-        # Sort once (descending); a token is kept if the mass strictly before it is < top_p, so
-        # the kept set is the smallest prefix whose mass reaches top_p (the top token always).
         masked = jnp.where(keep, scaled_BV, -jnp.inf)
-        sorted_logits = -jnp.sort(-masked, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
-        threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        lse = jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+        candidates = jax.lax.top_k(masked, min(_TOP_P_CANDIDATES, V))[0]
+        # If the candidates' mass reaches top_p in every row, every token after them has at
+        # least top_p before it and is dropped: the threshold lies among the candidates.
+        enough = jnp.all(jnp.sum(jnp.exp(candidates - lse), axis=-1) >= top_p)
+        threshold = jax.lax.cond(
+            enough,
+            lambda: _top_p_threshold(candidates, lse, top_p),
+            lambda: _top_p_threshold(-jnp.sort(-masked, axis=-1), lse, top_p))
         keep &= scaled_BV >= threshold
     return keep
+
+
+# Tokens per block of the two-stage inverse-CDF draw.
+_DRAW_BLOCK = 256
+
+
+def _last_positive(x_BN: jax.Array) -> jax.Array:
+    """Index of the last entry > 0 in each row (0 if none)."""
+    N = x_BN.shape[-1]
+    return N - 1 - jnp.argmax(x_BN[:, ::-1] > 0, axis=-1)
+
+
+def draw(logp_BV: jax.Array, key: jax.Array) -> jax.Array:
+    """One token per row from ``exp(logp_BV)`` (rows normalised; −inf = excluded), by inverse CDF.
+
+    Two stages, each with its own uniform: a block of ``_DRAW_BLOCK`` consecutive tokens with
+    probability proportional to its mass, then a token within the block proportional to its
+    probability. Each stage is a cumulative sum and a count, so a step costs one ``exp`` pass
+    over the vocabulary; ``jax.random.categorical`` (Gumbel-max) draws and transforms B × V
+    random numbers instead, 5x slower here at batch 64 × 49152 (benchmarks/README.md).
+
+    Exact in distribution up to float32: a uniform resolves ~2^-24 of its stage's mass, so
+    blocks below ~1e-7 of the mass, and tokens below ~1e-7 of their block's mass, are drawn
+    with their total probability but not token by token; Gumbel-max in float32 likewise never
+    picks a token ~17 nats below the best. A token of probability 0 is never drawn (each stage
+    is clipped to its last positive entry against rounding at the end of a cumulative sum).
+    """
+    B, V = logp_BV.shape
+    n_blocks = -(-V // _DRAW_BLOCK)
+    p_BV = jnp.exp(logp_BV.astype(jnp.float32))
+    p_BNK = jnp.pad(p_BV, ((0, 0), (0, n_blocks * _DRAW_BLOCK - V))).reshape(B, n_blocks, _DRAW_BLOCK)
+    key_block, key_token = jax.random.split(key)
+
+    def pick(weights_BN, key):
+        cum_BN = jnp.cumsum(weights_BN, axis=-1)
+        u_B1 = jax.random.uniform(key, (B, 1), jnp.float32) * cum_BN[:, -1:]
+        # The first entry whose cumulative sum exceeds u; it has a positive weight because the
+        # float32 cumulative sum only rises where a weight is positive.
+        return jnp.minimum(jnp.sum(cum_BN <= u_B1, axis=-1), _last_positive(weights_BN))
+
+    block_B = pick(jnp.sum(p_BNK, axis=-1), key_block)
+    in_block_BK = jnp.take_along_axis(p_BNK, block_B[:, None, None], axis=1)[:, 0]
+    return (block_B * _DRAW_BLOCK + pick(in_block_BK, key_token)).astype(jnp.int32)
 
 
 def select_tokens(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
@@ -174,7 +237,7 @@ def select_tokens(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
     if cfg.temperature == 0:
         tokens = jnp.argmax(logp_trunc, axis=-1)
     else:
-        tokens = jax.random.categorical(key, logp_trunc, axis=-1)
+        tokens = draw(logp_trunc, key)
     take = lambda a: jnp.take_along_axis(a, tokens[:, None], axis=-1)[:, 0]
     if cfg.return_entropy:
         entropy = -jnp.sum(jnp.exp(logp_full) * logp_full, axis=-1)
@@ -197,7 +260,8 @@ def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: Sampling
         spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.DATA, shd.MODEL, None, None))
         constrain = lambda kv: tuple(jax.lax.with_sharding_constraint(a, spec) for a in kv)
         cache = cache._replace(k=constrain(cache.k), v=constrain(cache.v))
-    logits_BPV, cache = model.decode(prompt_BP, cache, valid_BT=prompt_valid_BP)
+    layers = model.layer_states()  # sliced once: loop invariants, not per-step copies
+    logits_B1V, cache = model.decode(prompt_BP, cache, valid_BT=prompt_valid_BP, layers=layers, last_only=True)
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
     def cond(carry):
@@ -216,14 +280,14 @@ def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: Sampling
         out = tuple(jax.lax.dynamic_update_index_in_dim(o, c, i, axis=1) for o, c in zip(out, cols))
         finished = finished | (live & jnp.isin(tok, eos))
         # Feed the token back; a finished row's pad token is marked invalid so it is never attended.
-        logits, cache = model.decode(tok[:, None], cache, valid_BT=live[:, None])
+        logits, cache = model.decode(tok[:, None], cache, valid_BT=live[:, None], layers=layers)
         return i + 1, logits[:, 0], cache, out, finished, key
 
     out0 = (jnp.full((B, N), cfg.pad_id, jnp.int32), jnp.zeros((B, N), bool),
             *(jnp.zeros((B, N), jnp.float32) for _ in range(4)))
     # Rows with no prompt token at all are batch padding: finished from the start.
     finished0 = ~jnp.any(prompt_valid_BP, axis=1)
-    carry = (jnp.zeros((), jnp.int32), logits_BPV[:, -1], cache, out0, finished0, key)
+    carry = (jnp.zeros((), jnp.int32), logits_B1V[:, 0], cache, out0, finished0, key)
     _, _, _, out, finished, _ = jax.lax.while_loop(cond, body, carry)
     tok_BN, mask_BN, lp_BN, lptr_BN, kept_BN, ent_BN = out
     pad = lambda a, fill=0: jnp.concatenate([jnp.full((B, P), fill, a.dtype), a], axis=1)

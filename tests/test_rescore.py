@@ -57,21 +57,25 @@ def test_score_from_zeroes_the_columns_before_it():
     np.testing.assert_allclose(cut[:, P:], full[:, P:], rtol=0, atol=ATOL)
 
 
-def test_gradient_through_chunks_equals_gradient_through_logits():
+@pytest.mark.parametrize("remat", ["layer", "projections"])
+def test_gradient_through_chunks_equals_gradient_through_logits(remat):
     # The chunked LM head (lax.map), the layers' remat policy and the custom matmul VJP must
     # not change the gradient: float32, same function, only summation order differs.
-    model = Decoder(tiny_config(tie_embeddings=False), rngs=nnx.Rngs(2))
-    graphdef, params = nnx.split(model)
     tokens, valid, mask = _inputs()
 
-    def loss(p, chunked):
-        m = nnx.merge(graphdef, p)
-        lp = mismatch.rescore(m if chunked else _logits_only(m), tokens, valid, response_mask_BT=mask,
-                              token_chunk=8)
-        return jnp.sum(lp * jnp.linspace(-1.0, 1.0, T)[None])
+    def grad(remat, chunked):
+        graphdef, params = nnx.split(Decoder(tiny_config(tie_embeddings=False), remat=remat, rngs=nnx.Rngs(2)))
 
-    g_ref = jax.grad(lambda p: loss(p, False))(params)
-    g_chk = jax.grad(lambda p: loss(p, True))(params)
+        def loss(p):
+            m = nnx.merge(graphdef, p)
+            lp = mismatch.rescore(m if chunked else _logits_only(m), tokens, valid, response_mask_BT=mask,
+                                  token_chunk=8)
+            return jnp.sum(lp * jnp.linspace(-1.0, 1.0, T)[None])
+
+        return jax.grad(loss)(params)
+
+    g_ref = grad("none", chunked=False)
+    g_chk = grad(remat, chunked=True)
     assert jax.tree.structure(g_ref) == jax.tree.structure(g_chk)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ref), jax.tree.leaves(g_chk)):
         scale = float(jnp.max(jnp.abs(a))) + 1e-12
@@ -103,6 +107,8 @@ def test_mixed_einsum_vjp():
 
 
 def test_bad_arguments():
+    with pytest.raises(ValueError, match="remat"):
+        Decoder(tiny_config(), remat="some", rngs=nnx.Rngs(0))
     model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
     tokens, valid, _ = _inputs()
     for kwargs in ({"score_from": 0}, {"score_from": T}, {"temperature": 0.0}, {"token_chunk": 0}):

@@ -142,6 +142,52 @@ def test_truncation_never_leaves_the_kept_set(top_k, top_p):
         np.testing.assert_allclose(lp_tr + kept, lp, atol=2e-6)
 
 
+def test_draw_follows_the_distribution():
+    # V = 700: three blocks of 256, the last one partial. Row 0: random probabilities with a
+    # few exact zeros (-inf), including a whole zero block. Row 1: one token, the very last.
+    V, n_keys, per_key = 700, 8, 20000
+    rng = np.random.default_rng(1)
+    logits = 1.5 * rng.standard_normal(V)
+    logits[rng.choice(V, 50, replace=False)] = -np.inf
+    logits[256:512] = -np.inf
+    logp = logits - np.log(np.exp(logits).sum())
+    only_last = np.full(V, -np.inf)
+    only_last[-1] = 0.0
+    draw = jax.jit(smp.draw)
+    counts = np.zeros(V)
+    for i in range(n_keys):
+        rows = jnp.asarray(np.tile(logp, (per_key, 1)), jnp.float32)
+        counts += np.bincount(np.asarray(draw(rows, jax.random.key(i))), minlength=V)
+        assert np.all(np.asarray(draw(jnp.asarray(np.tile(only_last, (4, 1)), jnp.float32),
+                                      jax.random.key(i))) == V - 1)
+    n = n_keys * per_key
+    p = np.exp(logp)
+    assert counts[p == 0].sum() == 0
+    # Multinomial counts: each within 5 standard deviations (plus one count) of n·p; with
+    # 650 tokens the chance that any exceeds that by luck is ~4e-4 (the keys are fixed anyway).
+    np.testing.assert_array_less(np.abs(counts - n * p), 5 * np.sqrt(n * p * (1 - p)) + 1)
+
+
+def test_top_p_beyond_the_candidates():
+    # Nearly flat logits over 1000 tokens: top-p 0.9 needs ~900 of them, more than the top-k
+    # candidates searched first, so the exact full sort must take over.
+    V = 1000
+    rng = np.random.default_rng(2)
+    logits = (0.1 * rng.standard_normal((3, V))).astype(np.float32)
+    logits[0, :5] += 8.0  # one row is covered by the candidates: the branch is per batch
+    keep = np.asarray(jax.jit(lambda l: smp._truncation_mask(l, 0, 0.9))(jnp.asarray(logits)))
+    for row, kept in zip(logits.astype(np.float64), keep):
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        mass = p[kept].sum()
+        assert kept.sum() > smp._TOP_P_CANDIDATES or row.max() > 5
+        assert mass >= 0.9 - 1e-6 and mass - p[kept].min() < 0.9 + 1e-6
+        assert p[kept].min() >= p[~kept].max()  # a prefix of the sorted distribution
+    # Row 0 alone takes the candidates' branch and must keep the same tokens.
+    alone = np.asarray(jax.jit(lambda l: smp._truncation_mask(l, 0, 0.9))(jnp.asarray(logits[:1])))
+    np.testing.assert_array_equal(alone[0], keep[0])
+
+
 def test_top_p_rollout_kept_mass_is_consistent(model):
     top_p = 0.7
     cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, top_p=top_p, prompt_bucket=16)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from rl_mismatch.models.config import ModelConfig
 
@@ -85,9 +86,22 @@ def _mixed_einsum_bwd(eq, out_dtype, residuals, g):
 _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
+# Name of the projection matmuls' outputs, for the remat policy that saves exactly these.
+_PROJECTION = "projection"
+_REMAT_POLICIES = {  # Decoder(remat=...) -> jax.checkpoint policy of the layer scan body
+    "layer": jax.checkpoint_policies.nothing_saveable,
+    "projections": jax.checkpoint_policies.save_only_these_names(_PROJECTION),
+    "none": None,  # no jax.checkpoint at all
+}
+
+
 def _dot(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum in ``x``'s dtype with float32 accumulation, rounded back to that dtype."""
-    return _mixed_einsum(eq, x, w, x.dtype)
+    """einsum in ``x``'s dtype with float32 accumulation, rounded back to that dtype.
+
+    The output is tagged ``_PROJECTION`` for ``Decoder(remat="projections")`` (JAX's
+    ``dots_with_no_batch_dims_saveable`` cannot see the matmul inside the ``custom_vjp``).
+    """
+    return checkpoint_name(_mixed_einsum(eq, x, w, x.dtype), _PROJECTION)
 
 
 def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -126,6 +140,26 @@ def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
     # kernel for the batch-dims-inside layout "->btkgh".
     out = jnp.einsum("bkgts,bksh->bkgth", probs, v_BKSH, preferred_element_type=jnp.float32)
     return out.astype(q_BTNH.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _write_slots(cache_BKSH: jax.Array, new_BKTH: jax.Array, start: jax.Array) -> jax.Array:
+    """``cache[:, :, start:start + T] = new`` (cast to the cache dtype), in place.
+
+    Written on the raw bits: XLA:CPU otherwise fuses the producer's final float convert (RoPE
+    runs in float32) into the update, moves the update into float32 and converts the layer's
+    whole cache there and back at every step (16 ms of a 120 ms bf16 decoding step, batch 64);
+    an integer bitcast cannot be moved across. The bits written are those of the cast.
+    """
+    new_BKTH = new_BKTH.astype(cache_BKSH.dtype)
+    if cache_BKSH.dtype.itemsize not in _UINT_OF_SIZE:
+        return jax.lax.dynamic_update_slice(cache_BKSH, new_BKTH, (0, 0, start, 0))
+    uint = _UINT_OF_SIZE[cache_BKSH.dtype.itemsize]
+    bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(cache_BKSH, uint),
+                                        jax.lax.bitcast_convert_type(new_BKTH, uint), (0, 0, start, 0))
+    return jax.lax.bitcast_convert_type(bits, cache_BKSH.dtype)
+
+
+_UINT_OF_SIZE = {2: jnp.uint16, 4: jnp.uint32}
 
 
 class KVCache(NamedTuple):
@@ -211,6 +245,10 @@ class Decoder(nnx.Module):
       dtype: compute dtype of weights-in-use, activations and KV cache.
       param_dtype: storage dtype of the parameters (float32 master weights for a trainer;
         the sampler dtype for a sampler copy, see ``rl_mismatch.sampler``).
+      remat: what the backward pass of the full-sequence forward keeps from each layer's forward
+        (see :meth:`hidden_states`): ``"layer"`` only the layer's input, everything else is
+        recomputed; ``"projections"`` also the outputs of the seven projection matmuls;
+        ``"none"`` everything (no recomputation, most memory).
       rngs: initialisation randomness.
 
     Example:
@@ -223,9 +261,12 @@ class Decoder(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 remat: str = "layer", rngs: nnx.Rngs):
+        if remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; choose one of {sorted(_REMAT_POLICIES)}.")
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.remat = remat
         V, D = config.vocab_size, config.d_model
         self.embed = _param(rngs, (V, D), (VOCAB, EMBED), param_dtype, scale=0.02)
 
@@ -265,11 +306,12 @@ class Decoder(nnx.Module):
         For callers that apply the LM head in pieces (``rl_mismatch.mismatch.rescore`` scores a
         chunk of positions at a time and never forms the [B, T, V] logits).
 
-        Under differentiation each layer is rematerialised with the policy
-        ``dots_with_no_batch_dims_saveable``: the projection matmuls' outputs are saved, the
-        attention matmuls, norms, RoPE and activations are recomputed in the backward pass. That
-        trades a little compute for far less memory traffic (the scan would otherwise stack every
-        elementwise intermediate of every layer), a net win measured in benchmarks/train_step.py.
+        Under differentiation each layer is rematerialised as ``self.remat`` says. The default,
+        ``"layer"``, keeps only each layer's input and recomputes the layer in the backward pass:
+        a third more layer FLOPs, but on CPU the fastest of the three (benchmarks/README.md,
+        SmolLM2-135M, batch 8 x 256: bf16 step 5.7 s vs 8.1 s saving the projections, whose
+        per-layer stacking XLA:CPU does not do in place; fp32 11.1 s vs 10.7 s). On an
+        accelerator ``"projections"`` is worth measuring.
         """
         B, T = tokens_BT.shape
         valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
@@ -283,11 +325,12 @@ class Decoder(nnx.Module):
 
         graphdef, state = nnx.split(self.blocks)
 
-        @functools.partial(jax.checkpoint, prevent_cse=False,
-                           policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         def body(x, block_state):
             x, _ = nnx.merge(graphdef, block_state)(x, positions_BT, keys_fn)
             return x, None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, prevent_cse=False, policy=_REMAT_POLICIES[self.remat])
 
         x, _ = jax.lax.scan(body, self._embed(tokens_BT), state)
         return self._final_norm(x)
@@ -295,11 +338,25 @@ class Decoder(nnx.Module):
     def _final_norm(self, x_BTD):
         return _rms_norm(x_BTD, self.final_norm[...], self.config.rms_eps)
 
-    def decode(self, tokens_BT, cache: KVCache, *, positions_BT=None, valid_BT=None):
+    def layer_states(self) -> tuple[nnx.State, ...]:
+        """Each layer's parameters as its own arrays (slices of the stacked ``blocks``).
+
+        For a decoding loop: slice once, outside the loop, and pass the result to every
+        :meth:`decode` call. Slicing inside the loop copies every weight at every step (XLA does
+        not alias a slice of a loop-invariant buffer; 15-20% of an fp32 decode step).
+        """
+        _, state = nnx.split(self.blocks)
+        return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.config.n_layers))
+
+    def decode(self, tokens_BT, cache: KVCache, *, positions_BT=None, valid_BT=None, layers=None,
+               last_only: bool = False):
         """Runs ``T`` new tokens against the cache (prefill when T > 1, decoding when T == 1).
 
         Writes their keys/values into slots ``[cache.index, cache.index + T)`` and returns
         ``(logits_BTV, new_cache)``. Positions default to the count of valid tokens before each.
+        ``layers``: this model's :meth:`layer_states`, when the caller already sliced them.
+        ``last_only``: return the logits of the last position only ([B, 1, V]); a prefill
+        needs nothing else, and the LM head over a whole prompt costs as much as ~5 layers.
 
         Unlike ``__call__``, the layers are unrolled in Python: each layer's cache is its own
         buffer, updated in place by ``dynamic_update_slice``. Scanning with the stacked cache in
@@ -316,24 +373,25 @@ class Decoder(nnx.Module):
         query_slot_T = start + jnp.arange(T)
         allowed_BTS = (jnp.arange(S)[None, :] <= query_slot_T[:, None])[None] & valid_BS[:, None, :]
 
-        graphdef, state = nnx.split(self.blocks)
+        graphdef = nnx.graphdef(self.blocks)
+        layers = self.layer_states() if layers is None else layers
         x = self._embed(tokens_BT)
         new_k, new_v = [], []
         for layer in range(self.config.n_layers):
-            block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], state))
+            block = nnx.merge(graphdef, layers[layer])
             k_cache, v_cache = cache.k[layer], cache.v[layer]
 
             def keys_fn(k, v, k_cache=k_cache, v_cache=v_cache):
-                k_cache = jax.lax.dynamic_update_slice(
-                    k_cache, k.astype(k_cache.dtype).transpose(0, 2, 1, 3), (0, 0, start, 0))
-                v_cache = jax.lax.dynamic_update_slice(
-                    v_cache, v.astype(v_cache.dtype).transpose(0, 2, 1, 3), (0, 0, start, 0))
+                k_cache = _write_slots(k_cache, k.transpose(0, 2, 1, 3), start)
+                v_cache = _write_slots(v_cache, v.transpose(0, 2, 1, 3), start)
                 return k_cache.astype(k.dtype), v_cache.astype(v.dtype), allowed_BTS, (k_cache, v_cache)
 
             x, (k_cache, v_cache) = block(x, positions_BT, keys_fn)
             new_k.append(k_cache)
             new_v.append(v_cache)
         new_cache = KVCache(tuple(new_k), tuple(new_v), valid_BS, start + T)
+        if last_only:
+            x = x[:, -1:]
         return self.logits(self._final_norm(x)), new_cache
 
 
