@@ -255,34 +255,6 @@ def _replicated_key(seed: int, stream: int, mesh: jax.sharding.Mesh) -> jax.Arra
     return jax.jit(lambda: jax.random.fold_in(jax.random.key(seed), stream), out_shardings=shd.replicated(mesh))()
 
 
-def _generate(sampler_model, prompts: tuple[np.ndarray, np.ndarray], key: jax.Array,
-              sampling: sampler.SamplingConfig, mesh: jax.sharding.Mesh) -> sampler.Rollout:
-    """``sampler.generate`` on the global batch; with several processes, on global arrays.
-
-    ``sampler.generate`` hands host NumPy arrays to its jitted program, which multi-controller
-    JAX accepts only for replicated inputs. With several processes the prompts are therefore
-    padded exactly as ``generate`` pads them and passed to the same compiled program as global
-    arrays split over the data axis.
-    """
-    if jax.process_count() == 1:
-        return sampler.generate(sampler_model, prompts, key, sampling, mesh=mesh)
-    tokens, valid = prompts
-    context = sampler_model.config.max_seq_len - sampling.max_new_tokens
-    tokens, valid = sampler.pad_prompts([list(t[v]) for t, v in zip(tokens, valid)], pad_id=sampling.pad_id,
-                                        prompt_bucket=sampling.prompt_bucket, context=context)
-    rows = tokens.shape[0]
-    if sampler.batch_bucket(rows, mesh.shape[shd.DATA]) != rows:
-        raise ValueError(f"With several processes the batch ({rows} rows) must be a power of two that the "
-                         f"data axis ({mesh.shape[shd.DATA]}) divides; change rollout.prompts_per_step.")
-    sharding = shd.batch_sharding(mesh)
-
-    def to_global(a: np.ndarray) -> jax.Array:
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    graphdef, state = nnx.split(sampler_model)
-    return sampler._compiled(graphdef, sampling, mesh)(state, to_global(tokens), to_global(valid), key)
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 
@@ -433,8 +405,8 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
             train = loop["train"]
             # The weight sync: float32 master -> sampler dtype and layout.
             sampler_model = sampler.sync_weights(nnx.merge(graphdef, train.params), sampler_dtype, mesh)
-            rollout = _generate(sampler_model, prompts, jax.random.fold_in(loop["rollout_key"], step),
-                                sampling, mesh)
+            rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(loop["rollout_key"], step),
+                                       sampling, mesh=mesh)
             del sampler_model  # Its buffers may alias the master weights the step donates.
             host = fetch_to_host({"tokens": rollout.tokens_BT, "mask": rollout.response_mask_BT,
                                   "lengths": rollout.response_lengths_B, "finished": rollout.finished_B,

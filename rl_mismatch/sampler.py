@@ -362,7 +362,8 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
       key: PRNG key; the same key and inputs give the same tokens.
       cfg: sampling settings.
       mesh: optional ``(data, model)`` mesh; the model must already be laid out on it
-        (``sync_weights(..., mesh=mesh)``).
+        (``sync_weights(..., mesh=mesh)``). With several processes (multi-host), every process
+        passes the same whole batch and gets the global ``Rollout``.
 
     Returns:
       A ``Rollout`` with one row per prompt (batch padding removed).
@@ -389,6 +390,16 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
     graphdef, state = nnx.split(model)
     if mesh is not None:
         shd.state_shardings(state, mesh, shd.SAMPLER_RULES)  # raises a clear error on a bad mesh
+        if jax.process_count() > 1:
+            # Multi-controller JAX takes host arrays only as replicated inputs. Every process
+            # holds the whole (identically padded) batch; hand the program global arrays split
+            # over the data axis, each process contributing its own devices' rows.
+            if Bb != B:
+                raise ValueError(f"With {jax.process_count()} processes the batch ({B} prompts) must be a "
+                                 f"power of two that the data axis ({mesh.shape[shd.DATA]}) divides.")
+            sharding = shd.batch_sharding(mesh)
+            tokens, valid = (jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
+                             for a in (tokens, valid))
     rollout = _compiled(graphdef, cfg, mesh)(state, tokens, valid, key)
     if Bb > B:
         rollout = jax.tree.map(lambda a: a[:B], rollout)

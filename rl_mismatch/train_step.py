@@ -13,8 +13,9 @@ One call does, for one rollout batch (DESIGN.md §3)::
 
 Precision. The master weights and the optimizer state stay float32. The step hands the float32
 parameters to the model built with the compute dtype (float32, bfloat16 or float16), and the
-model casts each weight where it is used (``Decoder``: ``w.astype(x.dtype)`` inside its layer
-scan); the cast is differentiated, so gradients arrive in float32 and micro-batch gradients
+model casts each weight where it is used (``Decoder``: inside its layer scan, in
+``decoder._mixed_einsum``, whose backward returns the weight gradient in float32 straight from
+the matmul's float32 accumulator), so gradients arrive in float32 and micro-batch gradients
 are accumulated in float32. Why not cast the whole tree once up front: the gradient would
 then be taken with respect to stacked bfloat16 weights, and the backward layer scan writes
 those through a fused convert + dynamic-update-slice that XLA:CPU does not do in place —

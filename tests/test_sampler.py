@@ -221,7 +221,6 @@ def test_greedy_on_meshes_matches_one_device():
 
 def test_second_call_in_the_same_bucket_compiles_nothing(model):
     cfg = smp.SamplingConfig(max_new_tokens=4, temperature=1.0, prompt_bucket=16)
-    compiled = smp._compiled(nnx.split(model)[0], cfg, None)
     events = []
     listener = lambda name, secs, **kw: events.append(name) if "backend_compile" in name else None
     jax.monitoring.register_event_duration_secs_listener(listener)

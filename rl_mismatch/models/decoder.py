@@ -9,14 +9,19 @@ Numerics (every one of these is a mismatch decision, so they are explicit):
 * RMSNorm statistics, RoPE rotation and the attention softmax run in float32; their outputs are
   rounded to ``dtype`` (as HF does for the norm).
 * The KV cache is stored in ``dtype``. Logits are returned in float32.
+* Backward pass (``_mixed_einsum``): cotangents entering a matmul are rounded to ``dtype``, the
+  backward matmuls accumulate in float32, weight gradients come back in the weights' own
+  dtype (float32 master weights: float32 gradients, never rounded to ``dtype``).
 
 Token layout. Batches are left-padded: ``valid_BT`` is False on padding, padded keys are never
 attended, and RoPE positions default to ``cumsum(valid) - 1`` so a sequence's first real token
 sits at position 0 whatever its padding. ``logits_BTV[:, t]`` predicts ``tokens_BT[:, t + 1]``.
 
 Layers are stacked along a leading ``layers`` axis. The full-sequence forward (training,
-rescoring) applies them with ``lax.scan``: one compiled block keeps compile time flat in depth.
-KV-cache decoding unrolls them (see ``Decoder.decode``).
+rescoring) applies them with ``lax.scan``: one compiled block keeps compile time flat in depth,
+and the backward pass recomputes each layer (``remat``). ``Decoder.hidden_states`` and
+``Decoder.logits`` split the forward before the LM head for callers that apply it in pieces.
+KV-cache decoding unrolls the layers (see ``Decoder.decode``).
 """
 
 from __future__ import annotations
