@@ -85,12 +85,15 @@ def run_label(workdir: str) -> str:
 
 
 def _series(rows: Sequence[dict], key: str, log: bool) -> tuple[list[int], list[float]]:
+    """Steps and values of ``key``; a value that cannot be drawn (missing, non-finite, or <= 0
+    on a log axis: e.g. a noise scale whose |G|^2 estimate was <= 0) becomes NaN, which breaks
+    the line there instead of joining its neighbours across the gap."""
     steps, values = [], []
     for row in rows:
         value = row.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or not log):
-            steps.append(int(row["step"]))
-            values.append(float(value))
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or not log)
+        steps.append(int(row["step"]))
+        values.append(float(value) if ok else math.nan)
     return steps, values
 
 
@@ -113,7 +116,7 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
         drawn = False
         for label, rows in runs:
             steps, values = _series(rows, key, log)
-            if steps:
+            if any(math.isfinite(v) for v in values):
                 ax.plot(steps, values, marker="o", markersize=3, label=label)
                 drawn = True
         ax.set_title(title)

@@ -203,20 +203,21 @@ def make_optimizer(settings: OptimSettings) -> optax.GradientTransformationExtra
     window = dict(warmup=settings.trigger_warmup, baseline_window=settings.trigger_baseline_window,
                   smoothing=settings.trigger_smoothing, period_factor=settings.trigger_period_factor,
                   max_triggers=settings.trigger_max_triggers)
-    triggers = [optim.length_triggered_decay(
+    triggers = [("length_trigger", optim.length_triggered_decay(
         threshold=settings.trigger_threshold,
         # A constant LR keeps the detector (lr/scale and the would-be surge step are logged)
         # but a multiplier pinned at 1.
         decay_base=1.0 if constant else settings.trigger_decay_base,
-        floor=1.0 if constant else settings.trigger_floor, **window)]
+        floor=1.0 if constant else settings.trigger_floor, **window))]
     if settings.k3_trigger_threshold > 0:
-        triggers.append(optim.signal_triggered_decay(
+        triggers.append(("k3_trigger", optim.signal_triggered_decay(
             "k3", threshold=settings.k3_trigger_threshold, decay_base=settings.trigger_decay_base,
-            floor=settings.trigger_floor, **window))
-    return optax.chain(
-        optax.clip_by_global_norm(settings.grad_clip),
-        optax.adamw(settings.learning_rate, b1=settings.b1, b2=settings.b2, eps=settings.eps,
-                    weight_decay=settings.weight_decay),
+            floor=settings.trigger_floor, **window)))
+    # Named, so that each detector is logged as lr/<name>/scale and lr/<name>/surge_step.
+    return optax.named_chain(
+        ("clip", optax.clip_by_global_norm(settings.grad_clip)),
+        ("adamw", optax.adamw(settings.learning_rate, b1=settings.b1, b2=settings.b2, eps=settings.eps,
+                              weight_decay=settings.weight_decay)),
         *triggers,
     )
 

@@ -585,6 +585,28 @@ def _is_state(x: Any) -> bool:
     return isinstance(x, TriggeredDecayState)
 
 
+def triggered_decay_states(opt_state: Any) -> dict[str, TriggeredDecayState]:
+    """Every :class:`TriggeredDecayState` inside an optax state, by path.
+
+    For logging each detector on its own (its ``multiplier``, ``surge_step``,
+    ``num_triggers``); give the transforms names with ``optax.named_chain`` to get
+    readable paths.
+
+    Returns:
+      ``{jax.tree_util.keystr(path): state}``, in tree order; empty if none.
+
+    Example:
+      >>> import optax
+      >>> from rl_mismatch import optim
+      >>> opt = optax.named_chain(("adam", optax.adam(1e-3)),
+      ...                         ("len", optim.length_triggered_decay()))
+      >>> {k: int(s.surge_step) for k, s in optim.triggered_decay_states(opt.init({})).items()}
+      {"['len']": -1}
+    """
+    paths_and_leaves, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_state)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in paths_and_leaves if _is_state(leaf)}
+
+
 def lr_scales(opt_state: Any) -> dict[str, jax.Array]:
     """The multiplier of every triggered decay inside an optax state, by path.
 
@@ -603,12 +625,7 @@ def lr_scales(opt_state: Any) -> dict[str, jax.Array]:
       >>> {k: float(v) for k, v in optim.lr_scales(opt.init({})).items()}
       {"['len']": 1.0}
     """
-    paths_and_leaves, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_state)
-    return {
-        jax.tree_util.keystr(path): leaf.multiplier
-        for path, leaf in paths_and_leaves
-        if _is_state(leaf)
-    }
+    return {path: state.multiplier for path, state in triggered_decay_states(opt_state).items()}
 
 
 def lr_scale(opt_state: Any) -> jax.Array:

@@ -66,6 +66,8 @@ Example (tiny model, one device):
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -429,7 +431,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       * ``opt/loss_scale``, ``opt/skipped_steps`` (after this step's adjustment),
         ``opt/step_skipped`` (1.0 if this step's update was skipped).
       * ``lr/scale``: the LR multiplier of the `rl_mismatch.optim` triggered decays in the
-        optimizer (after this update), present only if it contains one.
+        optimizer (after this update), present only if it contains one. With several,
+        also ``lr/<path>/scale`` and ``lr/<path>/surge_step`` for each (``<path>`` from
+        its place in the optimizer state, e.g. its ``optax.named_chain`` name).
 
     Raises:
       ValueError: bad arguments (here), or (at call time) a batch whose shapes disagree or
@@ -550,8 +554,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             "opt/step_skipped": (~finite).astype(jnp.float32),
             **precision.loss_scale_metrics(new_ls),
         })
-        if optim.lr_scales(opt_state):  # static: the optimizer state's structure
+        detectors = optim.triggered_decay_states(opt_state)  # static: the state's structure
+        if detectors:
             metrics["lr/scale"] = optim.lr_scale(opt_state)
+        if len(detectors) > 1:  # which detector moved the LR, when several are chained
+            for path, det in detectors.items():
+                name = re.sub(r"\W+", "_", path).strip("_")
+                metrics[f"lr/{name}/scale"] = det.multiplier
+                metrics[f"lr/{name}/surge_step"] = det.surge_step
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                loss_scale=new_ls, key=state.key)
         return new_state, metrics

@@ -145,6 +145,23 @@ def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype):
     assert float(metrics["lr/scale"]) == 1.0
 
 
+def test_each_chained_detector_is_logged():
+    # A length detector that cannot fire and a k3 detector that fires at once (absolute
+    # threshold, no warmup): lr/scale is their product, and each is logged under its name.
+    opt = optax.named_chain(
+        ("adamw", optax.adamw(1e-3)),
+        ("length", optim.length_triggered_decay(warmup=0, baseline_window=2, threshold=1e9)),
+        ("k3", optim.signal_triggered_decay("k3", warmup=0, threshold=1e-3, relative=False, smoothing=0.0,
+                                            period_factor=1.0)))
+    graphdef, state = ts.init_train_state(_model(), opt, compute_dtype="f32", key=jax.random.key(0))
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32")
+    state, _ = step(state, _batch(), response_length=7.0, k3=0.0)
+    state, metrics = step(state, _batch(seed=1), response_length=7.0, k3=1.0)  # fires at step 1
+    assert int(metrics["lr/length/surge_step"]) == -1 and float(metrics["lr/length/scale"]) == 1.0
+    assert int(metrics["lr/k3/surge_step"]) == 1
+    assert float(metrics["lr/scale"]) == float(metrics["lr/k3/scale"]) < 1.0
+
+
 # --------------------------------------------------------------------------------------------
 # float16 and loss scaling
 

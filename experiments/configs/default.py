@@ -4,15 +4,14 @@ fp32 trainer, length-triggered LR (plus the same trigger on the mismatch k3).
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/default_run
   python -m experiments.plot --workdir /tmp/default_run --out /tmp/default_run/plot.png
 
-What to expect (measured: 12 min 20 s wall on a 2-core CPU shared with other jobs, 32 s of it
-compiling; 16 steps of 4 prompts x 4 samples of "Calculate 7 - 3.", 48-token responses, Adam
-at 5e-5): the share of replies in ``<answer>`` tags (reward/format) climbs from 0 to 1 by step
-7 and accuracy follows (0 -> 0.5-0.9 from step 10 on), so reward/mean rises from 0 to ~0.8.
-The mean response length wanders between ~28 and ~42 tokens without a surge, so the length
-rule stays quiet in so short a run (``bf16_length_lr`` is that rule alone). The bf16-vs-fp32
-mismatch grows with the updates -- mismatch/k3 7e-4 at steps 0-2, 2-3e-3 from step 3 on, max
-|pi - mu| 0.03 -> 0.1-0.27 -- the k3 detector fires at step 7 (smoothed k3 > 2x its baseline)
-and lr/scale drops to 0.5 from step 9, after which k3 stops growing (1.3-2.8e-3).
+What to expect (measured: 4 min 3 s wall on the 2-core CPU, 10 s of it compiling; 16 steps of
+4 prompts x 4 samples of "Calculate 7 - 3.", 48-token responses, Adam at 5e-5): the share of
+replies in ``<answer>`` tags (reward/format) climbs from 0.06 to 1 by step 9 and accuracy
+follows noisily (0 -> 0.1-0.5), so reward/mean rises from 0 to 0.2-0.6. The responses grow from
+28 tokens to the 48-token budget (finished_frac 0.69 -> 0 by step 6): the length detector
+fires at step 12 (``lr/length_trigger/surge_step``) and lr/scale halves from step 14. The
+bf16-vs-fp32 mismatch grows with the updates -- mismatch/k3 6.7e-4 at step 0, 2-6e-3 after,
+max |pi - mu| 0.04 -> 0.2-0.3; the chained k3 detector (2x its baseline) stays quiet.
 ``--config=experiments/configs/default.py:N`` runs N steps.
 """
 
