@@ -198,11 +198,12 @@ def draw(logp_BV: jax.Array, key: jax.Array) -> jax.Array:
     over the vocabulary; ``jax.random.categorical`` (Gumbel-max) draws and transforms B × V
     random numbers instead, 5x slower here at batch 64 × 49152 (benchmarks/README.md).
 
-    Exact in distribution up to float32: a uniform resolves ~2^-24 of its stage's mass, so
-    blocks below ~1e-7 of the mass, and tokens below ~1e-7 of their block's mass, are drawn
-    with their total probability but not token by token; Gumbel-max in float32 likewise never
-    picks a token ~17 nats below the best. A token of probability 0 is never drawn (each stage
-    is clipped to its last positive entry against rounding at the end of a cumulative sum).
+    Exact in distribution up to float32 rounding: a float32 uniform has a resolution of
+    2^-23, so each stage's probabilities are effectively rounded to multiples of ~1.2e-7 of that
+    stage's mass (a block below that share of the total, or a token below that share of its
+    block, is drawn with a rounded probability). Gumbel-max in float32 has a comparable floor:
+    it never picks a token more than ~17 nats below the best. A token of probability 0 is
+    never drawn.
     """
     B, V = logp_BV.shape
     n_blocks = -(-V // _DRAW_BLOCK)
@@ -213,9 +214,11 @@ def draw(logp_BV: jax.Array, key: jax.Array) -> jax.Array:
     def pick(weights_BN, key):
         cum_BN = jnp.cumsum(weights_BN, axis=-1)
         u_B1 = jax.random.uniform(key, (B, 1), jnp.float32) * cum_BN[:, -1:]
-        # The first entry whose cumulative sum exceeds u; it has a positive weight because the
-        # float32 cumulative sum only rises where a weight is positive.
-        return jnp.minimum(jnp.sum(cum_BN <= u_B1, axis=-1), _last_positive(weights_BN))
+        # The first positive entry whose cumulative sum exceeds u. "Positive" is explicit: a
+        # parallel-prefix cumsum (GPU/TPU) need not be flat across a zero weight. If rounding
+        # leaves no entry above u, the last positive one.
+        above_BN = (cum_BN > u_B1) & (weights_BN > 0)
+        return jnp.where(jnp.any(above_BN, axis=-1), jnp.argmax(above_BN, axis=-1), _last_positive(weights_BN))
 
     block_B = pick(jnp.sum(p_BNK, axis=-1), key_block)
     in_block_BK = jnp.take_along_axis(p_BNK, block_B[:, None, None], axis=1)[:, 0]
