@@ -153,13 +153,11 @@ def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_ch
     h = jnp.pad(h_BMD.reshape(B * M, D), ((0, pad), (0, 0))).reshape(n, 1, token_chunk, D)
     y = jnp.pad(targets_BM.reshape(B * M), (0, pad)).reshape(n, 1, token_chunk)
 
-    def one(args):
-        lp, ent = _score_next(model.logits(args[0]), args[1], temperature, with_entropy)
-        return lp, (lp if ent is None else ent)
+    def one(args):  # (lp, entropy or None): None is an empty pytree, lax.map carries nothing for it
+        return _score_next(model.logits(args[0]), args[1], temperature, with_entropy)
 
-    lp, ent = jax.lax.map(one, (h, y))
-    unchunk = lambda x: x.reshape(-1)[:B * M].reshape(B, M)
-    return unchunk(lp), (unchunk(ent) if with_entropy else None)
+    scored = jax.lax.map(one, (h, y))
+    return jax.tree.map(lambda x: x.reshape(-1)[:B * M].reshape(B, M), scored)
 
 
 def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, with_entropy,
