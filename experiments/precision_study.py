@@ -53,7 +53,7 @@ def main(argv):
         eos_ids, pad_id = (tok.eos_id,), tok.pad_id
     cfg = ps.StudyConfig(dtypes=tuple(_DTYPES.value), max_new_tokens=_MAX_NEW_TOKENS.value, top_p=_TOP_P.value,
                          eos_ids=eos_ids, pad_id=pad_id, batch1_rows=_BATCH1_ROWS.value, seed=_SEED.value)
-    with tqdm(total=len(ps.study_stages(cfg)), desc="precision study", unit="stage") as bar:
+    with tqdm(total=len(ps.study_stages(cfg, len(prompts))), desc="precision study", unit="stage") as bar:
         def progress(stage):
             bar.set_postfix_str(stage)
             bar.update()

@@ -145,6 +145,5 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for the pending save and releases the manager."""
-        self._manager.wait_until_finished()
+        """Waits for the pending save and releases the manager (orbax's close() waits first)."""
         self._manager.close()

@@ -338,7 +338,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     system_prompt = cfg.task.system_prompt or None
     # Every prompt once, now: a too-long prompt fails here, named, not at the step that draws it.
     longest = tasks.check_prompt_lengths(split, tok, max_prompt_len=max_prompt_len, system_prompt=system_prompt)
-    bucket = cfg.rollout.prompt_bucket or min(-(-longest // 8) * 8, max_prompt_len)
+    bucket = cfg.rollout.prompt_bucket or min(sampler.bucket(longest, 8), max_prompt_len)
     batches = tasks.PromptBatches(
         split, tok, batch_size=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
         max_prompt_len=max_prompt_len, seed=cfg.seed % 2**32, min_bucket=min(bucket, max_prompt_len),

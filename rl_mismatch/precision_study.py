@@ -45,7 +45,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -163,7 +163,9 @@ def _decode_log_probs(graphdef, state, tokens_BT, valid_BT, mask_BT, *, prompt_w
     B, T = tokens_BT.shape
     P, N = prompt_width, T - prompt_width
     cache = init_cache(model.config, batch=B, max_len=P + N, dtype=model.dtype)
-    logits_B1V, cache = model.decode(tokens_BT[:, :P], cache, valid_BT=valid_BT[:, :P], last_only=True)
+    layers = model.layer_states()  # sliced once, as the sampler does
+    logits_B1V, cache = model.decode(tokens_BT[:, :P], cache, valid_BT=valid_BT[:, :P], layers=layers,
+                                     last_only=True)
     resp_tok_BN, live_BN = tokens_BT[:, P:], mask_BT[:, P:].astype(bool)
 
     def body(i, carry):
@@ -176,7 +178,7 @@ def _decode_log_probs(graphdef, state, tokens_BT, valid_BT, mask_BT, *, prompt_w
         out_BN = jax.lax.dynamic_update_index_in_dim(
             out_BN, jnp.where(live_B, lp_B, 0.0), i, axis=1)
         # A finished row's pad token is fed as invalid, as the sampler does.
-        logits, cache = model.decode(tok_B[:, None], cache, valid_BT=live_B[:, None])
+        logits, cache = model.decode(tok_B[:, None], cache, valid_BT=live_B[:, None], layers=layers)
         return logits[:, 0], cache, out_BN
 
     carry = (logits_B1V[:, 0], cache, jnp.zeros((B, N), jnp.float32))
@@ -235,7 +237,6 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
       progress: called with a short stage name after each stage (e.g. a tqdm update).
     """
     tick = progress or (lambda name: None)
-    stages = study_stages(cfg)
     timings: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -312,8 +313,8 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
                 factor="all", dtype=d, baseline="fp32 full forward")
 
     # 4. Batch shape: the first rows alone.
-    n1 = min(cfg.batch1_rows, tokens.shape[0])
-    if n1 and tokens.shape[0] > 1:
+    n1 = _batch1_rows(cfg, tokens.shape[0])
+    if n1:
         for d in cfg.batch1_dtypes:
             view = trainer_view(master, d)
             alone = np.concatenate([np.asarray(rescore_log_probs(view, tokens[i:i + 1], valid[i:i + 1],
@@ -341,7 +342,7 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
             trunc + kept, trainer_p, mp, factor="top_p_corrected", dtype="float32",
             baseline="fp32 full forward (top-p set)")
 
-    missing = [s for s in stages if s not in timings]
+    missing = [s for s in study_stages(cfg, int(tokens.shape[0])) if s not in timings]
     if missing:  # keeps study_stages() honest: the progress bar's total is the real count
         raise AssertionError(f"stages not run: {missing}")
     grid = {(r["sampler_dtype"], r["trainer_dtype"]): r["metrics"] for r in rows if r["group"] == "grid"}
@@ -360,13 +361,21 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
     }
 
 
-def study_stages(cfg: StudyConfig) -> list[str]:
-    """Names of the stages :func:`run_study` reports, in order (the progress bar's total)."""
+def _batch1_rows(cfg: StudyConfig, batch: int) -> int:
+    """Rows rescored alone for the batch-shape factor; 0 skips it (also when there is one row)."""
+    return min(cfg.batch1_rows, batch) if batch > 1 else 0
+
+
+def study_stages(cfg: StudyConfig, batch: int | None = None) -> list[str]:
+    """Names of the stages :func:`run_study` reports, in order (the progress bar's total).
+
+    ``batch``: the number of prompts (None: more than one).
+    """
     names = ["sample fp32"]
     names += [f"decode {SHORT.get(d, d)}" for d in cfg.dtypes]
     names += [f"rescore {SHORT.get(d, d)}" for d in cfg.dtypes]
     names += [f"rescore fp32 w/ {SHORT.get(d, d)} weights" for d in cfg.dtypes if d != "float32"]
-    if cfg.batch1_rows:
+    if _batch1_rows(cfg, 2 if batch is None else batch):
         names += [f"batch-1 rescore {SHORT.get(d, d)}" for d in cfg.batch1_dtypes]
     if cfg.top_p < 1.0:
         names += [f"sample fp32 top-p {cfg.top_p}", "rescore top-p set fp32"]
@@ -496,10 +505,3 @@ def random_prompts(n: int, vocab: int, *, seed: int = 0, min_len: int = 4,
     """Random token prompts of mixed lengths (for tiny random models)."""
     rng = np.random.default_rng(seed)
     return [rng.integers(1, vocab, rng.integers(min_len, max_len + 1)).tolist() for _ in range(n)]
-
-
-def prompts_from(prompts: Sequence[Sequence[int]] | tuple) -> list[list[int]]:
-    """Token lists from lists or a ``(tokens_BP, valid_BP)`` pair."""
-    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
-        return [list(t[v]) for t, v in zip(np.asarray(prompts[0]), np.asarray(prompts[1], bool))]
-    return [list(p) for p in prompts]
