@@ -494,9 +494,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         if n_micro == 1:
             grads, logp_BT = micro_grads(state.params, ls_state, batch, normalizer)
-            sq_scaled = _sq_norm(grads)
-            sq_big = sq_scaled * inv_scale_sq
-            sq_small, trace, b_noise = sq_big, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
         else:
             b = B // n_micro
 
@@ -516,13 +513,16 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
             grads, (logp_nbT, sq_n, has_n) = jax.lax.scan(body, acc0, jax.tree.map(split, batch))
             logp_BT = constrain(logp_nbT.swapaxes(0, 1).reshape(B, T), P(shd.DATA))
-            sq_scaled = _sq_norm(grads)
-            sq_big = sq_scaled * inv_scale_sq
+
+        sq_scaled = _sq_norm(grads)
+        sq_big = sq_scaled * inv_scale_sq
+        if n_micro == 1:  # no small batch: placeholders (see the metrics in the docstring)
+            sq_small, trace, b_noise = sq_big, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+        else:
             # Micro-batches without loss tokens have no gradient of their own; leave them out.
             sq_small = jnp.sum(sq_n) / jnp.maximum(jnp.sum(has_n), 1)
-            b_small, b_big = B // n_micro, B
-            _, trace = noise_statistics(sq_small, sq_big, b_small, b_big)
-            b_noise = gradient_noise_scale(sq_small, sq_big, b_small, b_big)
+            _, trace = noise_statistics(sq_small, sq_big, b, B)
+            b_noise = gradient_noise_scale(sq_small, sq_big, b, B)
 
         # Σ g² is finite iff every element is (an overflow of the sum itself would need |g| ≳ 1e19,
         # beyond any usable gradient): one reduction serves the norm and the skip decision.
