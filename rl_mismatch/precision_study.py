@@ -9,9 +9,9 @@ Two ways to score a token:
 
 * **sampler dtype d** (:func:`decode_log_probs`): the weights go through
   :func:`rl_mismatch.sampler.sync_weights` (rounded to ``d``), the prompt is prefilled into a
-  ``d`` KV cache and the response is fed back one token at a time through ``Decoder.decode``,
-  exactly as ``rl_mismatch.sampler.generate`` does (same cache size, same masks, same
-  ``log_softmax`` of the float32 logits). For the dtype the tokens were sampled in, this
+  ``d`` KV cache and the response is fed back one token at a time by
+  ``rl_mismatch.sampler.decode_loop``, the loop ``generate`` runs (same cache sizes, same masks,
+  same ``log_softmax`` of the float32 logits). For the dtype the tokens were sampled in, this
   reproduces ``Rollout.logp_BT`` (the study records the largest difference).
 * **trainer dtype d'** (:func:`rescore_log_probs`): one teacher-forced full-sequence forward,
   :func:`rl_mismatch.mismatch.rescore`, of the float32 master weights computing in ``d'``
@@ -55,7 +55,7 @@ from flax import nnx
 
 from rl_mismatch import mismatch
 from rl_mismatch import sampler as sampler_lib
-from rl_mismatch.models.decoder import Decoder, init_cache
+from rl_mismatch.models.decoder import Decoder
 from rl_mismatch.precision import parse_dtype
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -155,45 +155,41 @@ def rescore_log_probs(model: Decoder, tokens_BT, valid_BT, response_mask_BT, *,
                     jnp.asarray(response_mask_BT), temperature=float(temperature))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_width", "temperature"))
-def _decode_log_probs(graphdef, state, tokens_BT, valid_BT, mask_BT, *, prompt_width, temperature):
-    # Mirrors rl_mismatch.sampler._generate step for step; only token *selection* is replaced
-    # by reading the fixed token, so the arithmetic that produces each log-prob is the same.
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_width", "temperature", "cache_segment"))
+def _decode_log_probs(graphdef, state, tokens_BT, valid_BT, mask_BT, *, prompt_width, temperature, cache_segment):
+    # The sampler's own loop (sampler.decode_loop); only token *selection* is replaced by
+    # reading the fixed token, so the arithmetic that produces each log-prob is the same.
     model = nnx.merge(graphdef, state)
     B, T = tokens_BT.shape
     P, N = prompt_width, T - prompt_width
-    cache = init_cache(model.config, batch=B, max_len=P + N, dtype=model.dtype)
-    layers = model.layer_states()  # sliced once, as the sampler does
-    logits_B1V, cache = model.decode(tokens_BT[:, :P], cache, valid_BT=valid_BT[:, :P], layers=layers,
-                                     last_only=True)
     resp_tok_BN, live_BN = tokens_BT[:, P:], mask_BT[:, P:].astype(bool)
 
-    def body(i, carry):
-        logits_BV, cache, out_BN = carry
+    def step(i, logits_BV, out_BN, finished_B):
         tok_B = jax.lax.dynamic_index_in_dim(resp_tok_BN, i, axis=1, keepdims=False)
         live_B = jax.lax.dynamic_index_in_dim(live_BN, i, axis=1, keepdims=False)
         # As in sampler.select_tokens: float32 logits, divided by the temperature, log_softmax.
         logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / temperature, axis=-1)
         lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
-        out_BN = jax.lax.dynamic_update_index_in_dim(
-            out_BN, jnp.where(live_B, lp_B, 0.0), i, axis=1)
+        out_BN = jax.lax.dynamic_update_index_in_dim(out_BN, jnp.where(live_B, lp_B, 0.0), i, axis=1)
         # A finished row's pad token is fed as invalid, as the sampler does.
-        logits, cache = model.decode(tok_B[:, None], cache, valid_BT=live_B[:, None], layers=layers)
-        return logits[:, 0], cache, out_BN
+        return tok_B, live_B, out_BN, finished_B
 
-    carry = (logits_B1V[:, 0], cache, jnp.zeros((B, N), jnp.float32))
-    _, _, out_BN = jax.lax.fori_loop(0, N, body, carry)
+    out_BN, _ = sampler_lib.decode_loop(
+        model, tokens_BT[:, :P], valid_BT[:, :P], max_new_tokens=N, cache_segment=cache_segment,
+        step=step, carry=jnp.zeros((B, N), jnp.float32), finished_B=jnp.zeros((B,), bool))
     return jnp.concatenate([jnp.zeros((B, P), jnp.float32), out_BN], axis=1)
 
 
 def decode_log_probs(model: Decoder, tokens_BT, valid_BT, response_mask_BT, *, prompt_width: int,
-                     temperature: float = 1.0) -> jax.Array:
+                     temperature: float = 1.0,
+                     cache_segment: int = sampler_lib.SamplingConfig.cache_segment) -> jax.Array:
     """Sampler log-probs of fixed tokens: prefill + one-token KV-cache decode steps.
 
     ``model`` computes in its own dtype (pass ``sync_weights(master, d)`` for "sampler dtype
     d"). Columns ``[0, prompt_width)`` hold the left-padded prompt, the rest the response; the
     layout of a :class:`rl_mismatch.sampler.Rollout`. Returns ``logp_BT`` aligned like
-    ``Rollout.logp_BT`` (0 outside the response mask).
+    ``Rollout.logp_BT`` (0 outside the response mask). ``cache_segment`` as in the
+    ``SamplingConfig`` of the rollout being reproduced (it sets the cache sizes).
     """
     if not 0 < prompt_width < np.shape(tokens_BT)[1]:
         raise ValueError(f"prompt_width={prompt_width} must lie strictly inside the {np.shape(tokens_BT)[1]} "
@@ -201,7 +197,7 @@ def decode_log_probs(model: Decoder, tokens_BT, valid_BT, response_mask_BT, *, p
     graphdef, state = nnx.split(model)
     return _decode_log_probs(graphdef, state, jnp.asarray(tokens_BT), jnp.asarray(valid_BT),
                              jnp.asarray(response_mask_BT), prompt_width=int(prompt_width),
-                             temperature=float(temperature))
+                             temperature=float(temperature), cache_segment=int(cache_segment))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +259,8 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
     dec = {}
     for d in cfg.dtypes:
         dec[d] = np.asarray(decode_log_probs(sampler_lib.sync_weights(master, d), tokens, valid, mask,
-                                             prompt_width=P, temperature=temperature))
+                                             prompt_width=P, temperature=temperature,
+                                             cache_segment=cfg.sampling().cache_segment))
         done(f"decode {SHORT.get(d, d)}")
     m = np.asarray(mask, bool)
     repro = np.abs(dec["float32"][m] - np.asarray(rollout.logp_BT)[m])

@@ -2,9 +2,10 @@
 
 The sampler owns a copy of the weights in its own dtype and layout, made by ``sync_weights`` (the
 analogue of the weight sync from trainer to rollout engine). Generation is one compiled program:
-prefill of the left-padded prompts into a KV cache, then a ``lax.while_loop`` that samples one
-token per sequence per iteration, stops each sequence at EOS or ``max_new_tokens`` and leaves as
-soon as every sequence is done.
+prefill of the left-padded prompts into a KV cache, then ``lax.while_loop`` iterations that sample
+one token per sequence each, stop each sequence at EOS or ``max_new_tokens`` and leave as soon
+as every sequence is done (``decode_loop``; the cache grows in stages as responses lengthen, so
+a step costs what the current length costs, not what the budget would).
 
 Where the sampler's numbers differ from the trainer's, they differ on purpose, in these places:
 
@@ -33,7 +34,7 @@ import numpy as np
 from flax import nnx, struct
 
 from rl_mismatch import sharding as shd
-from rl_mismatch.models.decoder import Decoder, init_cache
+from rl_mismatch.models.decoder import Decoder, grow_cache, init_cache
 from rl_mismatch.precision import parse_dtype
 
 
@@ -50,6 +51,10 @@ class SamplingConfig:
       pad_id: written after a sequence ends.
       return_entropy: also record the entropy of the temperature-scaled distribution.
       prompt_bucket: prompt lengths are padded up to a multiple of this.
+      cache_segment: the KV cache starts with room for this many response tokens and doubles
+        whenever the responses outgrow it (up to ``max_new_tokens``), so that a step's attention
+        reads about as many slots as the sequences hold, not the whole budget; 0 allocates the
+        budget at once. Each size is one more copy of the decoding step in the compiled program.
     """
 
     max_new_tokens: int
@@ -60,6 +65,7 @@ class SamplingConfig:
     pad_id: int = 0
     return_entropy: bool = False
     prompt_bucket: int = 64
+    cache_segment: int = 64
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -72,6 +78,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}.")
         if self.prompt_bucket <= 0:
             raise ValueError(f"prompt_bucket must be positive, got {self.prompt_bucket!r}.")
+        if self.cache_segment < 0:
+            raise ValueError(f"cache_segment must be >= 0 (0: the whole budget at once), got {self.cache_segment!r}.")
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
 
 
@@ -253,26 +261,66 @@ def select_tokens(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
 # The compiled generation program.
 
 
+def cache_sizes(max_new_tokens: int, cache_segment: int) -> tuple[int, ...]:
+    """Response-token capacities the KV cache goes through: ``cache_segment``, twice that, ...,
+    ``max_new_tokens`` (just the budget when ``cache_segment`` is 0 or covers it)."""
+    sizes, size = [], cache_segment
+    while 0 < size < max_new_tokens:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_new_tokens)
+
+
+def decode_loop(model: Decoder, prompt_BP, prompt_valid_BP, *, max_new_tokens: int, cache_segment: int,
+                step, carry, finished_B, mesh=None):
+    """Prefill, then one KV-cache decoding step per response token; traced (call it under jit).
+
+    ``step(i, logits_BV, carry, finished_B) -> (tokens_B, fed_valid_B, carry, finished_B)``
+    picks response token ``i`` of every row from the model's float32 logits; the loop feeds
+    ``tokens_B`` back (where ``fed_valid_B`` is False the token is marked invalid and never
+    attended) and stops after ``max_new_tokens`` steps or as soon as every row is finished.
+    Returns the final ``(carry, finished_B)``. :func:`generate` samples with it; the precision
+    study scores fixed tokens with it, so both run the same arithmetic.
+
+    The cache grows through :func:`cache_sizes` (prompt + 64, + 128, + 256, ... slots with the
+    default ``cache_segment``): one ``lax.while_loop`` per size, the cache padded (one copy)
+    between them. Attention reads every allocated slot, so a cache allocated for the whole
+    budget at once makes every step as slow as the last one (benchmarks/README.md).
+    """
+    B, P = prompt_BP.shape
+    sizes = cache_sizes(max_new_tokens, cache_segment)
+    constrain = lambda cache: cache
+    if mesh is not None:
+        # Batch over data, KV heads over model: each device holds only its slice of the cache.
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.DATA, shd.MODEL, None, None))
+        kv = lambda arrays: tuple(jax.lax.with_sharding_constraint(a, spec) for a in arrays)
+        constrain = lambda cache: cache._replace(k=kv(cache.k), v=kv(cache.v))
+    cache = constrain(init_cache(model.config, batch=B, max_len=P + sizes[0], dtype=model.dtype))
+    layers = model.layer_states()  # sliced once: loop invariants, not per-step copies
+    logits_B1V, cache = model.decode(prompt_BP, cache, valid_BT=prompt_valid_BP, layers=layers, last_only=True)
+
+    def body(state):
+        i, logits_BV, cache, carry, finished_B = state
+        tokens_B, fed_valid_B, carry, finished_B = step(i, logits_BV, carry, finished_B)
+        logits_B1V, cache = model.decode(tokens_B[:, None], cache, valid_BT=fed_valid_B[:, None], layers=layers)
+        return i + 1, logits_B1V[:, 0], cache, carry, finished_B
+
+    state = (jnp.zeros((), jnp.int32), logits_B1V[:, 0], cache, carry, finished_B)
+    for n, size in enumerate(sizes):
+        if n:
+            state = (*state[:2], constrain(grow_cache(state[2], P + size)), *state[3:])
+        state = jax.lax.while_loop(lambda s, size=size: (s[0] < size) & ~jnp.all(s[4]), body, state)
+    return state[3], state[4]
+
+
 def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: SamplingConfig, mesh):
     model = nnx.merge(graphdef, state)
     B, P = prompt_BP.shape
     N = cfg.max_new_tokens
-    cache = init_cache(model.config, batch=B, max_len=P + N, dtype=model.dtype)
-    if mesh is not None:
-        # Batch over data, KV heads over model: each device holds only its slice of the cache.
-        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.DATA, shd.MODEL, None, None))
-        constrain = lambda kv: tuple(jax.lax.with_sharding_constraint(a, spec) for a in kv)
-        cache = cache._replace(k=constrain(cache.k), v=constrain(cache.v))
-    layers = model.layer_states()  # sliced once: loop invariants, not per-step copies
-    logits_B1V, cache = model.decode(prompt_BP, cache, valid_BT=prompt_valid_BP, layers=layers, last_only=True)
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
-    def cond(carry):
-        i, finished = carry[0], carry[4]
-        return (i < N) & ~jnp.all(finished)
-
-    def body(carry):
-        i, logits_BV, cache, out, finished, key = carry
+    def step(i, logits_BV, carry, finished):
+        out, key = carry
         key, sub = jax.random.split(key)
         tok, lp, lp_tr, kept, ent = select_tokens(logits_BV, sub, cfg)
         live = ~finished
@@ -281,17 +329,16 @@ def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: Sampling
         cols = (tok, live, jnp.where(live, lp, zero), jnp.where(live, lp_tr, zero),
                 jnp.where(live, kept, zero), jnp.where(live, ent, zero))
         out = tuple(jax.lax.dynamic_update_index_in_dim(o, c, i, axis=1) for o, c in zip(out, cols))
-        finished = finished | (live & jnp.isin(tok, eos))
-        # Feed the token back; a finished row's pad token is marked invalid so it is never attended.
-        logits, cache = model.decode(tok[:, None], cache, valid_BT=live[:, None], layers=layers)
-        return i + 1, logits[:, 0], cache, out, finished, key
+        # A finished row's pad token is fed back marked invalid, so it is never attended.
+        return tok, live, (out, key), finished | (live & jnp.isin(tok, eos))
 
     out0 = (jnp.full((B, N), cfg.pad_id, jnp.int32), jnp.zeros((B, N), bool),
             *(jnp.zeros((B, N), jnp.float32) for _ in range(4)))
     # Rows with no prompt token at all are batch padding: finished from the start.
     finished0 = ~jnp.any(prompt_valid_BP, axis=1)
-    carry = (jnp.zeros((), jnp.int32), logits_B1V[:, 0], cache, out0, finished0, key)
-    _, _, _, out, finished, _ = jax.lax.while_loop(cond, body, carry)
+    (out, _), finished = decode_loop(model, prompt_BP, prompt_valid_BP, max_new_tokens=N,
+                                     cache_segment=cfg.cache_segment, step=step, carry=(out0, key),
+                                     finished_B=finished0, mesh=mesh)
     tok_BN, mask_BN, lp_BN, lptr_BN, kept_BN, ent_BN = out
     pad = lambda a, fill=0: jnp.concatenate([jnp.full((B, P), fill, a.dtype), a], axis=1)
     return Rollout(

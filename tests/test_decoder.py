@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from rl_mismatch.models.config import ModelConfig, tiny_config
-from rl_mismatch.models.decoder import Decoder, from_hf_state_dict, init_cache, to_hf_state_dict
+from rl_mismatch.models.decoder import Decoder, from_hf_state_dict, grow_cache, init_cache, to_hf_state_dict
 
 VARIANTS = {
     "llama_tied": dict(),
@@ -55,6 +55,31 @@ def test_kv_cache_decode_equals_full_forward(variant):
     # association (cache slots vs. a TxT block), so they agree to a few ulp of O(1) logits.
     np.testing.assert_allclose(np.where(valid[..., None], incremental, 0),
                                np.where(valid[..., None], full, 0), atol=2e-5, rtol=0)
+
+
+def test_grown_cache_decodes_like_one_allocation():
+    cfg = tiny_config()
+    model = _randomise(Decoder(cfg, rngs=nnx.Rngs(0)))
+    tokens, valid = _left_padded(4, 14, [0, 3, 7, 1], cfg.vocab_size)
+
+    def run(cache, grow_at=None):
+        logits, cache = model.decode(tokens[:, :9], cache, valid_BT=valid[:, :9])
+        pieces = [logits]
+        for t in range(9, 14):
+            if t == grow_at:
+                cache = grow_cache(cache, 16)
+            logits, cache = model.decode(tokens[:, t:t + 1], cache)
+            pieces.append(logits)
+        return jnp.concatenate(pieces, axis=1), cache
+
+    whole, _ = run(init_cache(cfg, batch=4, max_len=16))
+    grown, cache = run(init_cache(cfg, batch=4, max_len=11), grow_at=11)
+    assert cache.k[0].shape[2] == 16 and int(cache.index) == 14
+    # Same keys; the bigger cache only adds masked slots (exact zeros in the softmax sums).
+    np.testing.assert_allclose(np.where(valid[..., None], grown, 0), np.where(valid[..., None], whole, 0),
+                               atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="shrink"):
+        grow_cache(cache, 8)
 
 
 def test_padding_does_not_change_a_sequence():

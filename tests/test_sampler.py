@@ -219,6 +219,31 @@ def test_greedy_on_meshes_matches_one_device():
         np.testing.assert_allclose(np.asarray(out.logp_BT), np.asarray(ref.logp_BT), rtol=0, atol=1e-5)
 
 
+def test_cache_sizes_double_up_to_the_budget():
+    assert smp.cache_sizes(128, 64) == (64, 128)
+    assert smp.cache_sizes(512, 64) == (64, 128, 256, 512)
+    assert smp.cache_sizes(100, 16) == (16, 32, 64, 100)
+    assert smp.cache_sizes(10, 64) == (10,)
+    assert smp.cache_sizes(10, 0) == (10,)
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_growing_cache_decodes_like_one_allocation(model, with_eos):
+    """cache_segment=3 (cache grown at 3, 6 and 9 response tokens) against one allocation: the
+    extra slots of the bigger cache are masked, so only summation order over exact zeros differs."""
+    base = dict(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=16)
+    if with_eos:  # a token greedy decoding emits mid-way: rows stop inside different segments
+        first = smp.generate(model, _prompts(), jax.random.key(0), smp.SamplingConfig(**base))
+        base["eos_ids"] = (int(np.asarray(first.tokens_BT)[0, first.prompt_width + 4]),)
+    whole = smp.generate(model, _prompts(), jax.random.key(0), smp.SamplingConfig(**base, cache_segment=0))
+    grown = smp.generate(model, _prompts(), jax.random.key(0), smp.SamplingConfig(**base, cache_segment=3))
+    if with_eos:
+        assert 0 < int(np.asarray(whole.response_lengths_B).min()) < N_NEW
+    for name in ("tokens_BT", "response_mask_BT", "response_lengths_B", "finished_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(grown, name)), np.asarray(getattr(whole, name)), name)
+    np.testing.assert_allclose(np.asarray(grown.logp_BT), np.asarray(whole.logp_BT), rtol=0, atol=FP32_DECODE_ATOL)
+
+
 def test_second_call_in_the_same_bucket_compiles_nothing(model):
     cfg = smp.SamplingConfig(max_new_tokens=4, temperature=1.0, prompt_bucket=16)
     events = []
@@ -253,6 +278,8 @@ def test_bad_inputs_raise_clear_errors(model):
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="top_p"):
             smp.SamplingConfig(max_new_tokens=4, top_p=bad)
+    with pytest.raises(ValueError, match="cache_segment"):
+        smp.SamplingConfig(max_new_tokens=4, cache_segment=-1)
     for bad in ("int8", "float64", "fp8"):
         with pytest.raises(ValueError):
             smp.sync_weights(model, bad)

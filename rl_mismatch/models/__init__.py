@@ -6,7 +6,7 @@
 """
 
 from rl_mismatch.models.config import ModelConfig, tiny_config
-from rl_mismatch.models.decoder import Decoder, KVCache, from_hf_state_dict, init_cache
+from rl_mismatch.models.decoder import Decoder, KVCache, from_hf_state_dict, grow_cache, init_cache
 from rl_mismatch.models.loading import load_pretrained, load_state_dict
 from rl_mismatch.models.tokenizer import Tokenizer
 
@@ -16,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "Tokenizer",
     "from_hf_state_dict",
+    "grow_cache",
     "init_cache",
     "load_pretrained",
     "load_state_dict",

@@ -193,6 +193,23 @@ def init_cache(config: ModelConfig, *, batch: int, max_len: int, dtype=jnp.float
                    jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+    """``cache`` with room for ``max_len`` slots: the new slots are empty, the others unchanged.
+
+    For decoding loops that allocate in stages: attention reads every allocated slot at every
+    step, so a cache sized for the whole budget from the first step makes each step pay for
+    the longest possible response (see ``rl_mismatch.sampler.decode_loop``).
+    """
+    S = cache.valid_BS.shape[1]
+    if max_len < S:
+        raise ValueError(f"grow_cache cannot shrink a {S}-slot cache to {max_len} slots.")
+    if max_len == S:
+        return cache
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, max_len - S), (0, 0)))
+    return KVCache(tuple(map(pad, cache.k)), tuple(map(pad, cache.v)),
+                   jnp.pad(cache.valid_BS, ((0, 0), (0, max_len - S))), cache.index)
+
+
 class Block(nnx.Module):
     """Pre-norm decoder block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
 
