@@ -253,7 +253,10 @@ class Block(nnx.Module):
         k = _rope(k, positions_BT, c.rope_theta)
         k_all, v_all, allowed_BTS, aux = keys_fn(k, v)
         attn = _attention(q, k_all, v_all, allowed_BTS)
-        x_BTD = x_BTD + _dot("btnh,nhd->btd", attn, self.o[...])
+        # One contraction dim (n, h flattened; both reshapes are free): with two, XLA orders
+        # them (h, n) and transposes the activations and the whole o weight at every call.
+        B, T, N, H = attn.shape
+        x_BTD = x_BTD + _dot("bte,ed->btd", attn.reshape(B, T, N * H), self.o[...].reshape(N * H, -1))
         h = _rms_norm(x_BTD, self.mlp_norm[...], c.rms_eps)
         gated = jax.nn.silu(_dot("btd,df->btf", h, self.gate[...])) * _dot("btd,df->btf", h, self.up[...])
         return x_BTD + _dot("btf,fd->btd", gated, self.down[...]), aux
