@@ -11,20 +11,15 @@ same steps are timed by hand (config from the GGUF, model init, ``load_gguf_chec
 
 import os
 import tempfile
-import time
 
 from absl import app, flags
+
+from _common import timed
 
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Cache directory (default: a fresh temporary one, so "
                                  "the first load is a real cold conversion).")
 _SKIP_TRANSFORMERS = flags.DEFINE_bool("skip_transformers", False, "Time only rl_mismatch.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Cached loads to time (the minimum is reported).")
-
-
-def _time(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def _transformers_load(path):
@@ -56,8 +51,8 @@ def main(argv):
     path = resolve_source("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = _CACHE_DIR.value or tmp
-        cold, _ = _time(lambda: load_pretrained(path, cache_dir=cache_dir))
-        cached = min(_time(lambda: load_pretrained(path, cache_dir=cache_dir))[0] for _ in range(_REPEATS.value))
+        cold, _, _ = timed(load_pretrained, path, cache_dir=cache_dir)
+        cached = min(timed(load_pretrained, path, cache_dir=cache_dir)[0] for _ in range(_REPEATS.value))
     print(f"rl_mismatch load_pretrained, first load (dequantize + write cache): {cold:6.2f} s")
     print(f"rl_mismatch load_pretrained, cached load (min of {_REPEATS.value}):          {cached:6.2f} s")
     if _SKIP_TRANSFORMERS.value:
@@ -65,7 +60,7 @@ def main(argv):
     import torch  # noqa: F401  (import time excluded, as for ours)
     import transformers  # noqa: F401
 
-    theirs, _ = _time(lambda: _transformers_load(path))
+    theirs, _, _ = timed(_transformers_load, path)
     print(f"transformers GGUF load (model + tokenizer):                     {theirs:6.2f} s")
     print(f"speed-up of the cached load: {theirs / cached:5.1f}x")
 

@@ -21,8 +21,6 @@ minimum CPU time of the process (all XLA threads; robust to being descheduled) a
 reported, with the ratios of each. The issue's target is ``rescore+metrics / forward <= 1.05``.
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,19 +30,14 @@ from flax import nnx
 from rl_mismatch import mismatch
 from rl_mismatch.models import load_pretrained
 
+from _common import timed
+
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (prompt + response).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Leading columns outside the response mask.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Trainer compute dtypes to time.")
 _TOKEN_CHUNK = flags.DEFINE_integer("token_chunk", 64, "Positions per LM-head chunk of the rescoring.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each program (minimum reported).")
-
-
-def _time(fn, *args):
-    """(wall seconds, CPU seconds of this process: all XLA threads together)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(argv):
@@ -89,11 +82,11 @@ def main(argv):
             "metrics": (metrics, (sampler_logp, sampler_logp + 0.01, mask, sampler_ent)),
         }
         for fn, args in programs.values():  # compile (and warm caches)
-            _time(fn, *args)
+            timed(fn, *args)
         times = {name: [] for name in programs}
         for _ in range(_REPEATS.value):
             for name, (fn, args) in programs.items():
-                times[name].append(_time(fn, *args))
+                times[name].append(timed(fn, *args)[:2])
         best = {name: min(t[0] for t in ts) for name, ts in times.items()}
         cpu = {name: min(t[1] for t in ts) for name, ts in times.items()}
         print(f"\n[{dtype}] min wall / min CPU time (wall runs):")

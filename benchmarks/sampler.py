@@ -23,8 +23,6 @@ Finally tokens/s at ``--lengths`` new tokens (batch ``--length_batch``, dtype ``
 to show the per-token cost does not grow with the length (beyond the attention term).
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +32,8 @@ from flax import nnx
 from rl_mismatch import sampler as smp
 from rl_mismatch.models import from_hf_state_dict, load_state_dict
 from rl_mismatch.models.config import ModelConfig
+
+from _common import hf_llama, matmul_peak, timed
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Sampler dtypes.")
@@ -50,25 +50,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls per cell (minimum rep
 def _prompts(batch, length, vocab, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(100, vocab - 100, (batch, length)).astype(np.int32)
-
-
-def matmul_peak(n=2048, repeats=5):
-    """GFLOP/s of an [n, n] x [n, n] matmul: float32, and bf16 operands with a float32 result."""
-    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    out = {}
-    for name, a, kw in (("float32", x, {}),
-                        ("bfloat16", x.astype(jnp.bfloat16), {"preferred_element_type": jnp.float32})):
-        f = jax.jit(lambda a, kw=kw: jnp.einsum("ij,jk->ik", a, a, **kw))
-        jax.block_until_ready(f(a))
-        best = min(_timed(lambda: jax.block_until_ready(f(a))) for _ in range(repeats))
-        out[name] = 2 * n ** 3 / best / 1e9
-    return out
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def flops_per_token(c: ModelConfig, context: float) -> float:
@@ -89,25 +70,10 @@ def ours(master, dtype, prompts_BP, new_tokens, repeats):
         state, np.zeros_like(prompts_BP), np.zeros_like(valid), jax.random.key(0)).tokens_BT)
     best = np.inf
     for i in range(repeats):
-        start = time.perf_counter()
-        out = smp.generate(model, (prompts_BP, valid), jax.random.key(i), cfg)
-        jax.block_until_ready(out.tokens_BT)
-        best = min(best, time.perf_counter() - start)
+        wall, _, out = timed(smp.generate, model, (prompts_BP, valid), jax.random.key(i), cfg)
+        best = min(best, wall)
         assert int(out.response_lengths_B.min()) == new_tokens
     return B * new_tokens / best
-
-
-def hf_model(hf_config, state_dict, dtype):
-    import torch
-    import transformers
-
-    config = transformers.LlamaConfig.from_dict(hf_config)
-    model = transformers.LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32))
-                                                 for k, v in state_dict.items()}, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]).eval()
 
 
 def hf(model, prompts_BP, new_tokens, repeats, pad_id):
@@ -122,9 +88,8 @@ def hf(model, prompts_BP, new_tokens, repeats, pad_id):
         model.generate(ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
         best = np.inf
         for _ in range(repeats):
-            start = time.perf_counter()
-            out = model.generate(ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
-            best = min(best, time.perf_counter() - start)
+            wall, _, out = timed(model.generate, ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
+            best = min(best, wall)
             assert out.shape[1] == prompts_BP.shape[1] + new_tokens
     return prompts_BP.shape[0] * new_tokens / best
 
@@ -137,7 +102,7 @@ def main(argv):
     if not _SKIP_HF.value:
         import torch
         torch.set_num_threads(_THREADS.value)
-    peak = matmul_peak()
+    peak = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; matmul peak GFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
     N, P = _NEW_TOKENS.value, _PROMPT_LEN.value
@@ -147,7 +112,7 @@ def main(argv):
     print(f"\n| dtype | batch | ours tok/s | HF tok/s | ours / HF | ours % of {'/'.join(peak)} peak |")
     print("|---|---|---|---|---|---|")
     for dtype in _DTYPES.value:
-        hf_m = None if _SKIP_HF.value else hf_model(hf_config, state_dict, dtype)
+        hf_m = None if _SKIP_HF.value else hf_llama(hf_config, state_dict, dtype)
         for b in map(int, _BATCHES.value):
             prompts = _prompts(b, P, config.vocab_size)
             ours_tps = ours(master, dtype, prompts, N, _REPEATS.value)

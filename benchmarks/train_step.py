@@ -21,10 +21,10 @@ one untimed step (compilation / warm-up); the achieved FLOP rate is ≈ 6 × par
 (attention's T² terms left out, as is customary), reported as a fraction of the peak.
 """
 
-import time
-
 import numpy as np
 from absl import app, flags
+
+from _common import hf_llama, matmul_peak, timed
 
 _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measure.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per configuration (after one untimed step).")
@@ -57,33 +57,8 @@ def _time_steps(run_step, steps: int) -> tuple[float, float, float]:
     (all threads of this process) are reported too, because under contention wall time
     measures the neighbours as much as the code.
     """
-    walls, cpus = [], []
-    for _ in range(steps):
-        start, cpu = time.perf_counter(), time.process_time()
-        run_step()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
+    walls, cpus, _ = zip(*(timed(run_step) for _ in range(steps)))
     return min(walls), float(np.median(walls)), min(cpus)
-
-
-def _matmul_peak(dtype_name: str) -> float:
-    """Best GFLOP/s of XLA square matmuls (bf16 operands accumulate and return in float32)."""
-    import jax
-    import jax.numpy as jnp
-
-    best = 0.0
-    for n in (1024, 2048, 3072):
-        dtype = jnp.float32 if dtype_name == "fp32" else jnp.bfloat16
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-        mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-        mm(a, b).block_until_ready()
-        reps = 3
-        for _ in range(reps):
-            start = time.perf_counter()
-            mm(a, b).block_until_ready()
-            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def _ours(model, dtype_name, arrays, steps):
@@ -100,31 +75,20 @@ def _ours(model, dtype_name, arrays, steps):
     tokens, response, sampler_logp, advantages = arrays
     batch = ts.TrainBatch(jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jnp.asarray(response),
                           jnp.asarray(sampler_logp), jnp.asarray(advantages))
-    holder = {"state": state}
+    holder = {"state": state}  # the step donates its input state: always pass the newest
 
     def run():
         holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready((holder["state"].params, metrics))
+        return holder["state"].params, metrics
 
-    start = time.perf_counter()
-    run()  # compiles
-    first = time.perf_counter() - start
-    timings = _time_steps(run, steps)
-    del holder
-    return (first, *timings)
+    first, _, _ = timed(run)  # compiles
+    return (first, *_time_steps(run, steps))
 
 
 def _hf(state_dict, hf_config, dtype_name, arrays, steps):
     import torch
-    import transformers
 
-    config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "architectures"})
-    config.pad_token_id = None
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()},
-                          strict=False)
-    model.tie_weights()
-    model.train()
+    model = hf_llama(hf_config, state_dict, "float32").train()  # bf16: autocast over float32 weights
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=_FUSED.value)
     tokens, response, sampler_logp, advantages = (torch.from_numpy(a) for a in arrays)
     tokens = tokens.long()
@@ -144,9 +108,7 @@ def _hf(state_dict, hf_config, dtype_name, arrays, steps):
         loss.backward()
         opt.step()
 
-    start = time.perf_counter()
-    run()  # warm-up (allocator, oneDNN kernels)
-    first = time.perf_counter() - start
+    first, _, _ = timed(run)  # warm-up (allocator, oneDNN kernels)
     timings = _time_steps(run, steps)
     return (first, *timings)
 
@@ -184,7 +146,7 @@ def main(argv):
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
     for dtype_name in _DTYPES.value:
-        peak = _matmul_peak(dtype_name)
+        peak = matmul_peak({"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
         first, best, median, cpu = _ours(model, dtype_name, arrays, _STEPS.value)
         ours_tps = tokens_per_step / best
         gflops = ours_tps * flops_per_token / 1e9
