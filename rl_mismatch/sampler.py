@@ -305,12 +305,13 @@ def decode_loop(model: Decoder, prompt_BP, prompt_valid_BP, *, max_new_tokens: i
         logits_B1V, cache = model.decode(tokens_B[:, None], cache, valid_BT=fed_valid_B[:, None], layers=layers)
         return i + 1, logits_B1V[:, 0], cache, carry, finished_B
 
-    state = (jnp.zeros((), jnp.int32), logits_B1V[:, 0], cache, carry, finished_B)
+    i, logits_BV = jnp.zeros((), jnp.int32), logits_B1V[:, 0]
     for n, size in enumerate(sizes):
         if n:
-            state = (*state[:2], constrain(grow_cache(state[2], P + size)), *state[3:])
-        state = jax.lax.while_loop(lambda s, size=size: (s[0] < size) & ~jnp.all(s[4]), body, state)
-    return state[3], state[4]
+            cache = constrain(grow_cache(cache, P + size))
+        i, logits_BV, cache, carry, finished_B = jax.lax.while_loop(
+            lambda s, size=size: (s[0] < size) & ~jnp.all(s[4]), body, (i, logits_BV, cache, carry, finished_B))
+    return carry, finished_B
 
 
 def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: SamplingConfig, mesh):
