@@ -16,29 +16,35 @@ import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-_compiles = [0]
+# jax.monitoring events of the three stages of a (re)compilation -> counter attribute.
+_STAGES = {"/jax/core/compile/jaxpr_trace_duration": "traces",
+           "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowerings",
+           "/jax/core/compile/backend_compile_duration": "n"}
+_totals = dict.fromkeys(_STAGES.values(), 0)
 
 
 def _on_duration_event(name, *args, **kwargs):
-    if name == _BACKEND_COMPILE:
-        _compiles[0] += 1
+    if name in _STAGES:
+        _totals[_STAGES[name]] += 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
 
 
 class _Counter:
-    n = 0
+    """``n``: XLA backend compilations; ``traces``, ``lowerings``: jaxpr traces, MLIR lowerings."""
+
+    n = traces = lowerings = 0
 
 
 @contextlib.contextmanager
 def _count_compiles():
-    counter, start = _Counter(), _compiles[0]
+    counter, start = _Counter(), dict(_totals)
     try:
         yield counter
     finally:
-        counter.n = _compiles[0] - start
+        for stage, total in _totals.items():
+            setattr(counter, stage, total - start[stage])
 
 
 @pytest.fixture
@@ -47,5 +53,7 @@ def count_compiles():
 
     Counts real backend compilations (jax.monitoring), which is what "compiles nothing" means;
     a jitted function's ``_cache_size()`` is not reliable across a long pytest process.
+    ``c.traces`` and ``c.lowerings`` count the earlier stages (a retrace that hits the
+    compilation cache still shows there).
     """
     return _count_compiles

@@ -113,7 +113,7 @@ def _assert_same_step(got, ref):
 
 
 @pytest.mark.parametrize("mesh_shape,n_micro,dtype", [(None, 1, "f32"), ((4, 2), 2, "fp16")])
-def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype):
+def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype, count_compiles):
     mesh = None if mesh_shape is None else shd.make_mesh(*mesh_shape)
     opt = optax.chain(optax.adamw(1e-3), optim.length_triggered_decay(warmup=0, baseline_window=2))
     graphdef, state = ts.init_train_state(_model(), opt, compute_dtype=dtype, key=jax.random.key(0), mesh=mesh)
@@ -124,23 +124,13 @@ def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype):
     state, metrics = step(state, batch, response_length=7.0)  # traces and compiles
     state, metrics = step(state, _batch(seed=1), response_length=7.5)
     device_length = metrics["loss/policy"] + 10.0  # eager op compiled here, before counting
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event in ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                     "/jax/core/compile/backend_compile_duration"):
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiles:
         # New batch values, the signal as a Python float, a NumPy scalar and a device scalar (as a
         # metric of the previous step would be): none of it may retrace, lower or compile anything.
         for i, length in enumerate([8.0, np.float64(9.0), device_length]):
             state, metrics = step(state, _batch(seed=i + 2), response_length=length)
         jax.block_until_ready((state, metrics))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert events == []
+    assert (compiles.traces, compiles.lowerings, compiles.n) == (0, 0, 0)
     assert int(state.step) == 5
     assert float(metrics["lr/scale"]) == 1.0
 
