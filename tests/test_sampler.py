@@ -209,7 +209,8 @@ def test_top_p_rollout_kept_mass_is_consistent(model):
 def test_greedy_on_meshes_matches_one_device():
     model = _model(n_heads=8, n_kv_heads=4, head_dim=8)
     prompts = _prompts((3, 16, 7, 11, 1, 9, 5, 14))
-    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=16)
+    # cache_segment=4: the cache is grown (and re-laid out on the mesh) twice in 10 steps.
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=16, cache_segment=4)
     ref = smp.generate(smp.sync_weights(model, jnp.float32), prompts, jax.random.key(0), cfg)
     for data, mdl in ((8, 1), (4, 2), (2, 4)):
         mesh = shd.make_mesh(data, mdl)
