@@ -10,7 +10,9 @@ One process measures, for each compute dtype:
   one micro-batch, mismatch metrics included (they are part of the step);
 * HF: ``LlamaForCausalLM`` built from the same config and loaded with the same weights,
   the same loss written in torch (log-softmax gather, ratio against its detached self, clipped
-  surrogate, token mean), ``loss.backward()``, ``torch.optim.AdamW(fused=True).step()``. bf16 is
+  surrogate, token mean), ``loss.backward()``, ``torch.optim.AdamW(fused=True).step()``. Both
+  sides run the LM head only on the positions that predict response tokens (ours:
+  ``TrainBatch.score_from``, HF: ``logits_to_keep``, as an RL trainer does). bf16 is
   ``torch.autocast(cpu, bfloat16)`` over float32 weights, torch's counterpart of bf16 compute
   over float32 master weights;
 * the machine's matmul peak as XLA reaches it: the best GFLOP/s of square float32 matmuls
@@ -50,6 +52,12 @@ def _batch_arrays(vocab: int, batch: int, seq_len: int, seed: int = 0):
     return tokens, response, sampler_logp, advantages
 
 
+def _first_response_column(response: np.ndarray) -> int:
+    """Both sides run the LM head only where it predicts a response token: ours via
+    ``TrainBatch.score_from``, HF via ``logits_to_keep`` (as TRL's GRPO trainer does)."""
+    return int(np.argmax(response.any(axis=0)))
+
+
 def _time_steps(run_step, steps: int) -> tuple[float, float, float]:
     """(best wall s, median wall s, best CPU s) per step over ``steps`` timed steps.
 
@@ -74,7 +82,8 @@ def _ours(model, dtype_name, arrays, steps):
     step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype_name)
     tokens, response, sampler_logp, advantages = arrays
     batch = ts.TrainBatch(jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jnp.asarray(response),
-                          jnp.asarray(sampler_logp), jnp.asarray(advantages))
+                          jnp.asarray(sampler_logp), jnp.asarray(advantages),
+                          score_from=_first_response_column(response))
     holder = {"state": state}  # the step donates its input state: always pass the newest
 
     def run():
@@ -92,16 +101,18 @@ def _hf(state_dict, hf_config, dtype_name, arrays, steps):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=_FUSED.value)
     tokens, response, sampler_logp, advantages = (torch.from_numpy(a) for a in arrays)
     tokens = tokens.long()
-    mask = response[:, 1:].float()
+    P = _first_response_column(arrays[1])
+    mask = response[:, P:].float()
     adv = advantages[:, None]
     autocast = dtype_name == "bf16"
 
     def run():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=tokens).logits[:, :-1]
+            # The logits of positions P − 1 … T − 2, those that predict the response tokens.
+            logits = model(input_ids=tokens, logits_to_keep=tokens.shape[1] - P + 1).logits[:, :-1]
         # The same PPO-clip token-mean loss; log-probs in float32 as ours.
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, P:, None])[..., 0]
         ratio = torch.exp(logp - logp.detach())
         pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
         loss = (pg * mask).sum() / mask.sum()

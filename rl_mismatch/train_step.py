@@ -97,6 +97,10 @@ class TrainBatch(struct.PyTreeNode):
       advantages_B: float32 advantage of each sequence (`losses.compute_advantages`).
       sampler_entropy_BT: optional sampler entropy per token; when given, the mismatch
         metrics are also binned by it (``mismatch/by_entropy/…``).
+      score_from: static; the first column the trainer scores (``mismatch.rescore``): columns
+        before it must be outside the response mask. A rollout's ``prompt_width`` skips the LM
+        head over the prompt (what ``logits_to_keep`` does in HF-based trainers); 1 scores
+        every column. Each distinct value is one compiled step.
     """
 
     tokens_BT: jax.Array
@@ -105,6 +109,7 @@ class TrainBatch(struct.PyTreeNode):
     sampler_logp_BT: jax.Array
     advantages_B: jax.Array
     sampler_entropy_BT: jax.Array | None = None
+    score_from: int = struct.field(pytree_node=False, default=1)
 
     @classmethod
     def from_rollout(cls, rollout, advantages_B: jax.Array, *, truncated: bool = False,
@@ -122,7 +127,8 @@ class TrainBatch(struct.PyTreeNode):
                    response_mask_BT=rollout.response_mask_BT,
                    sampler_logp_BT=rollout.logp_truncated_BT if truncated else rollout.logp_BT,
                    advantages_B=advantages_B,
-                   sampler_entropy_BT=rollout.entropy_BT if with_entropy else None)
+                   sampler_entropy_BT=rollout.entropy_BT if with_entropy else None,
+                   score_from=max(1, rollout.prompt_width))
 
 
 class TrainState(struct.PyTreeNode):
@@ -386,6 +392,9 @@ def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
             raise ValueError(f"batch.{name} has shape {x.shape}, expected tokens_BT's {shape}.")
     if batch.advantages_B.shape != shape[:1]:
         raise ValueError(f"batch.advantages_B has shape {batch.advantages_B.shape}, expected ({shape[0]},).")
+    if isinstance(batch.score_from, bool) or not isinstance(batch.score_from, int) or not 1 <= batch.score_from < shape[1]:
+        raise ValueError(f"batch.score_from={batch.score_from!r} must be an int in [1, {shape[1]}): the first "
+                         "scored column (a rollout's prompt_width, or 1 for every column).")
     if shape[0] % (n_micro * data_size):
         raise ValueError(
             f"Batch size {shape[0]} must be a multiple of n_microbatches × data-axis size = "
@@ -470,7 +479,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             model = nnx.merge(graphdef, p)
             model.dtype = compute_dtype  # the graph may carry the dtype the model was built with
             logp_BT = mismatch.rescore(model, mb.tokens_BT, mb.valid_BT, response_mask_BT=mb.response_mask_BT,
-                                       temperature=temperature, token_chunk=token_chunk)
+                                       temperature=temperature, score_from=mb.score_from,
+                                       token_chunk=token_chunk)
             # One update per rollout: π_old is π_θ itself, detached (its value, not its gradient).
             old_BT = jax.lax.stop_gradient(logp_BT)
             loss, _ = losses.compute_policy_loss(logp_BT, old_BT, mb.sampler_logp_BT, mb.advantages_B,

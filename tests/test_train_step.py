@@ -248,6 +248,16 @@ def test_microbatches_on_a_mesh_equal_one_big_batch(reference):
     _assert_same_step(_one_step((4, 2), 2), reference)
 
 
+@pytest.mark.parametrize("n_micro", [1, 2])
+def test_skipping_the_prompt_columns_changes_nothing(reference, n_micro):
+    """score_from = the first response column: the prompt never reaches the LM head, and the
+    step is the one that scores every column (summation order aside)."""
+    batch = _batch()
+    first_response = int(np.argmax(np.asarray(batch.response_mask_BT).any(axis=0)))
+    assert first_response > 1  # the batch has prompt columns to skip
+    _assert_same_step(_one_step(None, n_micro, batch=batch.replace(score_from=first_response)), reference)
+
+
 def test_microbatches_with_sequence_aggregation_and_correction():
     """The normaliser and the IS weights must not depend on how the batch is split."""
     config = losses.LossConfig(aggregation="seq_mean_token_mean",
@@ -364,6 +374,9 @@ def test_validation_errors():
     bad = _batch().replace(advantages_B=jnp.zeros(3))
     with pytest.raises(ValueError, match="advantages_B"):
         step(state, bad)
+    for score_from in (0, 12, 2.0):  # T = 12
+        with pytest.raises(ValueError, match="score_from"):
+            step(state, _batch().replace(score_from=score_from))
     half = Decoder(_CFG, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="float32 master"):
         ts.init_train_state(half, opt, compute_dtype="bf16", key=jax.random.key(0))
