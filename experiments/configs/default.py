@@ -4,14 +4,14 @@ fp32 trainer, length-triggered LR (plus the same trigger on the mismatch k3).
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/default_run
   python -m experiments.plot --workdir /tmp/default_run --out /tmp/default_run/plot.png
 
-What to expect (measured: 3 min 58 s wall on the 2-core CPU, 10 s of it compiling; 16 steps of
-4 prompts x 4 samples of "Calculate 7 - 3.", 48-token responses, Adam at 5e-5): the share of
-replies in ``<answer>`` tags (reward/format) climbs from 0 to ~1 by step 9 and accuracy follows
-noisily (0 -> 0.2-0.5), so reward/mean rises from 0 to 0.3-0.6. The responses grow from 25-33
-tokens to the 48-token budget (finished_frac 0.56 -> 0 by step 8); the mismatch/k3 detector
-fires at step 6 and the length detector at step 7 (``lr/<name>/surge_step``), and lr/scale
-halves from step 8, 9 and 14 (0.125 at the end). The bf16-vs-fp32 mismatch grows with the
-updates -- mismatch/k3 7e-4 over the first steps, 2-5e-3 after, max |pi - mu| 0.04 -> 0.1-0.3.
+What to expect (measured: about 3 min 50 s wall on the 2-core CPU, 11 s of it compiling; 16 steps
+of 4 prompts x 4 samples of "Calculate 7 - 3.", 48-token responses, Adam at 5e-5): the share of
+replies in ``<answer>`` tags (reward/format) climbs from 0 to ~1 by step 7 and accuracy follows
+noisily (0 -> 0.1-0.6), so reward/mean rises from 0 to 0.2-0.7. The responses grow from 25-33
+tokens to the 48-token budget (finished_frac 0.56 -> 0.06 by step 9); the mismatch/k3 detector
+fires at step 7 and the length detector at step 8 (``lr/<name>/surge_step``), and lr/scale
+halves from step 9 and again from 10. The bf16-vs-fp32 mismatch grows with the updates --
+mismatch/k3 7e-4 over the first steps, 4-6e-3 at the end, max |pi - mu| 0.04 -> 0.2-0.25.
 The exact trajectory depends on machine and XLA version (README.md).
 ``--config=experiments/configs/default.py:N`` runs N steps.
 """
