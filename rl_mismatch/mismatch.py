@@ -121,13 +121,19 @@ def _check_rescore_args(tokens_BT, valid_BT, positions_BT, response_mask_BT):
                              "pass one entry per token column.")
 
 
+def check_score_from(score_from, T: int) -> None:
+    """Raises ValueError unless ``score_from`` is a valid first scored column of ``T`` columns."""
+    if isinstance(score_from, bool) or not isinstance(score_from, int) or not 1 <= score_from < T:
+        raise ValueError(f"score_from={score_from!r} must be an int in [1, {T}): column 0 has no "
+                         "predecessor and at least one column must be scored (pass a rollout's "
+                         "prompt_width, or 1 for every column).")
+
+
 def _check_rescore_options(temperature, score_from, token_chunk, T):
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive Python number, got {temperature!r}; a greedy "
                          "sampler (temperature 0) records temperature-1 log-probs, so rescore with 1.0.")
-    if isinstance(score_from, bool) or not isinstance(score_from, int) or not 1 <= score_from < T:
-        raise ValueError(f"score_from={score_from!r} must be an int in [1, {T}): column 0 has no "
-                         "predecessor and at least one column must be scored.")
+    check_score_from(score_from, T)
     if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk <= 0:
         raise ValueError(f"token_chunk must be a positive int, got {token_chunk!r}.")
 

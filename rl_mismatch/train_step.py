@@ -392,9 +392,7 @@ def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
             raise ValueError(f"batch.{name} has shape {x.shape}, expected tokens_BT's {shape}.")
     if batch.advantages_B.shape != shape[:1]:
         raise ValueError(f"batch.advantages_B has shape {batch.advantages_B.shape}, expected ({shape[0]},).")
-    if isinstance(batch.score_from, bool) or not isinstance(batch.score_from, int) or not 1 <= batch.score_from < shape[1]:
-        raise ValueError(f"batch.score_from={batch.score_from!r} must be an int in [1, {shape[1]}): the first "
-                         "scored column (a rollout's prompt_width, or 1 for every column).")
+    mismatch.check_score_from(batch.score_from, shape[1])  # before tracing, with the other checks
     if shape[0] % (n_micro * data_size):
         raise ValueError(
             f"Batch size {shape[0]} must be a multiple of n_microbatches × data-axis size = "
