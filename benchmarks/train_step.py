@@ -1,13 +1,15 @@
 """Train-step throughput on SmolLM2-135M: rl_mismatch's jitted step vs HF transformers + torch AdamW.
 
     python benchmarks/train_step.py [--dtypes=fp32,bf16] [--steps=3] [--batch=8] [--seq_len=256]
-                                    [--skip_hf] [--random_init]
+                                    [--keep_logits] [--skip_hf] [--random_init]
 
 One process measures, for each compute dtype:
 
 * ours: ``rl_mismatch.train_step`` (PPO-clip token-mean policy loss, ``optax.adamw``), float32
   master weights, forward/backward in the compute dtype (bf16: matmuls accumulate in float32),
-  one micro-batch, mismatch metrics included (they are part of the step);
+  one micro-batch, mismatch metrics included (they are part of the step); the backward pass
+  recomputes each LM-head chunk's logits unless ``--keep_logits`` (then it keeps them all, as
+  HF's autograd does);
 * HF: ``LlamaForCausalLM`` built from the same config and loaded with the same weights,
   the same loss written in torch (log-softmax gather, ratio against its detached self, clipped
   surrogate, token mean), ``loss.backward()``, ``torch.optim.AdamW(fused=True).step()``. Both
@@ -35,6 +37,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (prompt + r
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Measure only rl_mismatch.")
 _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Random weights of SmolLM2's config instead of the "
                                  "pretrained ones (throughput does not depend on the values).")
+_KEEP_LOGITS = flags.DEFINE_bool("keep_logits", False, "make_train_step(keep_logits=True): keep every LM-head chunk's "
+                                  "logits for the backward pass, as HF does, instead of recomputing them.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
 _FUSED = flags.DEFINE_bool("hf_fused_adamw", True, "torch.optim.AdamW(fused=True): torch's fastest CPU AdamW "
                            "(~3x faster than its default per-tensor loop here), so the baseline is not handicapped.")
@@ -79,7 +83,8 @@ def _ours(model, dtype_name, arrays, steps):
 
     opt = optax.adamw(1e-6, weight_decay=0.0)
     graphdef, state = ts.init_train_state(model, opt, compute_dtype=dtype_name, key=jax.random.key(0))
-    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype_name)
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype_name,
+                              keep_logits=_KEEP_LOGITS.value)
     tokens, response, sampler_logp, advantages = arrays
     batch = ts.TrainBatch(jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jnp.asarray(response),
                           jnp.asarray(sampler_logp), jnp.asarray(advantages),
@@ -154,7 +159,7 @@ def main(argv):
     arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value)
     print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours keep_logits={_KEEP_LOGITS.value}")
 
     for dtype_name in _DTYPES.value:
         peak = matmul_peak({"fp32": "float32", "bf16": "bfloat16"}[dtype_name])

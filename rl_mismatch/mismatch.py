@@ -129,13 +129,20 @@ def check_score_from(score_from, T: int) -> None:
                          "prompt_width, or 1 for every column).")
 
 
-def _check_rescore_options(temperature, score_from, token_chunk, T):
+def _check_rescore_options(temperature, score_from, token_chunk, keep_logits, T):
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive Python number, got {temperature!r}; a greedy "
                          "sampler (temperature 0) records temperature-1 log-probs, so rescore with 1.0.")
     check_score_from(score_from, T)
+    check_chunk_options(token_chunk, keep_logits)
+
+
+def check_chunk_options(token_chunk, keep_logits) -> None:
+    """Raises ValueError unless ``token_chunk`` and ``keep_logits`` are valid :func:`rescore` options."""
     if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk <= 0:
         raise ValueError(f"token_chunk must be a positive int, got {token_chunk!r}.")
+    if not isinstance(keep_logits, bool):
+        raise ValueError(f"keep_logits must be a Python bool (static), got {keep_logits!r}.")
 
 
 def _score_next(logits, targets, temperature, with_entropy):
@@ -147,11 +154,14 @@ def _score_next(logits, targets, temperature, with_entropy):
     return token_log_probs(logits, targets), None
 
 
-def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_chunk):
+def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_chunk, keep_logits):
     """``_score_next(model.logits(h), ...)`` with the LM head applied ``token_chunk`` rows at a time.
 
     Each chunk's logits (``token_chunk × V`` float32) are reduced to a log-prob while still in
-    cache and never written out whole; ``lax.map`` runs the chunks in sequence.
+    cache and never written out whole; ``lax.map`` runs the chunks in sequence. Under
+    differentiation ``lax.map`` would stack every chunk's logits as residuals for the backward
+    pass (all [B·M, V] of them), so unless ``keep_logits`` each chunk is rematerialised: the
+    backward recomputes its LM-head matmul and softmax from the hidden states.
     """
     B, M, D = h_BMD.shape
     n = -(-(B * M) // token_chunk)
@@ -162,15 +172,15 @@ def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_ch
     def one(args):  # (lp, entropy or None): None is an empty pytree, lax.map carries nothing for it
         return _score_next(model.logits(args[0]), args[1], temperature, with_entropy)
 
-    scored = jax.lax.map(one, (h, y))
+    scored = jax.lax.map(one if keep_logits else jax.checkpoint(one, prevent_cse=False), (h, y))
     return jax.tree.map(lambda x: x.reshape(-1)[:B * M].reshape(B, M), scored)
 
 
 def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, with_entropy,
-             score_from, token_chunk):
+             score_from, token_chunk, keep_logits):
     _check_rescore_args(tokens_BT, valid_BT, positions_BT, response_mask_BT)
     B, T = tokens_BT.shape
-    _check_rescore_options(temperature, score_from, token_chunk, T)
+    _check_rescore_options(temperature, score_from, token_chunk, keep_logits, T)
     valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
     # Column t is predicted from column t − 1: queries [score_from − 1, T − 1), targets
     # [score_from, T). Slicing happens before the LM head (on hidden states) or, for a plain
@@ -179,7 +189,7 @@ def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, tempera
     if hasattr(model, "hidden_states") and hasattr(model, "logits"):
         h_BTD = model.hidden_states(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT)
         lp_BM, ent_BM = _score_chunked(model, h_BTD[:, score_from - 1:T - 1], targets_BM,
-                                       temperature, with_entropy, token_chunk)
+                                       temperature, with_entropy, token_chunk, keep_logits)
     else:
         logits_BTV = model(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT)
         # Score the next token at every column (the last column's target is a dummy), then cut.
@@ -210,7 +220,7 @@ DEFAULT_TOKEN_CHUNK = 64
 def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
             *, positions_BT: jax.Array | None = None, response_mask_BT: jax.Array | None = None,
             temperature: float = 1.0, score_from: int = 1,
-            token_chunk: int = DEFAULT_TOKEN_CHUNK) -> jax.Array:
+            token_chunk: int = DEFAULT_TOKEN_CHUNK, keep_logits: bool = False) -> jax.Array:
     """Trainer log-probs of the rollout tokens, teacher-forced, aligned with the sampler's.
 
     ``logp_BT[:, t] = log softmax(z_{t−1} / temperature)[tokens_BT[:, t]]``, where ``z`` are the
@@ -222,9 +232,10 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
 
     * one with ``hidden_states(tokens_BT, positions_BT=, valid_BT=) -> h_BTD`` and
       ``logits(h) -> z`` (a ``Decoder``): the LM head and its log-softmax run ``token_chunk``
-      positions at a time, so the [B, T, V] logits never exist, and query positions before
-      ``score_from − 1`` never reach the LM head (benchmarks/mismatch.py: this makes rescoring
-      cost no more than the plain forward that returns the logits);
+      positions at a time, so the [B, T, V] logits never exist (under differentiation too,
+      unless ``keep_logits``), and query positions before ``score_from − 1`` never reach the
+      LM head (benchmarks/mismatch.py: this makes rescoring cost no more than the plain
+      forward that returns the logits);
     * any ``model(tokens_BT, positions_BT=, valid_BT=) -> logits_BTV``.
 
     Both give the same numbers up to float32 summation order.
@@ -241,13 +252,19 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
       score_from: static; the first column scored. Pass a rollout's ``prompt_width`` (its
         responses start there) to skip the prompt's LM-head work.
       token_chunk: static; positions per LM-head chunk (chunked path only).
+      keep_logits: static, matters only under differentiation (chunked path only). False:
+        the backward pass recomputes each chunk's logits, so memory holds one chunk's
+        ``token_chunk × V`` float32 logits at a time; the price is a second LM-head matmul
+        (benchmarks/README.md: SmolLM2 train step ~5% slower on CPU). True: every chunk's
+        logits are kept for the backward pass, [B, T − score_from, V] float32 in all, as a
+        plain ``logits_BTV`` forward would; for short responses and small vocabularies.
 
     Returns:
       float32 ``logp_BT``, same columns as the sampler's stored log-probs.
 
     Raises:
       ValueError: mis-shaped or non-integer tokens, a non-positive temperature, ``score_from``
-        outside ``[1, T)`` or a non-positive ``token_chunk``.
+        outside ``[1, T)``, a non-positive ``token_chunk`` or a non-bool ``keep_logits``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -256,14 +273,14 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
       [0.0, -1.3863, -1.3863]
     """
     return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, False,
-                    score_from, token_chunk)
+                    score_from, token_chunk, keep_logits)
 
 
 def rescore_with_entropy(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
                          positions_BT: jax.Array | None = None,
                          response_mask_BT: jax.Array | None = None, temperature: float = 1.0,
-                         score_from: int = 1, token_chunk: int = DEFAULT_TOKEN_CHUNK
-                         ) -> tuple[jax.Array, jax.Array]:
+                         score_from: int = 1, token_chunk: int = DEFAULT_TOKEN_CHUNK,
+                         keep_logits: bool = False) -> tuple[jax.Array, jax.Array]:
     """:func:`rescore` plus the trainer's entropy of the distribution each token came from.
 
     ``entropy_BT[:, t] = H(softmax(z_{t−1} / temperature))``, zeroed where ``logp_BT`` is
@@ -274,7 +291,7 @@ def rescore_with_entropy(model, tokens_BT: jax.Array, valid_BT: jax.Array | None
       ``(logp_BT, entropy_BT)``.
     """
     return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, True,
-                    score_from, token_chunk)
+                    score_from, token_chunk, keep_logits)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -402,7 +402,8 @@ def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     loss_config: losses.LossConfig, *, compute_dtype: Any, n_microbatches: int = 1,
                     mesh: jax.sharding.Mesh | None = None, loss_scale: precision.LossScale | None = None,
-                    temperature: float = 1.0, token_chunk: int = 256) -> TrainStep:
+                    temperature: float = 1.0, token_chunk: int = 256,
+                    keep_logits: bool = False) -> TrainStep:
     """Builds the jitted train step (see the module docstring for what one step computes).
 
     Args:
@@ -424,6 +425,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         chunk's [V, D] LM-head gradient into the total: with 32 chunks of 64 that sum cost
         ~0.5 s per SmolLM2 step; 256 (~50 MB of float32 logits live per chunk) measured
         fastest, ~15% faster in fp32 (benchmarks/README.md).
+      keep_logits: `mismatch.rescore`'s option. False (default): the backward pass recomputes
+        each chunk's logits, so the step never holds more than one chunk's; True keeps all
+        [B, T − score_from, V] float32 logits for the backward pass (what a trainer that
+        materialises the logits holds), which saved ~5% of a SmolLM2 step on CPU.
 
     Returns:
       A `TrainStep` ``step(state, batch, **opt_signals) -> (state, metrics)``. The input
@@ -454,8 +459,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     compute_dtype = precision.parse_dtype(compute_dtype)
     if not isinstance(loss_config, losses.LossConfig):
         raise ValueError(f"loss_config must be a losses.LossConfig, got {type(loss_config).__name__}.")
-    if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1:
-        raise ValueError(f"token_chunk must be a positive int, got {token_chunk!r}.")
+    mismatch.check_chunk_options(token_chunk, keep_logits)
     if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
         raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}.")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -478,7 +482,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             model.dtype = compute_dtype  # the graph may carry the dtype the model was built with
             logp_BT = mismatch.rescore(model, mb.tokens_BT, mb.valid_BT, response_mask_BT=mb.response_mask_BT,
                                        temperature=temperature, score_from=mb.score_from,
-                                       token_chunk=token_chunk)
+                                       token_chunk=token_chunk, keep_logits=keep_logits)
             # One update per rollout: π_old is π_θ itself, detached (its value, not its gradient).
             old_BT = jax.lax.stop_gradient(logp_BT)
             loss, _ = losses.compute_policy_loss(logp_BT, old_BT, mb.sampler_logp_BT, mb.advantages_B,

@@ -368,6 +368,9 @@ def test_validation_errors():
         ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", n_microbatches=0)
     with pytest.raises(ValueError, match="dtype"):
         ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="int8")
+    for bad in ({"token_chunk": 0}, {"keep_logits": "yes"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", **bad)
     step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", n_microbatches=3)
     with pytest.raises(ValueError, match="multiple of n_microbatches"):
         step(state, _batch(B=8))
