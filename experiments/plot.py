@@ -22,6 +22,7 @@ matplotlib.use("Agg")  # Files only; no display on servers or in CI.
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rl_mismatch.metric_writing import read_metrics  # noqa: E402
+from rl_mismatch.train_step import gradient_noise_scale  # noqa: E402
 
 # (metric key, panel title, log-scale y).
 PANELS = (
@@ -62,9 +63,7 @@ def smoothed_noise_scale(rows: Sequence[dict], cfg: dict | None, window: int = N
         if recent:
             small = sum(r["opt/grad_sq_small"] for r in recent) / len(recent)
             big = sum(r["opt/grad_sq_big"] for r in recent) / len(recent)
-            grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
-            trace = (small - big) / (1 / b_small - 1 / b_big)
-            row["opt/grad_noise_scale"] = trace / grad_sq if grad_sq > 0 else math.inf
+            row["opt/grad_noise_scale"] = float(gradient_noise_scale(small, big, b_small, b_big))
         out.append(row)
     return out
 
