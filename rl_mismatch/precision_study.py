@@ -141,18 +141,21 @@ def rounded_weights_view(model: Decoder, dtype) -> Decoder:
 # Scoring fixed tokens.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
-def _rescore(graphdef, state, tokens_BT, valid_BT, mask_BT, *, temperature):
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "score_from"))
+def _rescore(graphdef, state, tokens_BT, valid_BT, mask_BT, *, temperature, score_from):
     return mismatch.rescore(nnx.merge(graphdef, state), tokens_BT, valid_BT,
-                            response_mask_BT=mask_BT, temperature=temperature)
+                            response_mask_BT=mask_BT, temperature=temperature, score_from=score_from)
 
 
 def rescore_log_probs(model: Decoder, tokens_BT, valid_BT, response_mask_BT, *,
-                      temperature: float = 1.0) -> jax.Array:
-    """Trainer log-probs: :func:`rl_mismatch.mismatch.rescore` (one full forward), jitted."""
+                      temperature: float = 1.0, score_from: int = 1) -> jax.Array:
+    """Trainer log-probs: :func:`rl_mismatch.mismatch.rescore` (one full forward), jitted.
+
+    ``score_from``: a rollout's ``prompt_width``, so the LM head skips the prompt columns.
+    """
     graphdef, state = nnx.split(model)
     return _rescore(graphdef, state, jnp.asarray(tokens_BT), jnp.asarray(valid_BT),
-                    jnp.asarray(response_mask_BT), temperature=float(temperature))
+                    jnp.asarray(response_mask_BT), temperature=float(temperature), score_from=score_from)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_width", "temperature", "cache_segment"))
@@ -271,13 +274,13 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
     fwd = {}
     for d in cfg.dtypes:
         fwd[d] = np.asarray(rescore_log_probs(trainer_view(master, d), tokens, valid, mask,
-                                              temperature=temperature))
+                                              temperature=temperature, score_from=P))
         done(f"rescore {SHORT.get(d, d)}")
     rounded = {}
     for d in cfg.dtypes:
         if d != "float32":
             rounded[d] = np.asarray(rescore_log_probs(rounded_weights_view(master, d), tokens, valid, mask,
-                                                      temperature=temperature))
+                                                      temperature=temperature, score_from=P))
             done(f"rescore fp32 w/ {SHORT.get(d, d)} weights")
 
     rows, log_ratios = [], {}
@@ -315,7 +318,8 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
         for d in cfg.batch1_dtypes:
             view = trainer_view(master, d)
             alone = np.concatenate([np.asarray(rescore_log_probs(view, tokens[i:i + 1], valid[i:i + 1],
-                                                                 mask[i:i + 1], temperature=temperature))
+                                                                 mask[i:i + 1], temperature=temperature,
+                                                                 score_from=P))
                                     for i in range(n1)])
             s = SHORT.get(d, d)
             add("attribution", f"{s} batch 1 vs batch {tokens.shape[0]} (first {n1} rows)", alone,
@@ -328,7 +332,8 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
         jax.block_until_ready(roll_p.logp_BT)
         done(f"sample fp32 top-p {cfg.top_p}")
         trainer_p = np.asarray(rescore_log_probs(master, roll_p.tokens_BT, roll_p.valid_BT,
-                                                 roll_p.response_mask_BT, temperature=temperature))
+                                                 roll_p.response_mask_BT, temperature=temperature,
+                                                 score_from=roll_p.prompt_width))
         done("rescore top-p set fp32")
         mp = roll_p.response_mask_BT
         trunc = np.asarray(roll_p.logp_truncated_BT)
