@@ -241,11 +241,22 @@ def overlong_penalty(lengths_B: np.ndarray, max_new_tokens: int, buffer: int, we
 # Multi-host helpers
 
 
-def _gather_rows(x: np.ndarray) -> np.ndarray:
-    """This process's rows -> the global rows (process order), on every process."""
+def _gather_rows(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each array's rows of this process -> its global rows (process order), on every process.
+
+    The arrays share their leading (row) dimension and travel as the columns of one array of
+    their common dtype (``np.result_type``: exact for the bool/int/float mixes used here), so
+    a step costs one collective per call, not one per array.
+    """
+    arrays = tuple(np.asarray(a) for a in arrays)
     if jax.process_count() == 1:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+        return arrays
+    common = np.result_type(*arrays)
+    widths = [int(np.prod(a.shape[1:], dtype=np.int64)) for a in arrays]
+    packed = np.concatenate([a.astype(common).reshape(len(a), w) for a, w in zip(arrays, widths)], axis=1)
+    gathered = np.asarray(multihost_utils.process_allgather(packed, tiled=True))
+    columns = np.split(gathered, np.cumsum(widths)[:-1], axis=1)
+    return tuple(c.reshape(-1, *a.shape[1:]).astype(a.dtype) for c, a in zip(columns, arrays))
 
 
 def _replicated_key(seed: int, stream: int, mesh: jax.sharding.Mesh) -> jax.Array:
@@ -402,7 +413,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
         for step in range(start, cfg.steps):
             t0, c0 = time.perf_counter(), _compile_seconds()
             batch = batches[step]
-            prompts = (_gather_rows(batch.tokens_BP), _gather_rows(batch.valid_BP))
+            prompts = _gather_rows(batch.tokens_BP, batch.valid_BP)
             train = loop["train"]
             # The weight sync: float32 master -> sampler dtype and layout.
             sampler_model = sampler.sync_weights(nnx.merge(graphdef, train.params), sampler_dtype, mesh)
@@ -420,8 +431,8 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
                                  score_fns=score_fns)
             penalty = overlong_penalty(host["lengths"][row_slice], N, cfg.task.overlong_buffer,
                                        cfg.task.overlong_weight)
-            rewards = _gather_rows(scored["rewards"] + penalty)
-            correct, formatted = _gather_rows(scored["correct"]), _gather_rows(scored["formatted"])
+            rewards, correct, formatted, penalties = _gather_rows(
+                scored["rewards"] + penalty, scored["correct"], scored["formatted"], penalty)
             if not np.all(np.isfinite(rewards)):
                 bad = np.flatnonzero(~np.isfinite(rewards)).tolist()
                 raise ValueError(f"Non-finite rewards at step {step}, rows {bad}; the reward function must "
@@ -447,7 +458,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
             host_metrics = {
                 "reward/mean": rewards.mean(), "reward/std": rewards.std(),
                 "reward/accuracy": correct.mean(), "reward/format": formatted.mean(),
-                "reward/overlong_penalty": _gather_rows(penalty).mean(),
+                "reward/overlong_penalty": penalties.mean(),
                 "reward/zero_advantage_groups": np.mean(groups.max(1) == groups.min(1)),
                 "rollout/response_length_mean": lengths.mean(), "rollout/response_length_max": lengths.max(),
                 "rollout/response_length_min": lengths.min(), "rollout/finished_frac": host["finished"].mean(),

@@ -331,3 +331,28 @@ def test_nan_reward_stops_the_run_and_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "score", real_score)
     experiment.run(_tiny(), tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(6))
+
+
+def test_gather_rows_packs_mixed_dtypes_into_one_collective(monkeypatch):
+    # Two processes simulated: the other process's rows are this one's reversed. One
+    # process_allgather call must carry all arrays and give each back in its own dtype/shape.
+    calls = []
+
+    def fake_allgather(x, tiled):
+        assert tiled
+        calls.append(x.shape)
+        return np.concatenate([x, x[::-1]])
+
+    monkeypatch.setattr(experiment.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(experiment.multihost_utils, "process_allgather", fake_allgather)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50_000, (3, 5)).astype(np.int32)
+    valid = rng.random((3, 5)) > 0.3
+    rewards = rng.normal(size=3)
+    flags = np.array([True, False, True])
+    got = experiment._gather_rows(tokens, valid, rewards, flags)
+    assert len(calls) == 1
+    for g, a in zip(got, (tokens, valid, rewards, flags)):
+        assert g.dtype == a.dtype
+        np.testing.assert_array_equal(g, np.concatenate([a, a[::-1]]))
+    assert experiment._gather_rows(rewards)[0].shape == (6,)
