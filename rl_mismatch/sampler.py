@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ import numpy as np
 from flax import nnx, struct
 
 from rl_mismatch import sharding as shd
-from rl_mismatch.models.decoder import Decoder, grow_cache, init_cache
+from rl_mismatch.models.decoder import Decoder, KVCache, grow_cache, init_cache
 from rl_mismatch.precision import parse_dtype
 
 
@@ -299,19 +300,27 @@ def decode_loop(model: Decoder, prompt_BP, prompt_valid_BP, *, max_new_tokens: i
     layers = model.layer_states()  # sliced once: loop invariants, not per-step copies
     logits_B1V, cache = model.decode(prompt_BP, cache, valid_BT=prompt_valid_BP, layers=layers, last_only=True)
 
-    def body(state):
-        i, logits_BV, cache, carry, finished_B = state
-        tokens_B, fed_valid_B, carry, finished_B = step(i, logits_BV, carry, finished_B)
-        logits_B1V, cache = model.decode(tokens_B[:, None], cache, valid_BT=fed_valid_B[:, None], layers=layers)
-        return i + 1, logits_B1V[:, 0], cache, carry, finished_B
+    def body(s: _LoopState) -> _LoopState:
+        tokens_B, fed_valid_B, carry, finished_B = step(s.i, s.logits_BV, s.carry, s.finished_B)
+        logits_B1V, cache = model.decode(tokens_B[:, None], s.cache, valid_BT=fed_valid_B[:, None], layers=layers)
+        return _LoopState(s.i + 1, logits_B1V[:, 0], cache, carry, finished_B)
 
-    i, logits_BV = jnp.zeros((), jnp.int32), logits_B1V[:, 0]
+    s = _LoopState(jnp.zeros((), jnp.int32), logits_B1V[:, 0], cache, carry, finished_B)
     for n, size in enumerate(sizes):
         if n:
-            cache = constrain(grow_cache(cache, P + size))
-        i, logits_BV, cache, carry, finished_B = jax.lax.while_loop(
-            lambda s, size=size: (s[0] < size) & ~jnp.all(s[4]), body, (i, logits_BV, cache, carry, finished_B))
-    return carry, finished_B
+            s = s._replace(cache=constrain(grow_cache(s.cache, P + size)))
+        s = jax.lax.while_loop(lambda s, size=size: (s.i < size) & ~jnp.all(s.finished_B), body, s)
+    return s.carry, s.finished_B
+
+
+class _LoopState(NamedTuple):
+    """The decoding loop's state: response index, next-token logits, KV cache, caller's carry."""
+
+    i: jax.Array
+    logits_BV: jax.Array
+    cache: KVCache
+    carry: Any
+    finished_B: jax.Array
 
 
 def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: SamplingConfig, mesh):
@@ -423,6 +432,33 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
       ValueError: empty batch, a prompt longer than the context, or a mesh the batch or heads do
         not fit.
     """
+    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=False)
+    return _real_rows(program(state, tokens, valid, key), B)
+
+
+def precompile(model: Decoder, prompts, cfg: SamplingConfig, *, mesh: jax.sharding.Mesh | None = None) -> None:
+    """Compiles :func:`generate`'s program for ``prompts``' bucket without sampling.
+
+    Arguments as for :func:`generate`. Every row is passed as padding, so the decoding loop
+    exits at once (only the prefill runs); a later ``generate`` call in the same batch and
+    prompt-width bucket compiles nothing. For timing a sampler without its compilation, or
+    compiling before a run's first step.
+    """
+    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=True)
+    jax.block_until_ready(_real_rows(program(state, tokens, valid, jax.random.key(0)), B))
+
+
+def _real_rows(rollout: Rollout, B: int) -> Rollout:
+    """The first ``B`` rows: the batch padding cut off."""
+    if rollout.tokens_BT.shape[0] == B:
+        return rollout
+    return jax.tree.map(lambda a: a[:B], rollout)
+
+
+def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool):
+    """``(program, state, tokens_BP, valid_BP, B)``: the compiled sampler for the bucket of
+    ``prompts`` and its inputs, padded to the bucket (``B`` real rows; all rows marked as
+    padding if ``blank``)."""
     context = model.config.max_seq_len - cfg.max_new_tokens
     if context <= 0:
         raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the "
@@ -435,9 +471,11 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
     tokens, valid = pad_prompts(lists, pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
     B = tokens.shape[0]
     Bb = batch_bucket(B, mesh.shape[shd.DATA] if mesh is not None else 1)
-    if Bb > B:  # all-padding rows: finished from the start, cut off below
+    if Bb > B:  # all-padding rows: finished from the start, cut off by generate
         tokens = np.concatenate([tokens, np.full((Bb - B, tokens.shape[1]), cfg.pad_id, np.int32)])
         valid = np.concatenate([valid, np.zeros((Bb - B, valid.shape[1]), bool)])
+    if blank:
+        valid = np.zeros_like(valid)
     graphdef, state = nnx.split(model)
     if mesh is not None:
         shd.state_shardings(state, mesh, shd.SAMPLER_RULES)  # raises a clear error on a bad mesh
@@ -451,7 +489,4 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
             sharding = shd.batch_sharding(mesh)
             tokens, valid = (jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
                              for a in (tokens, valid))
-    rollout = _compiled(graphdef, cfg, mesh)(state, tokens, valid, key)
-    if Bb > B:
-        rollout = jax.tree.map(lambda a: a[:B], rollout)
-    return rollout
+    return _compiled(graphdef, cfg, mesh), state, tokens, valid, B

@@ -257,6 +257,18 @@ def test_second_call_in_the_same_bucket_compiles_nothing(model, count_compiles):
     assert second.n == 0
 
 
+def test_precompile_compiles_the_bucket_without_sampling(model, count_compiles):
+    cfg = smp.SamplingConfig(max_new_tokens=5, temperature=1.0, prompt_bucket=16)
+    with count_compiles() as first:
+        smp.precompile(model, _prompts((3, 12, 5)), cfg)
+    assert first.n >= 1
+    with count_compiles() as second:
+        out = smp.generate(model, _prompts((14, 2, 9), seed=1), jax.random.key(1), cfg)
+        jax.block_until_ready(out.tokens_BT)
+    assert second.n == 0
+    assert out.tokens_BT.shape == (3, 16 + 5) and int(np.asarray(out.response_lengths_B).min()) >= 1
+
+
 def test_bad_inputs_raise_clear_errors(model):
     cfg = smp.SamplingConfig(max_new_tokens=4)
     key = jax.random.key(0)
