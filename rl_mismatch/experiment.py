@@ -159,8 +159,9 @@ def tiny_chat_tokenizer():
     return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<pad>", chat_template=CHATML_TEMPLATE)
 
 
-def load_model(settings: ModelSettings, *, dtype: Any, key: jax.Array):
-    """The trainer's model (float32 master weights computing in ``dtype``) and its tokenizer."""
+def load_model(settings: ModelSettings, *, dtype: Any, key: jax.Array, remat: str = "layer"):
+    """The trainer's model (float32 master weights computing in ``dtype``, ``Decoder(remat=)``)
+    and its tokenizer."""
     from rl_mismatch.models import Decoder, load_pretrained, tiny_config
 
     if settings.source == TINY_MODEL:
@@ -168,9 +169,9 @@ def load_model(settings: ModelSettings, *, dtype: Any, key: jax.Array):
         vocab = -(-tok.vocab_size // 8) * 8  # Rounded up so a model axis of 2, 4 or 8 divides it.
         config = tiny_config(vocab_size=vocab, max_seq_len=settings.tiny_max_seq_len)
         seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-        return Decoder(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed)), tok
+        return Decoder(config, dtype=dtype, param_dtype=jnp.float32, remat=remat, rngs=nnx.Rngs(seed)), tok
     return load_pretrained(settings.source, dtype=dtype, param_dtype=jnp.float32,
-                           cache_dir=settings.cache_dir or None)
+                           cache_dir=settings.cache_dir or None, remat=remat)
 
 
 def prepare_task(settings: TaskSettings, data_dir: str) -> str:
@@ -338,7 +339,8 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     split = tasks.load_split(name, tasks.TRAIN_SPLIT, data_dir)
 
     trainer_dtype, sampler_dtype = parse_dtype(cfg.trainer.dtype), parse_dtype(cfg.sampler.dtype)
-    model, tok = load_model(cfg.model, dtype=trainer_dtype, key=jax.random.fold_in(root, _MODEL_INIT))
+    model, tok = load_model(cfg.model, dtype=trainer_dtype, key=jax.random.fold_in(root, _MODEL_INIT),
+                            remat=cfg.trainer.remat)
     N = cfg.sampler.max_new_tokens
     context = model.config.max_seq_len
     max_prompt_len = cfg.rollout.max_prompt_len or context - N
@@ -370,7 +372,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     step_fn = train_step.make_train_step(
         graphdef, optimizer, cfg.loss.loss_config(), compute_dtype=trainer_dtype,
         n_microbatches=cfg.trainer.n_microbatches, mesh=mesh, loss_scale=loss_scale,
-        temperature=cfg.sampler.temperature)
+        temperature=cfg.sampler.temperature, keep_logits=cfg.trainer.keep_logits)
 
     # Everything a resumed run needs that the config does not already determine.
     loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}

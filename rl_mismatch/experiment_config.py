@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from rl_mismatch import losses
+from rl_mismatch.models.decoder import Remat
 from rl_mismatch.precision import parse_dtype
 from rl_mismatch.sampler import SamplingConfig
 
@@ -182,24 +183,33 @@ class SamplerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainerSettings:
-    """The trainer's precision.
+    """The trainer's precision, and what its backward pass recomputes.
 
     Attributes:
       dtype: compute dtype of the forward/backward (master weights stay float32).
       n_microbatches: gradient accumulation steps per RL step (divides the batch).
       loss_scale_initial, loss_scale_growth_interval: dynamic loss scaling (float16 only).
+      remat: ``Decoder(remat=...)``: "layer" keeps each layer's input and recomputes the rest,
+        "projections" also keeps the projections' outputs, "none" keeps everything.
+      keep_logits: ``make_train_step(keep_logits=...)``: keep every LM-head chunk's float32
+        logits for the backward pass instead of recomputing them.
+      The last two trade memory for compute and change no number beyond summation order, so a
+      run may resume with other values (benchmarks/README.md has CPU timings).
     """
 
     dtype: str = "float32"
     n_microbatches: int = 1
     loss_scale_initial: float = 2.0**15
     loss_scale_growth_interval: int = 2000
+    remat: str = "layer"
+    keep_logits: bool = False
 
     def __post_init__(self):
         try:
             parse_dtype(self.dtype)
         except ValueError as e:
             raise ValueError(f"config.trainer.dtype: {e}") from None
+        _check_literal(self.remat, Remat, "trainer.remat")
         _require(self.n_microbatches >= 1, "trainer.n_microbatches", f"= {self.n_microbatches} must be >= 1.")
         _require(self.loss_scale_initial > 0 and self.loss_scale_growth_interval >= 1,
                  "trainer.loss_scale_initial", "must be > 0 and loss_scale_growth_interval >= 1.")
@@ -313,8 +323,9 @@ class MeshSettings:
                  f"= {self.data} / mesh.model = {self.model}: need data >= 1 (or -1) and model >= 1.")
 
 
-# Settings that may change between a run and its resumption (they do not change the numbers).
-RESUMABLE_KEYS = ("steps", "checkpoint", "log")
+# Settings that may change between a run and its resumption (they do not change the numbers);
+# dotted for a setting inside a group.
+RESUMABLE_KEYS = ("steps", "checkpoint", "log", "trainer.remat", "trainer.keep_logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,7 +419,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: s
     """``"key: old -> new"`` for every setting that differs, ignoring :data:`RESUMABLE_KEYS`."""
     out = []
     for key in sorted(set(old) | set(new)):
-        if not prefix and key in RESUMABLE_KEYS:
+        if f"{prefix}{key}" in RESUMABLE_KEYS:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "kwargs":

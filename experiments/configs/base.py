@@ -54,6 +54,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.trainer.n_microbatches = 1
     c.trainer.loss_scale_initial = 2.0**15  # float16 only.
     c.trainer.loss_scale_growth_interval = 2000
+    # Memory vs compute, same numbers: "layer" / "projections" / "none" kept per layer, and
+    # whether the LM head's float32 logits are kept for the backward pass or recomputed.
+    c.trainer.remat = "layer"
+    c.trainer.keep_logits = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6

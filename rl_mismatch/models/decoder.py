@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,13 @@ _REMAT_POLICIES = {  # Decoder(remat=...) -> jax.checkpoint policy of the layer 
     "projections": jax.checkpoint_policies.save_only_these_names(_PROJECTION),
     "none": None,  # no jax.checkpoint at all
 }
+Remat = Literal["layer", "projections", "none"]  # the keys above, for configs
+
+
+def check_remat(remat) -> None:
+    """Raises ValueError unless ``remat`` names a policy of ``Decoder(remat=...)``."""
+    if remat not in _REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; choose one of {sorted(_REMAT_POLICIES)}.")
 
 
 def _dot(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -287,8 +294,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: str = "layer", rngs: nnx.Rngs):
-        if remat not in _REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}; choose one of {sorted(_REMAT_POLICIES)}.")
+        check_remat(remat)
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
@@ -469,8 +475,9 @@ def _expected_torch_shape(how: str, c: ModelConfig) -> tuple[int, ...] | None:
 
 
 def from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *,
-                       dtype=jnp.float32, param_dtype=jnp.float32) -> Decoder:
-    """Builds a ``Decoder`` from HF-named tensors in torch's ``[out, in]`` layout.
+                       dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "layer") -> Decoder:
+    """Builds a ``Decoder`` (``dtype``, ``param_dtype``, ``remat`` as in its constructor) from
+    HF-named tensors in torch's ``[out, in]`` layout.
 
     Raises:
       ValueError: a tensor is missing, or its shape disagrees with ``config``.
@@ -486,7 +493,7 @@ def from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray]
                              f"{tuple(shape)}; the checkpoint and config.json disagree.")
         return w
 
-    model = nnx.eval_shape(lambda: Decoder(c, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Decoder(c, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)))
     D, V = c.d_model, c.vocab_size
     values = {"embed": get("model.embed_tokens.weight", (V, D)),
               "final_norm": get("model.norm.weight", (D,))}

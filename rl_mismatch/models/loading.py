@@ -55,7 +55,7 @@ _MIB = 1 << 20
 
 
 def load_pretrained(source: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any = "float32",
-                    cache_dir: str | os.PathLike | None = None):
+                    cache_dir: str | os.PathLike | None = None, remat: str = "layer"):
     """Loads a pretrained decoder and its tokenizer.
 
     Args:
@@ -63,23 +63,25 @@ def load_pretrained(source: str | os.PathLike, *, dtype: Any = "float32", param_
       dtype: compute dtype (``jnp.float32``/``"bf16"``/``"fp16"``...).
       param_dtype: storage dtype of the parameters.
       cache_dir: where dequantized GGUF files are cached (default ``~/.cache/rl_mismatch``).
+      remat: what the backward pass recomputes (:class:`~rl_mismatch.models.decoder.Decoder`).
 
     Returns:
       ``(model, tokenizer)``: a :class:`~rl_mismatch.models.decoder.Decoder` and a :class:`Tokenizer`.
 
     Raises:
       FileNotFoundError: the source or a file it needs does not exist.
-      ValueError: an unknown dtype name, a corrupt file, an unsupported architecture or
+      ValueError: an unknown dtype name or ``remat``, a corrupt file, an unsupported architecture or
         quantization, a tensor that disagrees with the config, or a tokenizer larger than the
         embedding.
     """
-    from rl_mismatch.models.decoder import from_hf_state_dict
+    from rl_mismatch.models.decoder import check_remat, from_hf_state_dict
     from rl_mismatch.precision import parse_dtype
 
     dtype, param_dtype = parse_dtype(dtype), parse_dtype(param_dtype)  # Fail before any file work.
+    check_remat(remat)
     hf_config, state_dict, tokenizer = load_state_dict(source, cache_dir=cache_dir)
     model = from_hf_state_dict(ModelConfig.from_hf_config(hf_config), state_dict, dtype=dtype,
-                               param_dtype=param_dtype)
+                               param_dtype=param_dtype, remat=remat)
     return model, tokenizer
 
 
