@@ -255,7 +255,7 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
       keep_logits: static, matters only under differentiation (chunked path only). False:
         the backward pass recomputes each chunk's logits, so memory holds one chunk's
         ``token_chunk × V`` float32 logits at a time; the price is a second LM-head matmul
-        (benchmarks/README.md: SmolLM2 train step ~5% slower on CPU). True: every chunk's
+        (benchmarks/README.md: a SmolLM2 train step 6–14% slower on CPU). True: every chunk's
         logits are kept for the backward pass, [B, T − score_from, V] float32 in all, as a
         plain ``logits_BTV`` forward would; for short responses and small vocabularies.
 

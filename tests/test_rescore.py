@@ -1,6 +1,8 @@
 """Tests for rescoring through a Decoder: the chunked LM head, and gradients through the
 decoder's mixed-precision matmuls and rematerialised layers."""
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from flax import nnx
 
 from rl_mismatch import mismatch
 from rl_mismatch.models import Decoder, tiny_config
-from rl_mismatch.models.decoder import _mixed_einsum
+from rl_mismatch.models.decoder import _REMAT_POLICIES, Remat, _mixed_einsum
 
 B, T, P = 3, 20, 10
 # Both paths compute the same logits (same casts, float32 accumulation); only the matmul
@@ -136,6 +138,7 @@ def test_mixed_einsum_vjp():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="remat"):
         Decoder(tiny_config(), remat="some", rngs=nnx.Rngs(0))
+    assert set(typing.get_args(Remat)) == set(_REMAT_POLICIES)  # the config's names are the policies
     model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
     tokens, valid, _ = _inputs()
     for kwargs in ({"score_from": 0}, {"score_from": T}, {"temperature": 0.0}, {"token_chunk": 0},
