@@ -18,7 +18,8 @@ Where the sampler's numbers differ from the trainer's, they differ on purpose, i
    log-probs (full and truncated) are recorded, with the log of the kept mass.
 
 Shapes are bucketed (batch to a power of two that the data axis divides, prompt length to a
-multiple of ``prompt_bucket``) so that steady-state calls reuse the compiled program.
+multiple of ``prompt_bucket``) so that steady-state calls reuse the compiled program;
+``precompile`` compiles a bucket's program ahead of the first call.
 """
 
 from __future__ import annotations
@@ -441,8 +442,8 @@ def precompile(model: Decoder, prompts, cfg: SamplingConfig, *, mesh: jax.shardi
 
     Arguments as for :func:`generate`. Every row is passed as padding, so the decoding loop
     exits at once (only the prefill runs); a later ``generate`` call in the same batch and
-    prompt-width bucket compiles nothing. For timing a sampler without its compilation, or
-    compiling before a run's first step.
+    prompt-width bucket compiles nothing (with a typed ``jax.random.key``, the key kind used
+    here). For timing a sampler without its compilation, or compiling before a run's first step.
     """
     program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=True)
     jax.block_until_ready(_real_rows(program(state, tokens, valid, jax.random.key(0)), B))
