@@ -9,9 +9,12 @@ Numerics (every one of these is a mismatch decision, so they are explicit):
 * RMSNorm statistics, RoPE rotation and the attention softmax run in float32; their outputs are
   rounded to ``dtype`` (as HF does for the norm).
 * The KV cache is stored in ``dtype``. Logits are returned in float32.
-* Backward pass (``_mixed_einsum``): cotangents entering a matmul are rounded to ``dtype``, the
-  backward matmuls accumulate in float32, weight gradients come back in the weights' own
-  dtype (float32 master weights: float32 gradients, never rounded to ``dtype``).
+* Backward pass (``_mixed_einsum``): cotangents entering a projection or LM-head matmul are
+  rounded to ``dtype``, the backward matmuls accumulate in float32, weight gradients come back
+  in the weights' own dtype (float32 master weights: float32 gradients, never rounded to
+  ``dtype``). The two attention matmuls keep JAX's own rule: their float32 score and output
+  cotangents are not rounded (benchmarks/README.md: rounding them was no faster on CPU, and
+  XLA:CPU rejects one of the resulting bf16 contractions).
 
 Token layout. Batches are left-padded: ``valid_BT`` is False on padding, padded keys are never
 attended, and RoPE positions default to ``cumsum(valid) - 1`` so a sequence's first real token
