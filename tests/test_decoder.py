@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rl_mismatch.models import decoder
 from rl_mismatch.models.config import ModelConfig, tiny_config
 from rl_mismatch.models.decoder import Decoder, from_hf_state_dict, grow_cache, init_cache, to_hf_state_dict
 
@@ -34,8 +35,11 @@ def _left_padded(B, T, pads, vocab, seed=0):
     return jnp.asarray(np.where(valid, tokens, 0)), jnp.asarray(valid)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_kv_cache_decode_equals_full_forward(variant):
+@pytest.mark.parametrize("variant,causal_block", [(v, 128) for v in sorted(VARIANTS)] + [("llama_tied", 4)])
+def test_kv_cache_decode_equals_full_forward(variant, causal_block, monkeypatch):
+    # causal_block 4: the full forward's attention runs in query blocks of 4 (14 = 4+4+4+2),
+    # each against the keys up to its end; the decode path never blocks.
+    monkeypatch.setattr(decoder, "_CAUSAL_BLOCK", causal_block)
     cfg = tiny_config(**VARIANTS[variant])
     model = _randomise(Decoder(cfg, rngs=nnx.Rngs(0)))
     pads = [0, 3, 7, 1]  # mixed prompt lengths in one batch (left padding)
@@ -55,6 +59,21 @@ def test_kv_cache_decode_equals_full_forward(variant):
     # association (cache slots vs. a TxT block), so they agree to a few ulp of O(1) logits.
     np.testing.assert_allclose(np.where(valid[..., None], incremental, 0),
                                np.where(valid[..., None], full, 0), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("T,block", [(20, 8), (21, 8), (9, 16), (7, 1)])
+def test_causal_attention_in_blocks_equals_one_block(T, block):
+    B, N, K, H = 3, 4, 2, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), shape) for i, shape in
+               enumerate([(B, T, N, H), (B, K, T, H), (B, K, T, H)]))
+    valid = jnp.arange(T)[None, :] >= jnp.array([[0], [2], [5]])  # left padding
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
+    full = decoder._attention(q, k, v, allowed)
+    blocked = decoder._causal_attention(q, k, v, allowed, block=block)
+    # Every query with an allowed key sums the same nonzero terms (masked ones are exact
+    # zeros); only the summation's length differs, so a few float32 ulp of O(1) outputs.
+    np.testing.assert_allclose(np.where(valid[:, :, None, None], blocked, 0),
+                               np.where(valid[:, :, None, None], full, 0), rtol=0, atol=1e-6)
 
 
 def test_grown_cache_decodes_like_one_allocation():
