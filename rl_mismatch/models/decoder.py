@@ -146,13 +146,14 @@ def _causal_attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, block: int | None = N
     ``block`` (default ``_CAUSAL_BLOCK``) query positions at a time, each block against the
     keys up to its last position.
 
-    The key blocks above the diagonal are all masked, so skipping them changes nothing for a
-    query with at least one allowed key (the masked scores' ``exp`` is exactly 0 and adds
-    nothing to the softmax's sums); only a query with none (left padding, whose output nothing
-    reads) averages over fewer values. It saves those blocks' matmuls and elementwise passes:
-    at T = 256 the blocks hold 3/4 of the [T, T] scores, and SmolLM2's 30 layers of attention,
-    forward + recomputed forward + backward, took 1.13 vs 1.48 s (fp32) and 1.30 vs 1.65 s
-    (bf16) on CPU, outputs bitwise equal (benchmarks/README.md).
+    The key blocks above the diagonal are all masked, so skipping them leaves every query with
+    an allowed key the same terms to sum (the masked scores' ``exp`` is exactly 0), summed over
+    shorter rows: equal up to summation order (bitwise in the micro-benchmark, last float32
+    bits in SmolLM2's forward). Only a query with no allowed key (left padding, whose output
+    nothing reads) averages over fewer values. It saves those blocks' matmuls and elementwise
+    passes: at T = 256 the blocks hold 3/4 of the [T, T] scores, and SmolLM2's 30 layers of
+    attention, forward + recomputed forward + backward, took 1.13 vs 1.48 s (fp32) and 1.30
+    vs 1.65 s (bf16) on CPU (benchmarks/README.md).
     """
     block = _CAUSAL_BLOCK if block is None else block
     T = q_BTNH.shape[1]
