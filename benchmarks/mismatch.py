@@ -36,7 +36,8 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (prompt + response).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Leading columns outside the response mask.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Trainer compute dtypes to time.")
-_TOKEN_CHUNK = flags.DEFINE_integer("token_chunk", 64, "Positions per LM-head chunk of the rescoring.")
+_TOKEN_CHUNK = flags.DEFINE_integer("token_chunk", mismatch.DEFAULT_TOKEN_CHUNK,
+                                    "Positions per LM-head chunk of the rescoring.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each program (minimum reported).")
 
 

@@ -213,8 +213,11 @@ def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, tempera
     return logp_BT, jnp.where(keep_BT, place(ent_BM), 0.0)
 
 
-# Rows of the LM head per chunk: 64 × 49152 float32 logits are 12.6 MB, reduced while in cache.
-DEFAULT_TOKEN_CHUNK = 64
+# Rows of the LM head per chunk (128 × 49152 float32 logits are 25 MB, reduced chunk by chunk).
+# benchmarks/mismatch.py, SmolLM2 8 × 256, rescore + metrics / forward: 128 gives 1.063–1.089
+# (fp32) and 1.001–1.019 (bf16) over three runs; 64 gave 1.083–1.089 and 1.025–1.071 (three and
+# two runs), 256 1.10 and 1.16 (one).
+DEFAULT_TOKEN_CHUNK = 128
 
 
 def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,

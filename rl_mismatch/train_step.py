@@ -421,7 +421,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       temperature: the sampler's temperature; logits are divided by it (as the sampler does)
         for the loss and the mismatch metrics alike.
       token_chunk: positions per LM-head chunk of the rescoring (`mismatch.rescore`). Larger
-        than rescoring's forward-only default of 64 because the backward pass adds each
+        than rescoring's forward-only default of 128 because the backward pass adds each
         chunk's [V, D] LM-head gradient into the total: with 32 chunks of 64 that sum cost
         ~0.5 s per SmolLM2 step; 256 (~50 MB of float32 logits live per chunk) measured
         fastest, ~15% faster in fp32 (benchmarks/README.md).
