@@ -472,7 +472,7 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool)
     tokens, valid = pad_prompts(lists, pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
     B = tokens.shape[0]
     Bb = batch_bucket(B, mesh.shape[shd.DATA] if mesh is not None else 1)
-    if Bb > B:  # all-padding rows: finished from the start, cut off by generate
+    if Bb > B:  # all-padding rows: finished from the start, cut off by _real_rows
         tokens = np.concatenate([tokens, np.full((Bb - B, tokens.shape[1]), cfg.pad_id, np.int32)])
         valid = np.concatenate([valid, np.zeros((Bb - B, valid.shape[1]), bool)])
     if blank:
