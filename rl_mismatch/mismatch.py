@@ -237,9 +237,9 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
       ``logits(h) -> z`` (a ``Decoder``): the LM head and its log-softmax run ``token_chunk``
       positions at a time, so the [B, T, V] logits never exist (under differentiation too,
       unless ``keep_logits``), and query positions before ``score_from − 1`` never reach the
-      LM head (benchmarks/mismatch.py, SmolLM2: rescoring + every metric costs 0.93–0.99x the
-      plain forward that returns the logits with ``score_from`` at the prompt width, 1.00x
-      (bf16) to 1.09x (fp32) scoring every column);
+      LM head (benchmarks/mismatch.py, SmolLM2, chunks of 128: rescoring + every metric costs
+      0.93–1.00x the plain forward that returns the logits with ``score_from`` at the prompt
+      width, 1.00–1.02x (bf16) and 1.06–1.09x (fp32) scoring every column);
     * any ``model(tokens_BT, positions_BT=, valid_BT=) -> logits_BTV``.
 
     Both give the same numbers up to float32 summation order.
