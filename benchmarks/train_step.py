@@ -1,7 +1,7 @@
 """Train-step throughput on SmolLM2-135M: rl_mismatch's jitted step vs HF transformers + torch AdamW.
 
     python benchmarks/train_step.py [--dtypes=fp32,bf16] [--steps=3] [--batch=8] [--seq_len=256]
-                                    [--keep_logits] [--skip_hf] [--random_init]
+                                    [--keep_logits] [--remat=layer] [--skip_hf] [--random_init]
 
 One process measures, for each compute dtype:
 
@@ -25,8 +25,13 @@ one untimed step (compilation / warm-up); the achieved FLOP rate is ≈ 6 × par
 (attention's T² terms left out, as is customary), reported as a fraction of the peak.
 """
 
+import os
+import typing
+
 import numpy as np
 from absl import app, flags
+
+from rl_mismatch.models.decoder import Remat
 
 from _common import hf_llama, matmul_peak, timed
 
@@ -39,6 +44,8 @@ _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Random weights of SmolLM
                                  "pretrained ones (throughput does not depend on the values).")
 _KEEP_LOGITS = flags.DEFINE_bool("keep_logits", False, "make_train_step(keep_logits=True): keep every LM-head chunk's "
                                   "logits for the backward pass, as HF does, instead of recomputing them.")
+_REMAT = flags.DEFINE_enum("remat", "layer", typing.get_args(Remat),
+                           "Decoder(remat=...): what our backward pass recomputes of each layer.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
 _FUSED = flags.DEFINE_bool("hf_fused_adamw", True, "torch.optim.AdamW(fused=True): torch's fastest CPU AdamW "
                            "(~3x faster than its default per-tensor loop here), so the baseline is not handicapped.")
@@ -146,10 +153,10 @@ def main(argv):
         from rl_mismatch.models.config import ModelConfig
 
         hf_config, _, _ = load_state_dict("smollm2-135m-instruct")
-        model = Decoder(ModelConfig.from_hf_config(hf_config), rngs=nnx.Rngs(0))
+        model = Decoder(ModelConfig.from_hf_config(hf_config), remat=_REMAT.value, rngs=nnx.Rngs(0))
         source = "random init, SmolLM2-135M config"
     else:
-        model, _ = load_pretrained("smollm2-135m-instruct")
+        model, _ = load_pretrained("smollm2-135m-instruct", remat=_REMAT.value)
         source = "pretrained SmolLM2-135M-Instruct"
     config = model.config
     hf_config = config.to_hf_config()
@@ -159,7 +166,8 @@ def main(argv):
     arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value)
     print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours keep_logits={_KEEP_LOGITS.value}")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours keep_logits={_KEEP_LOGITS.value}, "
+          f"remat={_REMAT.value}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
     for dtype_name in _DTYPES.value:
         peak = matmul_peak({"fp32": "float32", "bf16": "bfloat16"}[dtype_name])

@@ -222,9 +222,10 @@ def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, tempera
 
 
 # Rows of the LM head per chunk (128 × 49152 float32 logits are 25 MB, reduced chunk by chunk).
-# benchmarks/mismatch.py, SmolLM2 8 × 256, rescore + metrics / forward: 128 gives 1.063–1.089
-# (fp32) and 1.001–1.019 (bf16) over three runs; 64 gave 1.083–1.089 and 1.025–1.071 (three and
-# two runs), 256 1.10 and 1.16 (one).
+# benchmarks/mismatch.py, SmolLM2 8 × 256, rescore + metrics / forward, one chunk per loop
+# iteration: 128 gave 1.063–1.089 (fp32) and 1.001–1.019 (bf16) over three runs, 64 1.083–1.089
+# and 1.025–1.071, 256 1.10 and 1.16; with two chunks per iteration (_CHUNKS_PER_ITERATION),
+# 128 gives 1.008–1.050 (fp32, four runs) and 1.031–1.068 (bf16, six runs; ±3% run to run).
 DEFAULT_TOKEN_CHUNK = 128
 
 
@@ -246,8 +247,8 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
       positions at a time, so the [B, T, V] logits never exist (under differentiation too,
       unless ``keep_logits``), and query positions before ``score_from − 1`` never reach the
       LM head (benchmarks/mismatch.py, SmolLM2, chunks of 128: rescoring + every metric costs
-      0.93–1.00x the plain forward that returns the logits with ``score_from`` at the prompt
-      width, 1.00–1.02x (bf16) and 1.06–1.09x (fp32) scoring every column);
+      0.95–1.01x the plain forward that returns the logits with ``score_from`` at the prompt
+      width, 1.01–1.07x scoring every column, fp32 and bf16 alike);
     * any ``model(tokens_BT, positions_BT=, valid_BT=) -> logits_BTV``.
 
     Both give the same numbers up to float32 summation order.
