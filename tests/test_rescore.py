@@ -85,7 +85,7 @@ def test_gradient_through_chunks_equals_gradient_through_logits(remat, keep_logi
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale, err_msg=str(path))
 
 
-def test_gradient_memory_holds_one_chunk_of_logits():
+def test_gradient_memory_holds_one_iteration_of_logits():
     # Under jax.grad, the scan over chunks keeps every chunk's float32 logits for the backward
     # pass unless the chunks are recomputed. Measured on the compiled gradient: with 8192 tokens
     # of vocabulary, 32 rows of 32 scored positions have [1024, V] logits of 33.6 MB; with
