@@ -14,7 +14,7 @@ import tempfile
 
 from absl import app, flags
 
-from _common import timed
+from _common import machine, timed
 
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Cache directory (default: a fresh temporary one, so "
                                  "the first load is a real cold conversion).")
@@ -53,6 +53,7 @@ def main(argv):
         cache_dir = _CACHE_DIR.value or tmp
         cold, _, _ = timed(load_pretrained, path, cache_dir=cache_dir)
         cached = min(timed(load_pretrained, path, cache_dir=cache_dir)[0] for _ in range(_REPEATS.value))
+    print(f"machine: {machine()}")
     print(f"rl_mismatch load_pretrained, first load (dequantize + write cache): {cold:6.2f} s")
     print(f"rl_mismatch load_pretrained, cached load (min of {_REPEATS.value}):          {cached:6.2f} s")
     if _SKIP_TRANSFORMERS.value:

@@ -30,7 +30,7 @@ from flax import nnx
 from rl_mismatch import mismatch
 from rl_mismatch.models import load_pretrained
 
-from _common import timed
+from _common import machine, timed
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (prompt + response).")
@@ -53,7 +53,7 @@ def main(argv):
     sampler_logp = jnp.where(mask, jnp.asarray(-rng.exponential(2.0, (B, T)), jnp.float32), 0.0)
     sampler_ent = jnp.asarray(rng.exponential(1.0, (B, T)), jnp.float32)
     print(f"B={B} T={T} ({B * T} tokens, {B * (T - P)} scored), V={master.config.vocab_size}, "
-          f"devices={jax.devices()}")
+          f"devices={jax.devices()}\nmachine: {machine()}")
 
     metrics = jax.jit(lambda s, t, m, e: mismatch.compute_mismatch_metrics(s, t, m, sampler_entropy_BT=e))
     for dtype in _DTYPES.value:

@@ -32,7 +32,7 @@ from rl_mismatch import sampler as smp
 from rl_mismatch.models import from_hf_state_dict, load_state_dict
 from rl_mismatch.models.config import ModelConfig
 
-from _common import hf_llama, matmul_peak, timed
+from _common import hf_llama, machine, matmul_peak, timed
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Sampler dtypes.")
@@ -98,6 +98,7 @@ def main(argv):
         import torch
         torch.set_num_threads(_THREADS.value)
     peak = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
+    print(f"machine: {machine()}")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; matmul peak GFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
     N, P = _NEW_TOKENS.value, _PROMPT_LEN.value

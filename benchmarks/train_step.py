@@ -33,7 +33,7 @@ from absl import app, flags
 
 from rl_mismatch.models.decoder import Remat
 
-from _common import hf_llama, matmul_peak, timed
+from _common import hf_llama, machine, matmul_peak, timed
 
 _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measure.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per configuration (after one untimed step).")
@@ -167,7 +167,8 @@ def main(argv):
     print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours keep_logits={_KEEP_LOGITS.value}, "
-          f"remat={_REMAT.value}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+          f"remat={_REMAT.value}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n"
+          f"machine: {machine()}")
 
     for dtype_name in _DTYPES.value:
         peak = matmul_peak({"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
