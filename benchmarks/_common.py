@@ -51,7 +51,7 @@ def matmul_peak(dtype: str, sizes=(1024, 2048, 3072), repeats: int = 3) -> float
 
     ``dtype`` "float32": float32 operands; "bfloat16": bf16 operands accumulated in and returned
     as float32 (``preferred_element_type``), the decoder's choice (XLA:CPU's bf16 matmul with a
-    bf16 result is 2.4x slower on an AVX512-BF16 Zen 5 host and ~4x on an AMX Sapphire Rapids one).
+    bf16 result is 2-3x slower on an AVX512-BF16 Zen 5 host and ~4x on an AMX Sapphire Rapids one).
     """
     import jax
     import jax.numpy as jnp

@@ -12,7 +12,7 @@ Where the sampler's numbers differ from the trainer's, they differ on purpose, i
 1. Weight rounding in ``sync_weights`` (float32 master -> sampler dtype).
 2. Activations and the KV cache in the sampler dtype; matmuls accumulate in float32 and round to
    the sampler dtype (see ``rl_mismatch.models.decoder``). float32 accumulation is also the fast
-   choice on CPU: XLA's bf16 x bf16 -> bf16 matmul runs 2.4-4x slower than bf16 x bf16 -> f32
+   choice on CPU: XLA's bf16 x bf16 -> bf16 matmul runs 2-4x slower than bf16 x bf16 -> f32
    (measured on AVX512-BF16 Zen 5 and on AMX Sapphire Rapids; benchmarks/README.md).
 3. Incremental KV-cache decoding instead of one teacher-forced forward.
 4. Truncation (top-k / top-p): the token is drawn from the renormalised kept set, and both

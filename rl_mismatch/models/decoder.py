@@ -69,7 +69,8 @@ def _mixed_einsum(eq: str, x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
     accumulator, never rounded to the compute dtype on the way. In float32 this is exactly the
     default rule. In bfloat16 it is what a bf16 backward pass on a GPU/TPU does, and on CPU it
     keeps all three matmuls on the fast bf16 x bf16 -> f32 path: with the default rule the
-    float32 cotangent of the cast promotes the backward matmuls to float32 (2-4x slower on CPU).
+    float32 cotangent of the cast promotes the backward matmuls to float32 (up to 2x slower on a
+    Zen 5 CPU, ~4x on an AMX one; benchmarks/README.md).
     ``eq`` must be a plain two-operand contraction ("ab,bc->ac": no index repeated within an
     operand, every index of an operand present in the other operand or the output).
     """
