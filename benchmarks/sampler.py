@@ -2,6 +2,7 @@ r"""Sampler throughput on SmolLM2-135M-Instruct vs HF transformers ``generate``,
 
     python benchmarks/sampler.py                                   # everything (long on 2 cores)
     python benchmarks/sampler.py --batches=64 --dtypes=bfloat16 --lengths=   # one cell
+    python benchmarks/sampler.py --cpu_devices=2                   # ours on 2 CPU devices (a (2, 1) mesh)
 
 For every (dtype, batch): ``batch`` prompts of ``--prompt_len`` tokens, ``--new_tokens`` new
 tokens forced (no EOS: ``eos_ids=()`` here, ``min_new_tokens=max_new_tokens`` in HF), sampling
@@ -29,6 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from rl_mismatch import sampler as smp
+from rl_mismatch import sharding as shd
 from rl_mismatch.models import from_hf_state_dict, load_state_dict
 from rl_mismatch.models.config import ModelConfig
 
@@ -44,6 +46,9 @@ _LENGTH_DTYPE = flags.DEFINE_string("length_dtype", "bfloat16", "Dtype of the li
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Time only our sampler.")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads for HF.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls per cell (minimum reported).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 1, "XLA:CPU devices (jax_num_cpu_devices) over the same cores; N > 1 runs our sampler on a "
+    "(N, 1) mesh, each device decoding B/N rows as its own program (batch padded to a multiple of N).")
 
 
 def _prompts(batch, length, vocab, seed=0):
@@ -56,16 +61,16 @@ def flops_per_token(c: ModelConfig, context: float) -> float:
     return 2 * c.n_params + attention
 
 
-def ours(master, dtype, prompts_BP, new_tokens, repeats):
-    """New tokens/s of ``rl_mismatch.sampler.generate`` (compiled beforehand)."""
-    model = smp.sync_weights(master, dtype)
+def ours(master, dtype, prompts_BP, new_tokens, repeats, mesh=None):
+    """New tokens/s of ``rl_mismatch.sampler.generate`` (compiled beforehand), on ``mesh`` if given."""
+    model = smp.sync_weights(master, dtype, mesh)
     cfg = smp.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(), prompt_bucket=64)
     B, P = prompts_BP.shape
     valid = np.ones_like(prompts_BP, bool)
-    smp.precompile(model, (prompts_BP, valid), cfg)  # the timed calls compile nothing
+    smp.precompile(model, (prompts_BP, valid), cfg, mesh=mesh)  # the timed calls compile nothing
     best = np.inf
     for i in range(repeats):
-        wall, _, out = timed(smp.generate, model, (prompts_BP, valid), jax.random.key(i), cfg)
+        wall, _, out = timed(smp.generate, model, (prompts_BP, valid), jax.random.key(i), cfg, mesh=mesh)
         best = min(best, wall)
         assert int(out.response_lengths_B.min()) == new_tokens
     return B * new_tokens / best
@@ -91,6 +96,8 @@ def hf(model, prompts_BP, new_tokens, repeats, pad_id):
 
 def main(argv):
     del argv
+    if _CPU_DEVICES.value > 1:  # before the first JAX call: the CPU backend reads it once
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     hf_config, state_dict, tok = load_state_dict("smollm2-135m-instruct")
     config = ModelConfig.from_hf_config(hf_config)
     master = from_hf_state_dict(config, state_dict, dtype=jnp.float32, param_dtype=jnp.float32)
@@ -99,7 +106,9 @@ def main(argv):
         torch.set_num_threads(_THREADS.value)
     peak = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
     print(f"machine: {machine()}")
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; matmul peak GFLOP/s: "
+    mesh = shd.make_mesh(data=_CPU_DEVICES.value, model=1) if _CPU_DEVICES.value > 1 else None
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}"
+          f"{'' if mesh is None else f', our sampler on a {dict(mesh.shape)} mesh'}; matmul peak GFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
     N, P = _NEW_TOKENS.value, _PROMPT_LEN.value
     fpt = flops_per_token(config, P + N / 2)
@@ -111,7 +120,7 @@ def main(argv):
         hf_m = None if _SKIP_HF.value else hf_llama(hf_config, state_dict, dtype)
         for b in map(int, _BATCHES.value):
             prompts = _prompts(b, P, config.vocab_size)
-            ours_tps = ours(master, dtype, prompts, N, _REPEATS.value)
+            ours_tps = ours(master, dtype, prompts, N, _REPEATS.value, mesh)
             hf_tps = np.nan if hf_m is None else hf(hf_m, prompts, N, _REPEATS.value, tok.pad_id)
             frac = ours_tps / N * flops_per_seq / (peak[dtype] * 1e9)
             print(f"| {dtype} | {b} | {ours_tps:.0f} | {hf_tps:.0f} | {ours_tps / hf_tps:.2f}x | "
@@ -125,7 +134,7 @@ def main(argv):
         prompts = _prompts(b, P, config.vocab_size)
         prev = None
         for n in sorted(map(int, _LENGTHS.value)):
-            tps = ours(master, dtype, prompts, n, _REPEATS.value)
+            tps = ours(master, dtype, prompts, n, _REPEATS.value, mesh)
             secs = b * n / tps
             marginal = "" if prev is None else f"{1e3 * (secs - prev[1]) / (n - prev[0]):.1f}"
             print(f"| {n} | {tps:.0f} | {secs:.2f} | {marginal} |", flush=True)

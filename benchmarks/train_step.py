@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--dtypes=fp32,bf16] [--steps=3] [--batch=8] [--seq_len=256]
                                     [--keep_logits] [--remat=layer] [--skip_hf] [--random_init]
+                                    [--cpu_devices=1]
 
 One process measures, for each compute dtype:
 
@@ -47,6 +48,9 @@ _KEEP_LOGITS = flags.DEFINE_bool("keep_logits", False, "make_train_step(keep_log
 _REMAT = flags.DEFINE_enum("remat", "layer", typing.get_args(Remat),
                            "Decoder(remat=...): what our backward pass recomputes of each layer.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 1, "XLA:CPU devices (jax_num_cpu_devices) over the same cores; N > 1 runs our step on a "
+    "(N, 1) mesh: batch over N devices, parameters FSDP-sharded (the batch must divide N).")
 _FUSED = flags.DEFINE_bool("hf_fused_adamw", True, "torch.optim.AdamW(fused=True): torch's fastest CPU AdamW "
                            "(~3x faster than its default per-tensor loop here), so the baseline is not handicapped.")
 
@@ -80,7 +84,7 @@ def _time_steps(run_step, steps: int) -> tuple[float, float, float]:
     return min(walls), float(np.median(walls)), min(cpus)
 
 
-def _ours(model, dtype_name, arrays, steps):
+def _ours(model, dtype_name, arrays, steps, mesh=None):
     import jax
     import jax.numpy as jnp
     import optax
@@ -89,9 +93,9 @@ def _ours(model, dtype_name, arrays, steps):
     from rl_mismatch import train_step as ts
 
     opt = optax.adamw(1e-6, weight_decay=0.0)
-    graphdef, state = ts.init_train_state(model, opt, compute_dtype=dtype_name, key=jax.random.key(0))
+    graphdef, state = ts.init_train_state(model, opt, compute_dtype=dtype_name, key=jax.random.key(0), mesh=mesh)
     step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype_name,
-                              keep_logits=_KEEP_LOGITS.value)
+                              keep_logits=_KEEP_LOGITS.value, mesh=mesh)
     tokens, response, sampler_logp, advantages = arrays
     batch = ts.TrainBatch(jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jnp.asarray(response),
                           jnp.asarray(sampler_logp), jnp.asarray(advantages),
@@ -144,6 +148,8 @@ def main(argv):
     from rl_mismatch.models import Decoder, load_pretrained
     from rl_mismatch.models.decoder import to_hf_state_dict
 
+    if _CPU_DEVICES.value > 1:  # before the first JAX computation: the CPU backend reads it once
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     if _THREADS.value:
         torch.set_num_threads(_THREADS.value)
     if _RANDOM_INIT.value:
@@ -164,15 +170,20 @@ def main(argv):
     tokens_per_step = _BATCH.value * _SEQ_LEN.value
     flops_per_token = 6 * config.n_params
     arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value)
+    mesh = None
+    if _CPU_DEVICES.value > 1:
+        from rl_mismatch import sharding as shd
+
+        mesh = shd.make_mesh(data=_CPU_DEVICES.value, model=1)
     print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours keep_logits={_KEEP_LOGITS.value}, "
-          f"remat={_REMAT.value}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n"
+          f"remat={_REMAT.value}, mesh={None if mesh is None else dict(mesh.shape)}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n"
           f"machine: {machine()}")
 
     for dtype_name in _DTYPES.value:
         peak = matmul_peak({"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
-        first, best, median, cpu = _ours(model, dtype_name, arrays, _STEPS.value)
+        first, best, median, cpu = _ours(model, dtype_name, arrays, _STEPS.value, mesh)
         ours_tps = tokens_per_step / best
         gflops = ours_tps * flops_per_token / 1e9
         msg = (f"[{dtype_name}] XLA matmul peak {peak:6.1f} GFLOP/s\n"
