@@ -33,6 +33,22 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores" + (f", {' '.join(extensions)}" if extensions else "")
 
 
+def cpu_data_mesh(n: int):
+    """``n`` > 1: asks JAX for ``n`` XLA:CPU devices over the same cores (``jax_num_cpu_devices``)
+    and returns a ``(data=n, model=1)`` mesh over them; otherwise None (one device, no mesh).
+
+    Call it before any JAX computation: the CPU backend reads the device count once, when it starts.
+    """
+    if n <= 1:
+        return None
+    import jax
+
+    from rl_mismatch import sharding
+
+    jax.config.update("jax_num_cpu_devices", n)
+    return sharding.make_mesh(data=n, model=1)
+
+
 def timed(fn, *args, **kwargs):
     """``(wall s, process CPU s, result)`` of one call ``fn(*args, **kwargs)``, JAX results waited for.
 

@@ -30,11 +30,10 @@ import numpy as np
 from absl import app, flags
 
 from rl_mismatch import sampler as smp
-from rl_mismatch import sharding as shd
 from rl_mismatch.models import from_hf_state_dict, load_state_dict
 from rl_mismatch.models.config import ModelConfig
 
-from _common import hf_llama, machine, matmul_peak, timed
+from _common import cpu_data_mesh, hf_llama, machine, matmul_peak, timed
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Sampler dtypes.")
@@ -96,8 +95,7 @@ def hf(model, prompts_BP, new_tokens, repeats, pad_id):
 
 def main(argv):
     del argv
-    if _CPU_DEVICES.value > 1:  # before the first JAX call: the CPU backend reads it once
-        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    mesh = cpu_data_mesh(_CPU_DEVICES.value)  # first: before any JAX computation
     hf_config, state_dict, tok = load_state_dict("smollm2-135m-instruct")
     config = ModelConfig.from_hf_config(hf_config)
     master = from_hf_state_dict(config, state_dict, dtype=jnp.float32, param_dtype=jnp.float32)
@@ -106,7 +104,6 @@ def main(argv):
         torch.set_num_threads(_THREADS.value)
     peak = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
     print(f"machine: {machine()}")
-    mesh = shd.make_mesh(data=_CPU_DEVICES.value, model=1) if _CPU_DEVICES.value > 1 else None
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}"
           f"{'' if mesh is None else f', our sampler on a {dict(mesh.shape)} mesh'}; matmul peak GFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))

@@ -34,7 +34,7 @@ from absl import app, flags
 
 from rl_mismatch.models.decoder import Remat
 
-from _common import hf_llama, machine, matmul_peak, timed
+from _common import cpu_data_mesh, hf_llama, machine, matmul_peak, timed
 
 _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measure.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per configuration (after one untimed step).")
@@ -50,7 +50,7 @@ _REMAT = flags.DEFINE_enum("remat", "layer", typing.get_args(Remat),
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 1, "XLA:CPU devices (jax_num_cpu_devices) over the same cores; N > 1 runs our step on a "
-    "(N, 1) mesh: batch over N devices, parameters FSDP-sharded (the batch must divide N).")
+    "(N, 1) mesh: batch over N devices, parameters FSDP-sharded (N must divide the batch).")
 _FUSED = flags.DEFINE_bool("hf_fused_adamw", True, "torch.optim.AdamW(fused=True): torch's fastest CPU AdamW "
                            "(~3x faster than its default per-tensor loop here), so the baseline is not handicapped.")
 
@@ -148,8 +148,7 @@ def main(argv):
     from rl_mismatch.models import Decoder, load_pretrained
     from rl_mismatch.models.decoder import to_hf_state_dict
 
-    if _CPU_DEVICES.value > 1:  # before the first JAX computation: the CPU backend reads it once
-        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    mesh = cpu_data_mesh(_CPU_DEVICES.value)  # first: before any JAX computation
     if _THREADS.value:
         torch.set_num_threads(_THREADS.value)
     if _RANDOM_INIT.value:
@@ -170,15 +169,11 @@ def main(argv):
     tokens_per_step = _BATCH.value * _SEQ_LEN.value
     flops_per_token = 6 * config.n_params
     arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value)
-    mesh = None
-    if _CPU_DEVICES.value > 1:
-        from rl_mismatch import sharding as shd
-
-        mesh = shd.make_mesh(data=_CPU_DEVICES.value, model=1)
     print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours keep_logits={_KEEP_LOGITS.value}, "
-          f"remat={_REMAT.value}, mesh={None if mesh is None else dict(mesh.shape)}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n"
+          f"remat={_REMAT.value}, mesh={None if mesh is None else dict(mesh.shape)}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n"
           f"machine: {machine()}")
 
     for dtype_name in _DTYPES.value:
