@@ -3,7 +3,11 @@
 One JSON object per line in ``<workdir>/metrics.jsonl``: ``{"step": s, "reward/mean": ...,
 "mismatch/k3": ..., ...}``; scalar metrics also go to TensorBoard (tensorboardX) under
 ``<workdir>/tensorboard``. Array-valued metrics (``mismatch/by_position/*``) are written to the
-JSONL as lists and skipped in TensorBoard.
+JSONL as lists and skipped in TensorBoard. A non-finite scalar (a NaN loss, the documented +inf of
+``opt/grad_noise_scale`` when the signal is indistinguishable from noise) keeps its exact value
+in the JSONL and goes to TensorBoard as NaN, which TensorBoard marks on the curve; tensorboardX's
+generic "NaN or Inf found in input tensor." warning is silenced for these writes only (it names
+neither the metric nor the step, and the value is expected).
 
 Fetching one step late. The train step returns its metrics as device arrays while the device
 may still be computing them. :meth:`MetricWriter.write` therefore only *holds* step ``s``'s
@@ -23,6 +27,7 @@ collective); only the one created with ``enabled=True`` (process 0) writes files
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -36,6 +41,16 @@ JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 Row = dict[str, Any]
+
+
+class _DropNonFiniteWarning(logging.Filter):
+    """Drops tensorboardX's "NaN or Inf found in input tensor." record (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("NaN or Inf found")
+
+
+_TBX_LOGGER = logging.getLogger("tensorboardX.x2num")
 
 
 def fetch_to_host(tree: Any) -> Any:
@@ -158,13 +173,21 @@ class MetricWriter:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()  # A kill -9 loses nothing that was written (the OS holds it).
             if self._tb is not None:
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                        self._tb.add_scalar(key, value if math.isfinite(value) else float("nan"), step)
-                self._tb.flush()
+                self._write_tensorboard(step, row)
         if self._on_row is not None:
             self._on_row(row)
         return row
+
+    def _write_tensorboard(self, step: int, row: Row) -> None:
+        quiet = _DropNonFiniteWarning()
+        _TBX_LOGGER.addFilter(quiet)  # only around these writes: other tensorboardX users keep it
+        try:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value if math.isfinite(value) else float("nan"), step)
+        finally:
+            _TBX_LOGGER.removeFilter(quiet)
+        self._tb.flush()
 
     def close(self) -> None:
         """Writes the held row and closes the files."""
