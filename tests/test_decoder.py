@@ -135,6 +135,27 @@ def test_bf16_compute_differs_from_fp32_by_bf16_rounding():
     assert 1e-4 < err < 0.1
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_silu_rounds_like_torch(dtype):
+    """The MLP's SiLU rounds once, as torch's half-precision kernel (HF's act_fn) does."""
+    import torch
+
+    x32 = np.asarray(3 * jax.random.normal(jax.random.key(0), (4096,)), np.float32)
+    x = jnp.asarray(x32).astype(dtype)
+    theirs = torch.nn.functional.silu(torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(getattr(torch, dtype)))
+    theirs = theirs.float().numpy()
+    ours = np.asarray(decoder._silu(x).astype(jnp.float32))
+    # One rounding of a float32 SiLU on both sides: equal, except where the two float32
+    # sigmoids (their last bits differ) straddle a rounding boundary, and then by one ulp.
+    assert np.mean(ours != theirs) < 1e-3
+    ulp = np.asarray(jnp.finfo(dtype).eps, np.float32) * np.maximum(np.abs(theirs), np.float32(jnp.finfo(dtype).tiny))
+    assert np.all(np.abs(ours - theirs) <= ulp)
+    # Rounding in between (jax.nn.silu in half precision) differs in a good share of elements,
+    # so the two checks above are real.
+    assert np.mean(np.asarray(jax.nn.silu(x).astype(jnp.float32)) != theirs) > 0.1
+    np.testing.assert_array_equal(decoder._silu(jnp.asarray(x32)), jax.nn.silu(jnp.asarray(x32)))
+
+
 def test_hf_state_dict_round_trip_and_shape_error():
     cfg = tiny_config(qkv_bias=True, tie_embeddings=False, architecture="Qwen2ForCausalLM")
     model = _randomise(Decoder(cfg, rngs=nnx.Rngs(0)))

@@ -6,8 +6,8 @@ Numerics (every one of these is a mismatch decision, so they are explicit):
 * Matmuls take ``dtype`` operands and accumulate in float32 (``preferred_element_type``), then
   round the result to ``dtype``. That is what GPU/TPU matmul units do, and on AVX-512 CPUs a bf16
   matmul with a float32 result runs ~4x faster in XLA than one with a bf16 result.
-* RMSNorm statistics, RoPE rotation and the attention softmax run in float32; their outputs are
-  rounded to ``dtype`` (as HF does for the norm).
+* RMSNorm statistics, RoPE rotation, SiLU and the attention softmax run in float32; their
+  outputs are rounded to ``dtype`` (as HF does for the norm and torch for SiLU).
 * The KV cache is stored in ``dtype``. Logits are returned in float32.
 * Backward pass (``_mixed_einsum``): cotangents entering a projection or LM-head matmul are
   rounded to ``dtype``, the backward matmuls accumulate in float32, weight gradients come back
@@ -136,6 +136,16 @@ def _rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array
     x = x_BTNH.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def _silu(x: jax.Array) -> jax.Array:
+    """SiLU computed in float32 and rounded once to ``x.dtype``, as torch's bf16/fp16 kernel (HF's
+    ``act_fn``) does: on N(0, 3²) inputs every bf16 result equals torch's, and all but ~1 in 4000
+    fp16 results (those by one ulp, where the two float32 sigmoids straddle a rounding boundary).
+    ``jax.nn.silu`` on a bf16 array rounds in between (39% of its results differ from torch's)
+    and runs 2x slower on XLA:CPU (benchmarks/README.md). In float32 the two are the same."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.nn.sigmoid(x32)).astype(x.dtype)
 
 
 # Query positions per block of the full-sequence (causal) attention, see `_causal_attention`.
@@ -301,7 +311,7 @@ class Block(nnx.Module):
         B, T, N, H = attn.shape
         x_BTD = x_BTD + _dot("bte,ed->btd", attn.reshape(B, T, N * H), self.o[...].reshape(N * H, -1))
         h = _rms_norm(x_BTD, self.mlp_norm[...], c.rms_eps)
-        gated = jax.nn.silu(_dot("btd,df->btf", h, self.gate[...])) * _dot("btd,df->btf", h, self.up[...])
+        gated = _silu(_dot("btd,df->btf", h, self.gate[...])) * _dot("btd,df->btf", h, self.up[...])
         return x_BTD + _dot("btf,fd->btd", gated, self.down[...]), aux
 
 
