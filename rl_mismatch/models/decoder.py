@@ -184,11 +184,21 @@ def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
     Keys and values are laid out [B, K, S, H] (heads before slots) so that both matmuls have
     their batch dimensions (b, k) leading: with [B, S, K, H] XLA transposes the whole KV cache
     on every decoding step, which made decoding ~5x slower and its cost grow with the cache size.
+    In half precision the queries are laid out [B, K, G, T, H] before the score matmul: given
+    [B, T, K, G, H], XLA:CPU made the keys the matmul's left operand and copied the queries into
+    a [B, K, H, G·T] layout with the rotary embedding fused in, a slow strided copy of 2-byte
+    elements (bf16 batch-64 sampler: `generate` 7-8% faster without it). In float32 XLA's own
+    choice is the faster one (the same change made fp32 `generate` 7% slower), so it stays.
+    Both give the same scores: only the layout differs (benchmarks/README.md).
     """
     B, T, N, H = q_BTNH.shape
     K = k_BKSH.shape[1]
     q = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSH, preferred_element_type=jnp.float32)
+    if q.dtype == jnp.float32:
+        scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSH, preferred_element_type=jnp.float32)
+    else:
+        scores = jnp.einsum("bkgth,bksh->bkgts", q.transpose(0, 2, 3, 1, 4), k_BKSH,
+                            preferred_element_type=jnp.float32)
     scores = scores * (H ** -0.5)
     scores = jnp.where(allowed_BTS[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
