@@ -61,6 +61,28 @@ def test_kv_cache_decode_equals_full_forward(variant, causal_block, monkeypatch)
                                np.where(valid[..., None], full, 0), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("T", [1, 8])
+def test_half_precision_attention_layout_changes_no_value(dtype, T):
+    """In half precision _attention hands XLA the queries as [B, K, G, T, H] (a layout choice for
+    speed); the result must be that of the plain [B, T, K, G, H] contraction, bit for bit."""
+    B, N, K, H, S = 3, 6, 2, 8, 11
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, T, N, H)).astype(dtype)
+    k, v = (jax.random.normal(key, (B, K, S, H)).astype(dtype) for key in ks[1:])
+    allowed = jnp.asarray(np.random.default_rng(0).random((B, T, S)) < 0.7).at[:, :, 0].set(True)
+
+    def plain(q, k, v, allowed):
+        scores = jnp.einsum("btkgh,bksh->bkgts", q.reshape(B, T, K, N // K, H), k,
+                            preferred_element_type=jnp.float32) * (H ** -0.5)
+        probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, decoder._NEG_INF), axis=-1)
+        out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(dtype), v, preferred_element_type=jnp.float32)
+        return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(decoder._attention)(q, k, v, allowed), np.float32),
+                                  np.asarray(jax.jit(plain)(q, k, v, allowed), np.float32))
+
+
 @pytest.mark.parametrize("T,block", [(20, 8), (21, 8), (9, 16), (7, 1)])
 def test_causal_attention_in_blocks_equals_one_block(T, block):
     B, N, K, H = 3, 4, 2, 8
