@@ -5,7 +5,8 @@ Numerics (every one of these is a mismatch decision, so they are explicit):
 * Weights are stored in ``param_dtype`` and cast to the compute ``dtype`` where they are used.
 * Matmuls take ``dtype`` operands and accumulate in float32 (``preferred_element_type``), then
   round the result to ``dtype``. That is what GPU/TPU matmul units do, and on AVX-512 CPUs a bf16
-  matmul with a float32 result runs ~4x faster in XLA than one with a bf16 result.
+  matmul with a float32 result runs 2-4x faster in XLA than one with a bf16 result (Zen 5 /
+  Sapphire Rapids, benchmarks/README.md).
 * RMSNorm statistics, RoPE rotation, SiLU and the attention softmax run in float32; their
   outputs are rounded to ``dtype`` (as HF does for the norm and torch for SiLU).
 * The KV cache is stored in ``dtype``. Logits are returned in float32.
