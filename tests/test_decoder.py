@@ -168,7 +168,8 @@ def test_silu_rounds_like_torch(dtype):
     theirs = theirs.float().numpy()
     ours = np.asarray(decoder._silu(x).astype(jnp.float32))
     # One rounding of a float32 SiLU on both sides: equal, except where the two float32
-    # sigmoids (their last bits differ) straddle a rounding boundary, and then by one ulp.
+    # sigmoids (their last bits differ) straddle a rounding boundary, and then by one ulp
+    # (checked as <= eps * |value|, which is between one and two ulps of the value).
     assert np.mean(ours != theirs) < 1e-3
     ulp = np.asarray(jnp.finfo(dtype).eps, np.float32) * np.maximum(np.abs(theirs), np.float32(jnp.finfo(dtype).tiny))
     assert np.all(np.abs(ours - theirs) <= ulp)
