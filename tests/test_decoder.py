@@ -115,12 +115,54 @@ def test_grown_cache_decodes_like_one_allocation():
 
     whole, _ = run(init_cache(cfg, batch=4, max_len=16))
     grown, cache = run(init_cache(cfg, batch=4, max_len=11), grow_at=11)
-    assert cache.k[0].shape[2] == 16 and int(cache.index) == 14
+    assert cache.k[0][0].shape[2] == 16 and int(cache.index) == 14
     # Same keys; the bigger cache only adds masked slots (exact zeros in the softmax sums).
     np.testing.assert_allclose(np.where(valid[..., None], grown, 0), np.where(valid[..., None], whole, 0),
                                atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="shrink"):
         grow_cache(cache, 8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cache_in_row_groups_changes_no_value(dtype):
+    """A KV cache held in row groups (a layout choice for speed) decodes bit for bit as one
+    buffer per layer: prefill, decoding steps, a cache growth, mixed left padding."""
+    cfg = tiny_config()
+    model = _randomise(Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    tokens, valid = _left_padded(6, 14, [0, 3, 7, 1, 5, 2], cfg.vocab_size)
+
+    @jax.jit
+    def run(cache):
+        logits, cache = model.decode(tokens[:, :9], cache, valid_BT=valid[:, :9])
+        pieces = [logits]
+        for t in range(9, 14):
+            if t == 11:
+                cache = grow_cache(cache, 16)
+            logits, cache = model.decode(tokens[:, t:t + 1], cache)
+            pieces.append(logits)
+        return jnp.concatenate(pieces, axis=1), cache
+
+    one, _ = run(init_cache(cfg, batch=6, max_len=11, dtype=dtype))
+    for groups in (2, 3):
+        grouped, cache = run(init_cache(cfg, batch=6, max_len=11, dtype=dtype, row_groups=groups))
+        assert cache.row_groups == groups and cache.k[0][0].shape == (6 // groups, cfg.n_kv_heads, 16, cfg.head_dim)
+        np.testing.assert_array_equal(np.asarray(grouped), np.asarray(one))
+    with pytest.raises(ValueError, match="row_groups=4 must be a positive divisor"):
+        init_cache(cfg, batch=6, max_len=11, row_groups=4)
+
+
+def test_split_down_projection_changes_no_value():
+    """The bf16 decoding step's down projection as two column halves (a speed choice on CPU,
+    `_down_projection`) gives the plain matmul's result bit for bit, at SmolLM2's shape."""
+    B, F, D = 64, 1536, 576
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (B, 1, F)).astype(jnp.bfloat16)
+    w = (jax.random.normal(kw, (F, D)) * F ** -0.5).astype(jnp.bfloat16)
+    dots = lambda fn: str(jax.make_jaxpr(fn)(x, w)).count("dot_general")
+    assert dots(decoder._down_projection) == 2  # the split is taken here (CPU, bf16, 64 rows)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(decoder._down_projection)(x, w), np.float32),
+        np.asarray(jax.jit(lambda x, w: decoder._dot("btf,fd->btd", x, w))(x, w), np.float32))
 
 
 def test_padding_does_not_change_a_sequence():
@@ -140,7 +182,7 @@ def test_logits_float32_for_every_compute_dtype():
         model = Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))
         assert model(tokens).dtype == jnp.float32
         logits, cache = model.decode(tokens, init_cache(cfg, batch=2, max_len=8, dtype=dtype))
-        assert logits.dtype == jnp.float32 and cache.k[0].dtype == dtype
+        assert logits.dtype == jnp.float32 and cache.k[0][0].dtype == dtype
 
 
 def test_bf16_compute_differs_from_fp32_by_bf16_rounding():

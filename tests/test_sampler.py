@@ -10,7 +10,7 @@ from flax import nnx
 from rl_mismatch import mismatch
 from rl_mismatch import sampler as smp
 from rl_mismatch import sharding as shd
-from rl_mismatch.models import Decoder, tiny_config
+from rl_mismatch.models import Decoder, decoder, tiny_config
 
 # Mixed prompt lengths (left padding of 0 to 13 tokens inside one bucket of 16).
 PROMPT_LENGTHS = (3, 16, 7, 11, 1, 9)
@@ -218,6 +218,35 @@ def test_greedy_on_meshes_matches_one_device():
         np.testing.assert_array_equal(np.asarray(out.tokens_BT), np.asarray(ref.tokens_BT), err_msg=str(mesh.shape))
         # Sharded matmuls sum partial products in another order: same float32 bound as decode.
         np.testing.assert_allclose(np.asarray(out.logp_BT), np.asarray(ref.logp_BT), rtol=0, atol=1e-5)
+
+
+def test_cache_row_groups_rule():
+    assert smp.cache_row_groups(64, jnp.bfloat16) == smp.cache_row_groups(32, jnp.float16) == 2  # CPU here
+    assert smp.cache_row_groups(16, jnp.bfloat16) == 1  # too few rows per group to gain
+    assert smp.cache_row_groups(64, jnp.float32) == 1  # no gain in float32
+    assert smp.cache_row_groups(64, jnp.bfloat16, shd.make_mesh(2, 4)) == 1  # rows already split over devices
+    assert smp.cache_row_groups(64, jnp.bfloat16, shd.make_mesh(1, 8)) == 2
+
+
+def test_cpu_speed_layouts_change_no_value(monkeypatch):
+    """bf16 sampling of 32 rows on CPU runs with the KV cache in two row groups and the decoding
+    step's down projection in two column halves (speed choices); with both turned off every
+    field of the rollout is bit for bit the same."""
+    model = smp.sync_weights(_model(), jnp.bfloat16)
+    prompts = _prompts(PROMPT_LENGTHS * 5 + (4, 12))
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, top_p=0.9, prompt_bucket=16,
+                             cache_segment=4, return_entropy=True)
+    assert len(prompts) == 32 and smp.cache_row_groups(32, jnp.bfloat16) == 2
+    try:
+        fast = smp.generate(model, prompts, jax.random.key(3), cfg)
+        monkeypatch.setattr(smp, "_CPU_ROW_GROUPS", 1)
+        monkeypatch.setattr(decoder, "_SPLIT_DOWN_MIN_ROWS", 1 << 30)
+        smp._compiled.cache_clear()  # the program is cached per (model, cfg, mesh)
+        plain = smp.generate(model, prompts, jax.random.key(3), cfg)
+    finally:
+        smp._compiled.cache_clear()
+    for name, a in vars(fast).items():
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(getattr(plain, name)), err_msg=name)
 
 
 def test_cache_sizes_double_up_to_the_budget():

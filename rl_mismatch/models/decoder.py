@@ -149,6 +149,31 @@ def _silu(x: jax.Array) -> jax.Array:
     return (x32 * jax.nn.sigmoid(x32)).astype(x.dtype)
 
 
+# Rows from which a bf16 decoding step on CPU splits the down projection, see `_down_projection`.
+_SPLIT_DOWN_MIN_ROWS = 32
+
+
+def _down_projection(gated_BTF: jax.Array, w_FD: jax.Array) -> jax.Array:
+    """The MLP's down projection ``gated @ w``.
+
+    A bf16 decoding step on XLA:CPU (one token, at least ``_SPLIT_DOWN_MIN_ROWS`` rows) computes
+    it as two matmuls, one per half of the output columns, concatenated. XLA:CPU spreads the one
+    [B, F] x [F, D] matmul (SmolLM2: 1536 -> 576, half the speed of the 576 -> 1536 gate/up
+    matmuls at 64 rows) poorly over its threads and runs the two independent halves side by
+    side. Each output column is the same sum either way, and the result is bitwise the same
+    (checked in tests/test_decoder.py); the weight halves are sliced once per program, outside
+    the decoding loop. With the row-grouped KV cache (`KVCache`) it made the batch-64 bf16
+    sampler ~10% faster (benchmarks/README.md). Not in float32 (slower, and not bitwise: XLA
+    picks another kernel) nor float16 (not bitwise), nor off CPU.
+    """
+    B, T, _ = gated_BTF.shape
+    D = w_FD.shape[1]
+    if (gated_BTF.dtype == jnp.bfloat16 and T == 1 and B >= _SPLIT_DOWN_MIN_ROWS and D % 2 == 0
+            and jax.default_backend() == "cpu"):
+        return jnp.concatenate([_dot("btf,fd->btd", gated_BTF, w) for w in jnp.split(w_FD, 2, axis=1)], axis=-1)
+    return _dot("btf,fd->btd", gated_BTF, w_FD)
+
+
 # Query positions per block of the full-sequence (causal) attention, see `_causal_attention`.
 _CAUSAL_BLOCK = 128
 
@@ -209,6 +234,18 @@ def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
     return out.astype(q_BTNH.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def _attention_in_row_groups(q_BTNH, k_groups, v_groups, allowed_BTS) -> jax.Array:
+    """`_attention` against a KV cache held in row groups (`KVCache`): each group of consecutive
+    batch rows attends to its own key/value buffers, the outputs concatenated in row order.
+    Rows never interact, so the result is that of one `_attention` over the whole batch."""
+    if len(k_groups) == 1:
+        return _attention(q_BTNH, k_groups[0], v_groups[0], allowed_BTS)
+    rows = k_groups[0].shape[0]
+    return jnp.concatenate(
+        [_attention(q_BTNH[i * rows:(i + 1) * rows], k, v, allowed_BTS[i * rows:(i + 1) * rows])
+         for i, (k, v) in enumerate(zip(k_groups, v_groups))], axis=0)
+
+
 def _write_slots(cache_BKSH: jax.Array, new_BKTH: jax.Array, start: jax.Array) -> jax.Array:
     """``cache[:, :, start:start + T] = new`` (cast to the cache dtype), in place.
 
@@ -230,29 +267,45 @@ _UINT_OF_SIZE = {2: jnp.uint16, 4: jnp.uint32}
 
 
 class KVCache(NamedTuple):
-    """Keys/values of every layer for ``max_len`` slots.
+    """Keys/values of every layer for ``max_len`` slots, held in row groups.
+
+    The batch rows are split into ``row_groups`` groups of consecutive rows, each with its own
+    buffers: ``k[layer][group]`` is a [B / row_groups, K, S, H] array. With one group (the
+    default) the cache is one buffer per layer. Several groups give XLA several independent
+    attention matmuls per decoding step, which XLA:CPU runs side by side on its threads (one
+    batched matmul runs on one thread); the values are the same (see ``rl_mismatch.sampler``,
+    which chooses the grouping).
 
     Attributes:
-      k: one [B, K, S, H] array of keys (after RoPE) per layer, in the compute dtype.
+      k: per layer, a tuple of [B / row_groups, K, S, H] arrays of keys (after RoPE), one per
+        row group, in the compute dtype.
       v: the same for values.
-      valid_BS: which slots hold a real (non-padding) token.
+      valid_BS: which slots hold a real (non-padding) token, for the whole batch.
       index: int32 scalar, the next slot to write; every sequence writes the same slot.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[tuple[jax.Array, ...], ...]
+    v: tuple[tuple[jax.Array, ...], ...]
     valid_BS: jax.Array
     index: jax.Array
 
+    @property
+    def row_groups(self) -> int:
+        return len(self.k[0])
 
-def init_cache(config: ModelConfig, *, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache. ``max_len`` bounds prompt + generated tokens."""
+
+def init_cache(config: ModelConfig, *, batch: int, max_len: int, dtype=jnp.float32,
+               row_groups: int = 1) -> KVCache:
+    """An empty cache. ``max_len`` bounds prompt + generated tokens; ``row_groups`` must divide
+    ``batch`` (see `KVCache`)."""
     if max_len > config.max_seq_len:
         raise ValueError(f"max_len={max_len} exceeds the model's context of {config.max_seq_len} tokens.")
-    shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-    return KVCache(zeros(), zeros(),
-                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+    if row_groups < 1 or batch % row_groups:
+        raise ValueError(f"row_groups={row_groups} must be a positive divisor of the batch ({batch} rows).")
+    shape = (batch // row_groups, config.n_kv_heads, max_len, config.head_dim)
+    zeros = lambda: tuple(tuple(jnp.zeros(shape, dtype) for _ in range(row_groups))
+                          for _ in range(config.n_layers))
+    return KVCache(zeros(), zeros(), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
 def grow_cache(cache: KVCache, max_len: int) -> KVCache:
@@ -268,7 +321,7 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     if max_len == S:
         return cache
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, max_len - S), (0, 0)))
-    return KVCache(tuple(map(pad, cache.k)), tuple(map(pad, cache.v)),
+    return KVCache(jax.tree.map(pad, cache.k), jax.tree.map(pad, cache.v),
                    jnp.pad(cache.valid_BS, ((0, 0), (0, max_len - S))), cache.index)
 
 
@@ -297,10 +350,11 @@ class Block(nnx.Module):
         self.config = config
 
     def __call__(self, x_BTD, positions_BT, keys_fn, *, causal: bool = False):
-        """``keys_fn(k_BTKH, v_BTKH) -> (k_BKSH, v_BKSH, allowed_BTS, aux)`` supplies the keys
-        attended (the chunk itself, or the chunk written into a cache) and the mask. ``causal``:
-        the keys are the chunk itself (slot t is position t) and the mask causal, so attention
-        may skip the blocks above the diagonal (`_causal_attention`)."""
+        """``keys_fn(k_BTKH, v_BTKH) -> (keys, values, allowed_BTS, aux)`` supplies the keys
+        attended and the mask. ``causal``: the keys are the chunk itself, [B, K, T, H] arrays
+        (slot t is position t), and the mask causal, so attention may skip the blocks above the
+        diagonal (`_causal_attention`). Otherwise they are the chunk written into a cache: one
+        [B / R, K, S, H] array per row group (`KVCache`)."""
         c = self.config
         h = _rms_norm(x_BTD, self.attn_norm[...], c.rms_eps)
         q = _dot("btd,dnh->btnh", h, self.q[...])
@@ -316,14 +370,14 @@ class Block(nnx.Module):
         q = _rope(q, positions_BT, c.rope_theta)
         k = _rope(k, positions_BT, c.rope_theta)
         k_all, v_all, allowed_BTS, aux = keys_fn(k, v)
-        attn = (_causal_attention if causal else _attention)(q, k_all, v_all, allowed_BTS)
+        attn = (_causal_attention if causal else _attention_in_row_groups)(q, k_all, v_all, allowed_BTS)
         # One contraction dim (n, h flattened; both reshapes are free): with two, XLA orders
         # them (h, n) and transposes the activations and the whole o weight at every call.
         B, T, N, H = attn.shape
         x_BTD = x_BTD + _dot("bte,ed->btd", attn.reshape(B, T, N * H), self.o[...].reshape(N * H, -1))
         h = _rms_norm(x_BTD, self.mlp_norm[...], c.rms_eps)
         gated = _silu(_dot("btd,df->btf", h, self.gate[...])) * _dot("btd,df->btf", h, self.up[...])
-        return x_BTD + _dot("btf,fd->btd", gated, self.down[...]), aux
+        return x_BTD + _down_projection(gated, self.down[...]), aux
 
 
 class Decoder(nnx.Module):
@@ -446,9 +500,10 @@ class Decoder(nnx.Module):
         ``last_only``: return the logits of the last position only ([B, 1, V]); a prefill
         needs nothing else, and the LM head over a whole prompt costs as much as ~5 layers.
 
-        Unlike ``__call__``, the layers are unrolled in Python: each layer's cache is its own
-        buffer, updated in place by ``dynamic_update_slice``. Scanning with the stacked cache in
-        the carry made XLA:CPU copy the cache every layer (4-5x slower decoding in bf16).
+        Unlike ``__call__``, the layers are unrolled in Python: each layer's cache (each row
+        group's, see `KVCache`) is its own buffer, updated in place by ``dynamic_update_slice``.
+        Scanning with the stacked cache in the carry made XLA:CPU copy the cache every layer
+        (4-5x slower decoding in bf16).
         """
         B, T = tokens_BT.shape
         S = cache.valid_BS.shape[1]
@@ -464,15 +519,21 @@ class Decoder(nnx.Module):
         graphdef = nnx.graphdef(self.blocks)
         layers = self.layer_states() if layers is None else layers
         x = self._embed(tokens_BT)
+        rows = B // cache.row_groups
+
+        def write(groups, new_BKTH):  # each row group's slice of the new keys into its buffer
+            return tuple(_write_slots(g, new_BKTH[i * rows:(i + 1) * rows], start) for i, g in enumerate(groups))
+
         new_k, new_v = [], []
         for layer in range(self.config.n_layers):
             block = nnx.merge(graphdef, layers[layer])
             k_cache, v_cache = cache.k[layer], cache.v[layer]
 
             def keys_fn(k, v, k_cache=k_cache, v_cache=v_cache):
-                k_cache = _write_slots(k_cache, k.transpose(0, 2, 1, 3), start)
-                v_cache = _write_slots(v_cache, v.transpose(0, 2, 1, 3), start)
-                return k_cache.astype(k.dtype), v_cache.astype(v.dtype), allowed_BTS, (k_cache, v_cache)
+                k_cache = write(k_cache, k.transpose(0, 2, 1, 3))
+                v_cache = write(v_cache, v.transpose(0, 2, 1, 3))
+                as_compute = lambda groups, like: tuple(g.astype(like.dtype) for g in groups)
+                return as_compute(k_cache, k), as_compute(v_cache, v), allowed_BTS, (k_cache, v_cache)
 
             x, (k_cache, v_cache) = block(x, positions_BT, keys_fn)
             new_k.append(k_cache)
