@@ -9,7 +9,7 @@ tokens forced (no EOS: ``eos_ids=()`` here, ``min_new_tokens=max_new_tokens`` in
 at temperature 1 with no top-k / top-p on both sides (HF's default ``top_k=50`` is switched
 off). New tokens/s = batch x new tokens / wall time of one whole generate call (prefill
 included, compilation excluded: our program is compiled beforehand, HF runs one untimed
-generation of the same shape first).
+generation of the same shape first), the fastest of ``--repeats`` calls on each side.
 
 HF runs ``LlamaForCausalLM`` (torch, eager, ``torch.set_num_threads(--threads)``) built from
 the same state dict our loader produces (``rl_mismatch.models.load_state_dict``).
@@ -44,7 +44,9 @@ _LENGTH_BATCH = flags.DEFINE_integer("length_batch", 16, "Batch of the linearity
 _LENGTH_DTYPE = flags.DEFINE_string("length_dtype", "bfloat16", "Dtype of the linearity check.")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Time only our sampler.")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads for HF.")
-_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls per cell (minimum reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per cell, the fastest reported (both sides). The first "
+                                "call after compiling runs ~5% slower (its buffers are faulted in), and one call "
+                                "carries the machine's whole run-to-run spread.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 1, "XLA:CPU devices (jax_num_cpu_devices) over the same cores; N > 1 runs our sampler on a "
     "(N, 1) mesh, each device decoding B/N rows as its own program (batch padded to a multiple of N).")
