@@ -249,6 +249,22 @@ def test_cpu_speed_layouts_change_no_value(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(getattr(plain, name)), err_msg=name)
 
 
+def test_row_grouped_cache_on_a_model_axis_mesh():
+    """A (1, 8) mesh keeps every row on each device, so a bf16 batch of 32 takes the two-group
+    cache there too, laid out over the model axis: the same greedy tokens as one device."""
+    model = _model(n_heads=8, n_kv_heads=8, head_dim=8)
+    prompts = _prompts(PROMPT_LENGTHS * 5 + (4, 12))
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=16, cache_segment=4)
+    ref = smp.generate(smp.sync_weights(model, jnp.bfloat16), prompts, jax.random.key(0), cfg)
+    mesh = shd.make_mesh(1, 8)
+    assert smp.cache_row_groups(32, jnp.bfloat16, mesh) == 2
+    out = smp.generate(smp.sync_weights(model, jnp.bfloat16, mesh), prompts, jax.random.key(0), cfg, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(out.tokens_BT), np.asarray(ref.tokens_BT))
+    # bf16 activations: a partial sum taken in another order may round one bf16 ulp (2^-8)
+    # differently; the log-probs stay well inside that.
+    np.testing.assert_allclose(np.asarray(out.logp_BT), np.asarray(ref.logp_BT), rtol=0, atol=1e-2)
+
+
 def test_cache_sizes_double_up_to_the_budget():
     assert smp.cache_sizes(128, 64) == (64, 128)
     assert smp.cache_sizes(512, 64) == (64, 128, 256, 512)
