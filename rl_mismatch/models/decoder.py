@@ -240,10 +240,9 @@ def _attention_in_row_groups(q_BTNH, k_groups, v_groups, allowed_BTS) -> jax.Arr
     Rows never interact, so the result is that of one `_attention` over the whole batch."""
     if len(k_groups) == 1:
         return _attention(q_BTNH, k_groups[0], v_groups[0], allowed_BTS)
-    rows = k_groups[0].shape[0]
-    return jnp.concatenate(
-        [_attention(q_BTNH[i * rows:(i + 1) * rows], k, v, allowed_BTS[i * rows:(i + 1) * rows])
-         for i, (k, v) in enumerate(zip(k_groups, v_groups))], axis=0)
+    n = len(k_groups)
+    return jnp.concatenate([_attention(*group) for group in zip(
+        jnp.split(q_BTNH, n), k_groups, v_groups, jnp.split(allowed_BTS, n))], axis=0)
 
 
 def _write_slots(cache_BKSH: jax.Array, new_BKTH: jax.Array, start: jax.Array) -> jax.Array:
@@ -519,10 +518,8 @@ class Decoder(nnx.Module):
         graphdef = nnx.graphdef(self.blocks)
         layers = self.layer_states() if layers is None else layers
         x = self._embed(tokens_BT)
-        rows = B // cache.row_groups
-
         def write(groups, new_BKTH):  # each row group's slice of the new keys into its buffer
-            return tuple(_write_slots(g, new_BKTH[i * rows:(i + 1) * rows], start) for i, g in enumerate(groups))
+            return tuple(_write_slots(g, new, start) for g, new in zip(groups, jnp.split(new_BKTH, len(groups))))
 
         new_k, new_v = [], []
         for layer in range(self.config.n_layers):
