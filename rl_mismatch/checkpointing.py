@@ -38,6 +38,34 @@ import orbax.checkpoint as ocp
 _STATE, _META = "state", "meta"
 
 
+_MAX_LISTED = 8  # Differing leaves named in a mismatch error.
+
+
+def _mismatches(stored: Any, abstract_state: Any) -> list[str]:
+    """How ``abstract_state`` differs from a checkpoint's tree metadata, one line per leaf.
+
+    Leaves are compared by their path in orbax's serialised form (NamedTuples by field name, lists
+    by index) and by global shape; a dtype may differ (orbax casts on restore). Returns [] when
+    the checkpoint has no tree metadata to compare with.
+    """
+    tree = getattr(stored, "tree", None)
+    if tree is None:
+        return []
+    have = ocp.tree.to_flat_dict(tree)
+    want = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+    problems = []
+    for path in sorted(have.keys() | want.keys(), key=lambda p: tuple(map(str, p))):
+        name = "/".join(map(str, path))
+        if path not in want:
+            problems.append(f"{name} is only in the checkpoint")
+        elif path not in have:
+            problems.append(f"{name} is not in the checkpoint")
+        elif tuple(have[path].shape) != tuple(want[path].shape):
+            problems.append(f"{name} has shape {tuple(have[path].shape)} in the checkpoint, "
+                            f"{tuple(want[path].shape)} here")
+    return problems
+
+
 def abstract_like(tree: Any) -> Any:
     """Shapes, dtypes and shardings of ``tree`` as ``jax.ShapeDtypeStruct`` leaves."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -126,6 +154,17 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"No checkpoint{'' if step is None else f' for step {step}'} in {self.directory!r}; "
                 f"complete checkpoints: {self.all_steps()}.")
+        # Compare against the checkpoint's tree metadata first: the error then names every leaf
+        # that differs, and no read starts (orbax, failing on the first bad array, abandons the
+        # reads of the others it already began).
+        problems = _mismatches(self._manager.item_metadata(step)[_STATE], abstract_state)
+        if problems:
+            listed = "; ".join(problems[:_MAX_LISTED])
+            more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+            raise ValueError(
+                f"Checkpoint {step} in {self.directory!r} does not match this run's state (a different "
+                f"model, optimizer or loss scaling?): {listed}{more}. Restore with the configuration "
+                f"that wrote it, or start from a fresh directory.")
         try:
             restored = self._manager.restore(
                 step,

@@ -74,10 +74,27 @@ def test_keeps_only_the_newest_and_rejects_a_mismatched_target(tmp_path):
     assert meta["data_position"] == 2 and int(restored["step"]) == 2
     with pytest.raises(FileNotFoundError, match="No checkpoint for step 7"):
         ckpt.restore(abstract_like(_state(0)), step=7)
+
     other = _state(0)
     other["params"] = nnx.split(Decoder(tiny_config(n_layers=1, d_model=32), rngs=nnx.Rngs(0)))[1]
-    with pytest.raises(ValueError, match="does not match this run's state"):
+    with pytest.raises(ValueError, match="does not match this run's state") as err:
         ckpt.restore(abstract_like(other))
+    # Each differing leaf is named with both shapes; the list stops after eight.
+    assert "params/blocks/attn_norm/value has shape (1, 64) in the checkpoint, (1, 32) here" in str(err.value)
+    assert "and 3 more" in str(err.value)
+
+    no_scaling = _state(0)
+    del no_scaling["loss_scale"]
+    no_scaling["extra"] = jnp.zeros(2)
+    with pytest.raises(ValueError, match="does not match") as err:
+        ckpt.restore(abstract_like(no_scaling))
+    assert str(err.value).count("is only in the checkpoint") == 3  # The three loss-scale leaves.
+    assert "extra is not in the checkpoint" in str(err.value)
+
+    # The rejected attempts left the checkpoints usable.
+    restored, meta = ckpt.restore(abstract_like(_state(0)))
+    assert meta["data_position"] == 3
+    _assert_same(restored, _state(3))
     ckpt.close()
 
 
