@@ -17,12 +17,10 @@ import os
 from collections.abc import Sequence
 
 import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # Files only; no display on servers or in CI.
-import matplotlib.pyplot as plt  # noqa: E402
-
-from rl_mismatch.metric_writing import read_metrics  # noqa: E402
-from rl_mismatch.train_step import gradient_noise_scale  # noqa: E402
+from rl_mismatch.metric_writing import read_metrics
+from rl_mismatch.train_step import gradient_noise_scale
 
 # (metric key, panel title, log-scale y).
 PANELS = (
@@ -96,8 +94,10 @@ def _series(rows: Sequence[dict], key: str, log: bool) -> tuple[list[int], list[
     return steps, values
 
 
-def plot_runs(workdirs: Sequence[str], out: str) -> str:
-    """Draws the panels of :data:`PANELS` for every run into ``out`` (PNG); returns ``out``.
+def draw_runs(workdirs: Sequence[str], panels: Sequence[tuple[str, str, bool]] = PANELS,
+              columns: int = 3) -> matplotlib.figure.Figure:
+    """A figure with one panel per ``(metric key, title, log y)`` of ``panels``, every run overlaid
+    (a notebook shows it; :func:`plot_runs` writes it to a file).
 
     Raises:
       ValueError: no workdir, or a workdir without metrics.
@@ -110,8 +110,12 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
         if not rows:
             raise ValueError(f"{workdir!r} has no metrics.jsonl rows; is it a run directory of experiments.train?")
         runs.append((run_label(workdir), smoothed_noise_scale(rows, _config(workdir))))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for ax, (key, title, log) in zip(axes.flat, PANELS):
+    rows_of_panels = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5 * columns, 4 * rows_of_panels),
+                             constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, title, log) in zip(axes.flat, panels):
         drawn = False
         for label, rows in runs:
             steps, values = _series(rows, key, log)
@@ -126,6 +130,16 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
         if not drawn:
             ax.text(0.5, 0.5, f"no {key}", ha="center", va="center", transform=ax.transAxes, color="gray")
     axes.flat[0].legend(fontsize=8)
+    return fig
+
+
+def plot_runs(workdirs: Sequence[str], out: str) -> str:
+    """Draws the panels of :data:`PANELS` for every run into ``out`` (PNG); returns ``out``.
+
+    Raises:
+      ValueError: no workdir, or a workdir without metrics.
+    """
+    fig = draw_runs(workdirs)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -137,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workdir", nargs="+", required=True, help="Run directories to overlay.")
     parser.add_argument("--out", required=True, help="PNG file to write.")
     args = parser.parse_args(argv)
+    matplotlib.use("Agg")  # A file, no window: also on hosts without a display.
     try:
         print(plot_runs(args.workdir, args.out))
     except ValueError as e:

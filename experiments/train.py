@@ -17,7 +17,6 @@ shared file system.
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 import jax
@@ -53,17 +52,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
                  "setting of the config file; the settings are listed in experiments/configs/base.py.")
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Drops orbax's INFO chatter (a dozen lines per checkpoint); keeps its warnings."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    logging.get_absl_handler().addFilter(experiment.QuietOrbax())
     try:
         # Typed and validated before anything heavy happens: a bad setting fails in a second.
         cfg = ExperimentConfig.from_dict(_CONFIG.value.to_dict())

@@ -17,7 +17,8 @@
   checkpoint every ``checkpoint.every`` steps and after the last
 
 Metrics per step (``metrics.jsonl`` and TensorBoard): the train step's ``loss/*``, ``is/*``,
-``mismatch/*``, ``opt/*`` and ``lr/scale``; ``reward/{mean,std,accuracy,format,
+``mismatch/*``, ``opt/*`` and ``lr/*`` (``lr/scale``; the length detector's ``lr/surge_step``, or with
+the k3 trigger on, ``lr/<length|k3>_trigger/{scale,surge_step}``); ``reward/{mean,std,accuracy,format,
 overlong_penalty,zero_advantage_groups}``; ``rollout/{response_length_mean,_max,_min,
 finished_frac,prompt_length_mean,prompt_width}``; ``time/step_s`` (host time of the loop body;
 sampling waits for the previous update, so in steady state this is the time per step),
@@ -44,6 +45,7 @@ last good state and writing every finished step's metrics.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import threading
 import time
@@ -90,6 +92,15 @@ _MODEL_INIT, _ROLLOUT, _TRAIN = 0, 1, 2
 
 # --------------------------------------------------------------------------------------------
 # Compile time
+
+
+class QuietOrbax(std_logging.Filter):
+    """A logging filter that drops orbax's INFO records (a dozen lines per checkpoint) and keeps
+    its warnings. ``experiments/train.py`` installs it; in a notebook, after
+    ``absl.logging.set_verbosity("info")``: ``absl.logging.get_absl_handler().addFilter(QuietOrbax())``."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 class _CompileClock:

@@ -448,9 +448,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       * ``opt/loss_scale``, ``opt/skipped_steps`` (after this step's adjustment),
         ``opt/step_skipped`` (1.0 if this step's update was skipped).
       * ``lr/scale``: the LR multiplier of the `rl_mismatch.optim` triggered decays in the
-        optimizer (after this update), present only if it contains one. With several,
-        also ``lr/<path>/scale`` and ``lr/<path>/surge_step`` for each (``<path>`` from
-        its place in the optimizer state, e.g. its ``optax.named_chain`` name).
+        optimizer (after this update), present only if it contains one. With one, also
+        ``lr/surge_step``: the step at which its surge fired, -1 before (a decay whose
+        multiplier is pinned at 1 still reports it). With several, ``lr/<path>/scale`` and
+        ``lr/<path>/surge_step`` for each (``<path>`` from its place in the optimizer state,
+        e.g. its ``optax.named_chain`` name).
 
     Raises:
       ValueError: bad arguments (here), or (at call time) a batch whose shapes disagree or
@@ -576,7 +578,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         detectors = optim.triggered_decay_states(opt_state)  # static: the state's structure
         if detectors:
             metrics["lr/scale"] = optim.lr_scale(opt_state)
-        if len(detectors) > 1:  # which detector moved the LR, when several are chained
+        if len(detectors) == 1:  # where the surge fired (or would have, under a pinned multiplier)
+            metrics["lr/surge_step"] = next(iter(detectors.values())).surge_step
+        elif len(detectors) > 1:  # which detector moved the LR, when several are chained
             for path, det in detectors.items():
                 name = re.sub(r"\W+", "_", path).strip("_")
                 metrics[f"lr/{name}/scale"] = det.multiplier

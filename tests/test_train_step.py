@@ -132,7 +132,7 @@ def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype, count_co
         jax.block_until_ready((state, metrics))
     assert (compiles.traces, compiles.lowerings, compiles.n) == (0, 0, 0)
     assert int(state.step) == 5
-    assert float(metrics["lr/scale"]) == 1.0
+    assert float(metrics["lr/scale"]) == 1.0 and int(metrics["lr/surge_step"]) == -1
 
 
 def test_each_chained_detector_is_logged():
@@ -150,6 +150,7 @@ def test_each_chained_detector_is_logged():
     assert int(metrics["lr/length/surge_step"]) == -1 and float(metrics["lr/length/scale"]) == 1.0
     assert int(metrics["lr/k3/surge_step"]) == 1
     assert float(metrics["lr/scale"]) == float(metrics["lr/k3/scale"]) < 1.0
+    assert "lr/surge_step" not in metrics  # Ambiguous with two detectors: each has its own.
 
 
 # --------------------------------------------------------------------------------------------
