@@ -13,6 +13,9 @@ import pytest
 COLAB = pathlib.Path(__file__).resolve().parent.parent / "colab"
 TINY = {
     "fp16_vs_bf16_mismatch.ipynb": {"MODEL": "tiny", "N_PROMPTS": 4, "MAX_NEW_TOKENS": 8},
+    # A threshold below 1 fires at the first step after the tiny config's baseline (steps 1-2), so
+    # the multiplier first halves at step 1 + round(1.8 * 3) = 6.
+    "length_triggered_lr.ipynb": {"MODEL": "tiny", "STEPS": 8, "TRIGGER_THRESHOLD": 0.5},
 }
 
 
@@ -34,8 +37,22 @@ def test_every_notebook_has_tiny_parameters():
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_notebook_runs(name):
-    ns = _run_notebook(COLAB / name, TINY[name])
+def test_notebook_runs(name, tmp_path):
+    ns = _run_notebook(COLAB / name, {**TINY[name], "RUN_DIR": str(tmp_path)})
     if name.startswith("fp16"):
         assert set(ns["results"]) == {"float32", "bfloat16", "float16"}
         assert all(float(m["mismatch/n_tokens"]) > 0 for m in ns["results"].values())
+    if name.startswith("length"):
+        # The synthetic surge (from ~step 60) fires the rule once, after the baseline is complete.
+        assert ns["WARMUP"] + ns["WINDOW"] <= ns["surge"] < 75 and min(ns["scales"]) < 1
+        const, decayed = ns["rows"]["constant"], ns["rows"]["length_triggered"]
+        assert [r["step"] for r in const] == [r["step"] for r in decayed] == list(range(8))
+        assert ns["rl_surge"] == int(const[-1]["lr/surge_step"]) == 3 and ns["lowered"] == 6
+        assert all(r["lr/scale"] == 1 for r in const) and decayed[6]["lr/scale"] == 0.5
+        # Same seed: the runs agree until the first update taken with a smaller LR, which is that
+        # update halved (the multiplier scales Adam's update; the gradients are still the same).
+        for a, b in zip(const[:7], decayed):
+            assert a["rollout/response_length_mean"] == b["rollout/response_length_mean"]
+            assert a["mismatch/k3"] == b["mismatch/k3"] and a["opt/grad_norm"] == b["opt/grad_norm"]
+        assert decayed[6]["opt/update_norm"] == pytest.approx(0.5 * const[6]["opt/update_norm"], rel=1e-5)
+        assert decayed[7]["opt/param_norm"] != const[7]["opt/param_norm"]
