@@ -55,7 +55,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-    logging.get_absl_handler().addFilter(experiment.QuietOrbax())
+    experiment.quiet_orbax_logs()
     try:
         # Typed and validated before anything heavy happens: a bad setting fails in a second.
         cfg = ExperimentConfig.from_dict(_CONFIG.value.to_dict())

@@ -91,16 +91,21 @@ _MODEL_INIT, _ROLLOUT, _TRAIN = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------------------
-# Compile time
+# Logging and compile time
 
 
-class QuietOrbax(std_logging.Filter):
-    """A logging filter that drops orbax's INFO records (a dozen lines per checkpoint) and keeps
-    its warnings. ``experiments/train.py`` installs it; in a notebook, after
-    ``absl.logging.set_verbosity("info")``: ``absl.logging.get_absl_handler().addFilter(QuietOrbax())``."""
-
+class _QuietOrbax(std_logging.Filter):
     def filter(self, record: std_logging.LogRecord) -> bool:
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    """Drops orbax's INFO records (a dozen lines per checkpoint) and keeps its warnings, whichever
+    handler prints them (absl's under ``app.run``, the root logger's in a notebook). The filter
+    sits on the ``absl`` logger, which orbax logs through; calling this again adds nothing."""
+    logger = std_logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+        logger.addFilter(_QuietOrbax())
 
 
 class _CompileClock:

@@ -45,6 +45,7 @@ def test_notebook_runs(name, tmp_path):
     if name.startswith("length"):
         # The synthetic surge (from ~step 60) fires the rule once, after the baseline is complete.
         assert ns["WARMUP"] + ns["WINDOW"] <= ns["surge"] < 75 and min(ns["scales"]) < 1
+        assert 190 < ns["baseline"] < 210  # The trace's flat part: 200 tokens +- 5% noise.
         const, decayed = ns["rows"]["constant"], ns["rows"]["length_triggered"]
         assert [r["step"] for r in const] == [r["step"] for r in decayed] == list(range(8))
         assert ns["rl_surge"] == int(const[-1]["lr/surge_step"]) == 3 and ns["lowered"] == 6
