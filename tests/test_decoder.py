@@ -206,7 +206,8 @@ def test_silu_rounds_like_torch(dtype):
 
     x32 = np.asarray(3 * jax.random.normal(jax.random.key(0), (4096,)), np.float32)
     x = jnp.asarray(x32).astype(dtype)
-    theirs = torch.nn.functional.silu(torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(getattr(torch, dtype)))
+    # np.array copies: torch.from_numpy warns on the read-only view of a JAX array.
+    theirs = torch.nn.functional.silu(torch.from_numpy(np.array(x.astype(jnp.float32))).to(getattr(torch, dtype)))
     theirs = theirs.float().numpy()
     ours = np.asarray(decoder._silu(x).astype(jnp.float32))
     # One rounding of a float32 SiLU on both sides: equal, except where the two float32
