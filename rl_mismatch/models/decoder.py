@@ -519,8 +519,12 @@ class Decoder(nnx.Module):
         graphdef = nnx.graphdef(self.blocks)
         layers = self.layer_states() if layers is None else layers
         x = self._embed(tokens_BT)
+
         def write(groups, new_BKTH):  # each row group's slice of the new keys into its buffer
             return tuple(_write_slots(g, new, start) for g, new in zip(groups, jnp.split(new_BKTH, len(groups))))
+
+        def as_compute(groups, like):  # the cache dtype may differ from the compute dtype
+            return tuple(g.astype(like.dtype) for g in groups)
 
         new_k, new_v = [], []
         for layer in range(self.config.n_layers):
@@ -530,7 +534,6 @@ class Decoder(nnx.Module):
             def keys_fn(k, v, k_cache=k_cache, v_cache=v_cache):
                 k_cache = write(k_cache, k.transpose(0, 2, 1, 3))
                 v_cache = write(v_cache, v.transpose(0, 2, 1, 3))
-                as_compute = lambda groups, like: tuple(g.astype(like.dtype) for g in groups)
                 return as_compute(k_cache, k), as_compute(v_cache, v), allowed_BTS, (k_cache, v_cache)
 
             x, (k_cache, v_cache) = block(x, positions_BT, keys_fn)
