@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import grain
 import numpy as np
@@ -111,6 +112,19 @@ def test_builder_options_and_validation(tmp_path):
         tasks.reasoning_gym_config("countdwn")
     with pytest.raises(ValueError, match="rejected task_kwargs"):
         tasks.reasoning_gym_config("countdown", no_such_field=1)
+
+
+def test_building_leaves_no_temporary_directories(tmp_path, monkeypatch):
+    # tfds looks for a fresh builder's metadata in its GCS bucket through a temporary directory
+    # that it never removes; these datasets are generated here, so nothing may be left behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    tasks.prepare_reasoning_gym("basic_arithmetic", tmp_path / "data", train_size=2, eval_size=1, seed=0)
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    tasks.prepare_jsonl(path, tmp_path / "data", eval_size=0)
+    assert list(scratch.iterdir()) == []
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path, tok):

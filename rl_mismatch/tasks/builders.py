@@ -206,6 +206,16 @@ def generate_reasoning_gym_split(
     )
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a dataset generated here, never published to tfds' GCS bucket."""
+
+    def initialize_from_bucket(self) -> None:
+        # tfds calls this for every builder whose data_dir has no dataset_info.json yet: it makes a
+        # temporary directory for the bucket's metadata files and, finding none, leaves it behind
+        # (one empty /tmp/tmp*tfds per fresh build). There is nothing to fetch for these datasets.
+        pass
+
+
 class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared plumbing: ArrayRecord by default, the common features, no code-side metadata."""
 
@@ -229,7 +239,7 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo directly: dataset_info_from_configs reads metadata files next to the
         # builder's module, which a library module does not ship.
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=self.builder_config.description,
             features=tfds.features.FeaturesDict(dict(_FEATURES)),
