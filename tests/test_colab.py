@@ -6,6 +6,7 @@ lines (``!pip ...``) are Colab set-up and are skipped. No Jupyter kernel is need
 
 import json
 import pathlib
+import tempfile
 
 import matplotlib
 import pytest
@@ -37,7 +38,10 @@ def test_every_notebook_has_tiny_parameters():
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_notebook_runs(name, tmp_path):
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    # The notebook's own default run directory (a mkdtemp, made before the override) goes under
+    # tmp_path too, not into the system's temporary directory.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ns = _run_notebook(COLAB / name, {**TINY[name], "RUN_DIR": str(tmp_path)})
     if name.startswith("fp16"):
         assert set(ns["results"]) == {"float32", "bfloat16", "float16"}
