@@ -165,6 +165,34 @@ def test_split_down_projection_changes_no_value():
         np.asarray(jax.jit(lambda x, w: decoder._dot("btf,fd->btd", x, w))(x, w), np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("remat", ["layer", "projections", "none"])
+def test_residuals_as_bits_change_no_gradient(dtype, remat, monkeypatch):
+    """The layer scan's backward-pass residuals carried as uint16 bits (a speed choice on CPU,
+    `_residuals_as_bits`) give the plain gradient bit for bit, and no half-precision stack is
+    left for XLA to write in float32."""
+    cfg = tiny_config()
+    graphdef, params = nnx.split(_randomise(Decoder(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0))))
+    tokens, valid = _left_padded(3, 10, [0, 4, 2], cfg.vocab_size)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(tokens, valid_BT=valid)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * valid)
+
+    def stacked_dtypes(jaxpr):  # dtypes of the [layers, ...] outputs of the forward layer scan
+        scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
+        return {str(v.aval.dtype) for v in scan.outvars if v.aval.shape[:1] == (cfg.n_layers,)}
+
+    grad = jax.jit(jax.grad(loss))
+    assert dtype not in stacked_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    with_bits = grad(params)
+    monkeypatch.setattr(decoder, "_residuals_as_bits", lambda f: f)
+    assert dtype in stacked_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)  # the check sees them
+    plain = jax.jit(jax.grad(loss))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(with_bits)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(path))
+
+
 def test_padding_does_not_change_a_sequence():
     """A left-padded row gives the same logits as the same tokens unpadded (positions reset)."""
     cfg = tiny_config()
