@@ -501,11 +501,13 @@ class Decoder(nnx.Module):
 
         Under differentiation each layer is rematerialised as ``self.remat`` says. The default,
         ``"layer"``, keeps only each layer's input and recomputes the layer in the backward pass:
-        a third more layer FLOPs, but on CPU the fastest of the three (benchmarks/README.md,
-        SmolLM2-135M, batch 8 x 256, bf16 layer-stack gradient: 3.66 s, "projections" 3.70 s,
-        "none" 5.71 s; XLA:CPU writes each layer's saved bf16 values into their [L, ...] stack by
-        converting the whole stack to float32 and back. fp32 step: 9.8 s, 10.1 s, 10.3 s). On an
-        accelerator ``"projections"`` is worth measuring.
+        a third more layer FLOPs and the least memory. On CPU the three cost about the same
+        (``benchmarks/remat.py``, SmolLM2-135M, batch 8 x 256: bf16 layer-stack gradient
+        "layer" 3.24 s, "projections" 3.02 s, "none" 3.34 s, with 188 / 699 / 3098 MiB of
+        temporaries; fp32 5.18 / 4.79 / 5.77 s; the whole train step 4.06 vs 4.17 s bf16, 6.41
+        vs 6.53 s fp32 for "layer" vs "projections"), so the default is the one that also fits
+        large models. The saved values travel through the layer scan as raw bits
+        (`_residuals_as_bits`). On an accelerator, run ``benchmarks/remat.py`` there.
         """
         B, T = tokens_BT.shape
         valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
