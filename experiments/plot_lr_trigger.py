@@ -13,7 +13,6 @@ from __future__ import annotations
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 from absl import app, flags
@@ -49,15 +48,7 @@ def run(lengths: np.ndarray) -> optim.TriggeredDecayState:
     tx = optim.length_triggered_decay(
         warmup=WARMUP, baseline_window=WINDOW, threshold=THRESHOLD, period_factor=K, floor=FLOOR
     )
-
-    def body(state, x):
-        _, state = tx.update(jnp.zeros([]), state, response_length=x)
-        return state, state
-
-    _, states = jax.jit(lambda xs: jax.lax.scan(body, tx.init(None), xs))(
-        jnp.asarray(lengths, jnp.float32)
-    )
-    return jax.tree.map(np.asarray, states)
+    return jax.tree.map(np.asarray, optim.replay(tx, response_length=lengths))
 
 
 def plot(lengths: np.ndarray, states: optim.TriggeredDecayState, out: str) -> None:

@@ -12,6 +12,8 @@ signal (the mismatch k3 KL, the gradient noise scale):
   trigger, with a cooldown, at most N decays and a floor.
 * :func:`lr_scale` / :func:`lr_scales` -- read the multiplier out of any
   (nested) optax state, for logging as ``lr/scale``.
+* :func:`replay` -- what a rule would have done on a logged trace (a past run's
+  lengths), step by step: for choosing its constants before a run, and for plots.
 
 The module imports nothing but jax, optax, numpy and the standard library, so other
 projects can use it without the rest of ``rl_mismatch``.
@@ -50,6 +52,7 @@ __all__ = [
     "length_triggered_decay",
     "lr_scale",
     "lr_scales",
+    "replay",
     "signal_triggered_decay",
     "signal_triggered_multiplicative_decay",
 ]
@@ -579,6 +582,51 @@ def signal_triggered_multiplicative_decay(
         respond=respond,
         owner="signal_triggered_multiplicative_decay",
     )
+
+
+def replay(tx: optax.GradientTransformationExtraArgs, **traces: Any) -> Any:
+    """``tx``'s state after each step of logged signal traces: what the rule would have done.
+
+    Feeds ``tx`` one update per entry of the 1-D ``traces``, each passed under its
+    keyword (``response_length=`` for :func:`length_triggered_decay`, the signal's name
+    for :func:`signal_triggered_decay`; several for a chain of detectors), and returns
+    its state after every step, stacked along a new leading axis (one ``lax.scan``).
+    ``states.multiplier[t]`` is the ``lr/scale`` step ``t`` would have had,
+    ``states.surge_step[-1]`` the step of the latest trigger. Use it to pick
+    ``threshold``, ``warmup`` and ``baseline_window`` on the lengths of a past run
+    before the next one.
+
+    The updates fed are a scalar zero and ``tx`` is initialised without parameters, so
+    ``tx`` should be the triggered decays alone, not a chain with Adam.
+
+    Raises:
+      ValueError: no trace, a trace that is not 1-D, or traces of different lengths.
+
+    Example:
+      >>> import numpy as np
+      >>> from rl_mismatch import optim
+      >>> lengths = np.r_[np.full(8, 100.0), np.full(12, 400.0)]  # a 4x surge at step 8
+      >>> tx = optim.length_triggered_decay(warmup=2, baseline_window=4, smoothing=0.0)
+      >>> states = optim.replay(tx, response_length=lengths)
+      >>> int(states.surge_step[-1]), int(states.period[-1])  # period = round(1.8 * 8)
+      (8, 14)
+      >>> [float(m) for m in states.multiplier[14:18]]  # 0.5 ** ((t - 2) // 14)
+      [1.0, 1.0, 0.5, 0.5]
+    """
+    if not traces:
+        raise ValueError("replay() needs a signal trace as a keyword, e.g. response_length=lengths.")
+    arrays = {name: jnp.asarray(trace, jnp.float32) for name, trace in traces.items()}
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if any(len(shape) != 1 for shape in shapes.values()) or len(set(shapes.values())) != 1:
+        raise ValueError(
+            f"replay() takes 1-D traces of equal length (one value per step); got shapes {shapes}."
+        )
+
+    def step(state, observed):
+        _, state = tx.update(jnp.zeros([]), state, **observed)
+        return state, state
+
+    return jax.lax.scan(step, tx.init(None), arrays)[1]
 
 
 def _is_state(x: Any) -> bool:

@@ -83,15 +83,7 @@ def reference(
 
 def run(tx, xs, name="response_length"):
     """Feeds the trace `xs` to `tx` (one update per entry); returns stacked states."""
-
-    def body(state, x):
-        _, state = tx.update(jnp.zeros([]), state, **{name: x})
-        return state, state
-
-    _, states = jax.jit(lambda xs: jax.lax.scan(body, tx.init(None), xs))(
-        jnp.asarray(xs, jnp.float32)
-    )
-    return jax.tree.map(np.asarray, states)
+    return jax.tree.map(np.asarray, optim.replay(tx, **{name: xs}))
 
 
 def surge_trace(n=1200, surge_at=200, base=200.0, high=900.0, ramp=40, seed=0):
@@ -448,6 +440,38 @@ def test_inject_hyperparams_on_adamw_and_on_the_decay(count_compiles):
     for opt, base in cases[1:]:
         assert trajectory(opt, base) == expected
     assert set(trajectory(*cases[2], threshold=100.0)) == {1.0}
+
+
+def test_replay_is_the_update_loop():
+    # replay's scan against the loop a user would write around a jitted update: the same
+    # state at every step, for two detectors in one chain, each fed its own trace. (Eager
+    # op-by-op updates may differ in the EMA's last bit: XLA fuses it into one expression.)
+    tx = optax.named_chain(
+        ("length", optim.length_triggered_decay(warmup=2, baseline_window=5)),
+        ("k3", optim.signal_triggered_multiplicative_decay("k3", threshold=1e-2, relative=False)),
+    )
+    lengths, k3 = surge_trace(n=60, surge_at=20), np.linspace(0.0, 0.03, 60)
+    states = optim.replay(tx, response_length=lengths, k3=k3)
+    update = jax.jit(lambda state, x, k: tx.update(jnp.zeros([]), state, response_length=x, k3=k)[1])
+    state = tx.init(None)
+    for t in range(60):
+        state = update(state, np.float32(lengths[t]), np.float32(k3[t]))
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(states)):
+            assert np.asarray(a) == np.asarray(b)[t]
+    assert int(states["length"].num_triggers[-1]) == 1 and int(states["k3"].num_triggers[-1]) >= 1
+
+
+@pytest.mark.parametrize(
+    "traces,message",
+    [
+        ({}, "needs a signal trace"),
+        ({"response_length": np.ones((3, 2))}, "1-D traces"),
+        ({"response_length": np.ones(3), "k3": np.ones(4)}, "equal length"),
+    ],
+)
+def test_replay_bad_traces(traces, message):
+    with pytest.raises(ValueError, match=message):
+        optim.replay(optim.length_triggered_decay(), **traces)
 
 
 def test_two_decays_in_one_chain_read_their_own_keyword():
