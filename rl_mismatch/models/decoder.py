@@ -30,9 +30,10 @@ KV-cache decoding unrolls the layers (see ``Decoder.decode``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,19 +107,13 @@ _REMAT_POLICIES = {  # Decoder(remat=...) -> jax.checkpoint policy of the layer 
 Remat = Literal["layer", "projections", "none"]  # the keys above, for configs
 
 
-@jax.tree_util.register_pytree_node_class
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
 class _Bits:
     """A 2-byte float array held as its raw ``uint16`` bits; the float dtype is static metadata."""
 
-    def __init__(self, bits: jax.Array, dtype):
-        self.bits, self.dtype = bits, dtype
-
-    def tree_flatten(self):
-        return (self.bits,), self.dtype
-
-    @classmethod
-    def tree_unflatten(cls, dtype, children):
-        return cls(children[0], dtype)
+    bits: jax.Array
+    dtype: Any
 
 
 def _to_bits(x):
@@ -528,7 +523,8 @@ class Decoder(nnx.Module):
             layer = jax.checkpoint(layer, prevent_cse=False, policy=_REMAT_POLICIES[self.remat])
         layer = _residuals_as_bits(layer)
 
-        x, _ = jax.lax.scan(lambda x, block_state: (layer(x, block_state), None), self._embed(tokens_BT), state)
+        x, _ = jax.lax.scan(lambda x, layer_state: (layer(x, layer_state), None),
+                            self._embed(tokens_BT), state)
         return self._final_norm(x)
 
     def _final_norm(self, x_BTD):
