@@ -193,6 +193,38 @@ def test_residuals_as_bits_change_no_gradient(dtype, remat, monkeypatch):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(path))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_norm_scale_gradient_is_a_float32_sum(dtype):
+    """The RMSNorm scale's gradient is the sum over positions of cotangent x normed input, from
+    exact float32 products summed in float32 (float64 reference): in bf16 within 1e-5 of the
+    sum of |terms| per feature, where rounding each product to bf16 (2^-9 each, ~45 times that
+    over 2048 rows of random sign) would not be; the input's gradient is JAX's own."""
+    kx, kw, ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (8, 256, 64)).astype(dtype)
+    w = jax.random.normal(kw, (8, 256, 64)).astype(dtype)
+    scale = 1 + 0.1 * jax.random.normal(ks, (64,))
+
+    def loss(scale, x):
+        return jnp.sum((decoder._rms_norm(x, scale, 1e-6) * w).astype(jnp.float32))
+
+    d_scale, d_x = jax.grad(loss, argnums=(0, 1))(scale, x)
+    assert d_scale.dtype == jnp.float32 and d_x.dtype == jnp.dtype(dtype)
+    x64 = np.asarray(x, np.float64)
+    normed = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + 1e-6)
+    normed = np.asarray(jnp.asarray(normed, jnp.float32).astype(dtype), np.float64)  # as the forward rounds it
+    terms = np.asarray(w, np.float64) * normed
+    np.testing.assert_array_less(np.abs(np.asarray(d_scale, np.float64) - terms.sum(axis=(0, 1))),
+                                 1e-5 * np.abs(terms).sum(axis=(0, 1)))
+
+    def plain_rms_norm(x):  # the same forward under JAX's own differentiation rules
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+    d_x_plain = jax.grad(lambda x: jnp.sum((plain_rms_norm(x) * w).astype(jnp.float32)))(x)
+    np.testing.assert_array_equal(np.asarray(d_x, np.float32), np.asarray(d_x_plain, np.float32))
+
+
 def test_padding_does_not_change_a_sequence():
     """A left-padded row gives the same logits as the same tokens unpadded (positions reset)."""
     cfg = tiny_config()
