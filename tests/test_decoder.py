@@ -225,6 +225,36 @@ def test_norm_scale_gradient_is_a_float32_sum(dtype):
     np.testing.assert_array_equal(np.asarray(d_x, np.float32), np.asarray(d_x_plain, np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_bias_and_embedding_gradients_are_float32_sums(dtype):
+    """A bias's gradient (the cotangent summed over positions) and an embedding row's (summed over
+    the positions holding its token, here ~500 each) are float32 sums: float64 reference, within
+    1e-5 of the sum of |terms|; cotangents in the compute dtype as the backward pass has them."""
+    kg, kb, kt, ke = jax.random.split(jax.random.key(1), 4)
+    g = (jax.random.normal(kg, (8, 256, 3, 16)) + 0.5).astype(dtype)  # a mean, so sums do not cancel
+    bias = 0.1 * jax.random.normal(kb, (3, 16))
+    _, vjp = jax.vjp(lambda b: decoder._add_bias(jnp.zeros(g.shape, dtype), b), bias)
+    (d_bias,) = vjp(g)
+    g64 = np.asarray(g, np.float64)
+    assert d_bias.dtype == jnp.float32
+    np.testing.assert_array_less(np.abs(np.asarray(d_bias) - g64.sum(axis=(0, 1))),
+                                 1e-5 * np.abs(g64).sum(axis=(0, 1)))
+
+    cfg = tiny_config()
+    model = Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(kt, (8, 256), 0, 4)  # four distinct tokens
+    g = (jax.random.normal(ke, (8, 256, cfg.d_model)) + 0.5).astype(dtype)
+    graphdef, state = nnx.split(model)
+    _, vjp = jax.vjp(lambda s: nnx.merge(graphdef, s)._embed(tokens), state)
+    (d_state,) = vjp(g)
+    d_embed = np.asarray(d_state["embed"][...])
+    g64, onehot = np.asarray(g, np.float64), np.eye(cfg.vocab_size)[np.asarray(tokens)]
+    expected = np.einsum("btv,btd->vd", onehot, g64)
+    bound = np.einsum("btv,btd->vd", onehot, np.abs(g64))
+    assert d_embed.dtype == np.float32
+    np.testing.assert_array_less(np.abs(d_embed - expected), 1e-5 * bound + 1e-30)  # 0 = 0 for unseen tokens
+
+
 def test_padding_does_not_change_a_sequence():
     """A left-padded row gives the same logits as the same tokens unpadded (positions reset)."""
     cfg = tiny_config()

@@ -13,9 +13,11 @@ Numerics (every one of these is a mismatch decision, so they are explicit):
 * Backward pass (``_mixed_einsum``): cotangents entering a projection or LM-head matmul are
   rounded to ``dtype``, the backward matmuls accumulate in float32, weight gradients come back
   in the weights' own dtype (float32 master weights: float32 gradients, never rounded to
-  ``dtype``). Norm scales likewise (``_scale_features``): float32 sums of float32 products. The two attention matmuls keep JAX's own rule: their float32 score and output
-  cotangents are not rounded (benchmarks/README.md: rounding them was no faster on CPU, and
-  XLA:CPU rejects one of the resulting bf16 contractions).
+  ``dtype``). Norm scales, biases and embedding rows likewise: their gradients are float32 sums
+  (``_scale_features``, ``_add_bias``, ``Decoder._embed``). The two attention matmuls keep JAX's
+  own rule: their float32 score and output cotangents are not rounded (benchmarks/README.md:
+  rounding them was no faster on CPU, and XLA:CPU rejects one of the resulting bf16
+  contractions).
 
 Token layout. Batches are left-padded: ``valid_BT`` is False on padding, padded keys are never
 attended, and RoPE positions default to ``cumsum(valid) - 1`` so a sequence's first real token
@@ -168,18 +170,30 @@ def _dot(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return checkpoint_name(_mixed_einsum(eq, x, w, x.dtype), _PROJECTION)
 
 
+def _sum_rows(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Sum of ``x`` over its leading axes (its trailing axes are ``like``'s shape), from float32
+    values summed in float32, returned in ``like``'s dtype: a parameter's gradient.
+
+    Written as a product with a ones vector: XLA:CPU turned the plain reduction over B·T rows into
+    a reduce-window loop of 2-4 ms per call at batch 8 x 256 (bf16 layer-stack gradient 3.26 s,
+    3.16 s this way).
+    """
+    rows = x.astype(jnp.float32).reshape(-1, like.size)
+    total = jnp.dot(jnp.ones(rows.shape[0], jnp.float32), rows, preferred_element_type=jnp.float32)
+    return total.reshape(like.shape).astype(like.dtype)
+
+
 @jax.custom_vjp
 def _scale_features(scale: jax.Array, x: jax.Array) -> jax.Array:
     """``scale.astype(x.dtype) * x``, ``scale`` along the last axis (a norm's learned scale).
 
     The backward pass treats ``scale`` like a projection's weight (`_mixed_einsum`): its gradient,
     the sum over every leading position of ``g * x``, is formed from float32 products (exact for
-    two bf16/fp16 factors) summed in float32, and comes back in ``scale``'s dtype. JAX's own rule
-    rounds each product to the compute dtype before the sum; in a bf16 SmolLM2 layer stack the
-    norm-scale gradients then differ from these by 1-3% of their largest entry. The sum is written
-    as a product with a ones vector: XLA:CPU turned the plain reduction over B·T rows into a
-    reduce-window loop of 2-4 ms per norm per layer at batch 8 x 256 (bf16 layer-stack gradient
-    3.26 s, with this rule 3.16 s). ``dx = g * scale`` in the compute dtype.
+    two bf16/fp16 factors) summed in float32 (`_sum_rows`), in ``scale``'s dtype. JAX's own rule
+    sums the products in the compute dtype: in a bf16 SmolLM2 layer stack the norm-scale gradients
+    were 1-3% of their largest entry off (tests/test_decoder.py checks against float64), and an
+    fp16 sum over B·T rows can overflow under loss scaling.
+    ``dx = g * scale`` in the compute dtype, as JAX's rule has it.
     """
     return scale.astype(x.dtype) * x
 
@@ -190,12 +204,29 @@ def _scale_features_fwd(scale, x):
 
 def _scale_features_bwd(residuals, g):
     scale, x = residuals
-    products = (g.astype(jnp.float32) * x.astype(jnp.float32)).reshape(-1, x.shape[-1])
-    d_scale = jnp.dot(jnp.ones(products.shape[0], jnp.float32), products, preferred_element_type=jnp.float32)
-    return d_scale.reshape(scale.shape).astype(scale.dtype), (g * scale.astype(g.dtype)).astype(x.dtype)
+    d_scale = _sum_rows(g.astype(jnp.float32) * x.astype(jnp.float32), scale)
+    return d_scale, (g * scale.astype(g.dtype)).astype(x.dtype)
 
 
 _scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
+
+
+@jax.custom_vjp
+def _add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x + bias.astype(x.dtype)``, ``bias`` over the trailing axes; its gradient, the sum of the
+    cotangent over every leading position, in float32 (`_sum_rows`), as for `_scale_features`."""
+    return x + bias.astype(x.dtype)
+
+
+def _add_bias_fwd(x, bias):
+    return _add_bias(x, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+    return g, _sum_rows(g, bias)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -437,9 +468,9 @@ class Block(nnx.Module):
         k = _dot("btd,dkh->btkh", h, self.k[...])
         v = _dot("btd,dkh->btkh", h, self.v[...])
         if c.qkv_bias:
-            q = q + self.q_bias[...].astype(q.dtype)
-            k = k + self.k_bias[...].astype(k.dtype)
-            v = v + self.v_bias[...].astype(v.dtype)
+            q = _add_bias(q, self.q_bias[...])
+            k = _add_bias(k, self.k_bias[...])
+            v = _add_bias(v, self.v_bias[...])
         if c.qk_norm:
             q = _rms_norm(q, self.q_norm[...], c.rms_eps)
             k = _rms_norm(k, self.k_norm[...], c.rms_eps)
@@ -499,7 +530,9 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, (D, V), (EMBED, VOCAB), param_dtype)
 
     def _embed(self, tokens_BT):
-        return self.embed[...].astype(self.dtype)[tokens_BT]
+        # Gather, then cast: the backward pass scatters the rows' cotangents into a float32 table,
+        # so a token seen many times sums its gradient in float32, and only B·T rows are cast.
+        return self.embed[...][tokens_BT].astype(self.dtype)
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """The LM head: float32 logits [B, T, V] of final hidden states from :meth:`hidden_states`.
