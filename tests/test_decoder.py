@@ -98,6 +98,53 @@ def test_causal_attention_in_blocks_equals_one_block(T, block):
                                np.where(valid[:, :, None, None], full, 0), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3 * 2.0 ** -8), ("float16", 3 * 2.0 ** -11)])
+def test_attention_gradient_within_its_rounding(dtype, tol):
+    """`_softmax_attention`'s hand-written backward pass (through `_causal_attention`'s query
+    blocks, with left padding) against float64 `jax.grad` of plain softmax attention on the same
+    inputs. Beyond float32 arithmetic it rounds P (for dV) and dS (for dQ, dK) to the compute
+    dtype, then each gradient; a key in both query blocks adds its two rounded gradients in that
+    dtype. So at most three roundings of relative size u (2^-8 bf16, 2^-11 fp16) per entry: each
+    must lie within 3u (1e-5 in float32) of the magnitude of its terms: Σ_t P|g| for dV and
+    Σ |dS-terms| · |K| or |Q| for dQ and dK, with |dS| ≤ P(|dP| + |rowsum(P dP)|)/√H bounding the
+    terms before the cancellation in dP − rowsum."""
+    B, T, N, K, H = 3, 20, 4, 2, 16
+    G = N // K
+    ks = jax.random.split(jax.random.key(3), 4)
+    q, w = (jax.random.normal(key, (B, T, N, H)).astype(dtype) for key in ks[:2])
+    k, v = (jax.random.normal(key, (B, K, T, H)).astype(dtype) for key in ks[2:])
+    valid = jnp.arange(T)[None, :] >= jnp.array([[0], [3], [9]])
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
+    w = jnp.where(valid[:, :, None, None], w, 0)  # padding queries' outputs are never read
+
+    def loss(q, k, v):
+        return jnp.sum(decoder._causal_attention(q, k, v, allowed, block=8).astype(jnp.float32) * w)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert [x.dtype for x in grads] == [jnp.dtype(dtype)] * 3
+    q64, k64, v64, w64 = (np.asarray(x, np.float64) for x in (q, k, v, w))
+    mask = np.asarray(allowed)[:, None, None]
+
+    def plain(q, k, v):  # [B, T, N, H] queries, no blocks, JAX's own differentiation
+        s = jnp.einsum("btkgh,bksh->bkgts", q.reshape(B, T, K, G, H), k) / np.sqrt(H)
+        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+        return jnp.einsum("bkgts,bksh->btkgh", jnp.where(mask, p, 0), v).reshape(B, T, N, H)
+
+    with jax.enable_x64():
+        ref = jax.grad(lambda *a: jnp.sum(plain(*a) * w64), argnums=(0, 1, 2))(q64, k64, v64)
+        probs = np.asarray(jnp.where(mask, jax.nn.softmax(jnp.where(mask, jnp.einsum(
+            "btkgh,bksh->bkgts", q64.reshape(B, T, K, G, H), k64) / np.sqrt(H), -jnp.inf), axis=-1), 0))
+    g = w64.reshape(B, T, K, G, H)
+    dprobs = np.einsum("btkgh,bksh->bkgts", g, v64)
+    ds_size = probs * (np.abs(dprobs) + np.abs((probs * dprobs).sum(-1, keepdims=True))) / np.sqrt(H)
+    sizes = (np.einsum("bkgts,bksh->btkgh", ds_size, np.abs(k64)).reshape(B, T, N, H),
+             np.einsum("bkgts,btkgh->bksh", ds_size, np.abs(q64).reshape(B, T, K, G, H)),
+             np.einsum("bkgts,btkgh->bksh", probs, np.abs(g)))
+    for name, got, want, size in zip("qkv", grads, ref, sizes):
+        err = np.abs(np.asarray(got, np.float64) - np.asarray(want))
+        assert np.all(err <= tol * size + 1e-30), (name, float((err / (size + 1e-30)).max()))
+
+
 def test_grown_cache_decodes_like_one_allocation():
     cfg = tiny_config()
     model = _randomise(Decoder(cfg, rngs=nnx.Rngs(0)))

@@ -14,10 +14,9 @@ Numerics (every one of these is a mismatch decision, so they are explicit):
   rounded to ``dtype``, the backward matmuls accumulate in float32, weight gradients come back
   in the weights' own dtype (float32 master weights: float32 gradients, never rounded to
   ``dtype``). Norm scales, biases and embedding rows likewise: their gradients are float32 sums
-  (``_scale_features``, ``_add_bias``, ``Decoder._embed``). The two attention matmuls keep JAX's
-  own rule: their float32 score and output cotangents are not rounded (benchmarks/README.md:
-  rounding them was no faster on CPU, and XLA:CPU rejects one of the resulting bf16
-  contractions).
+  (``_scale_features``, ``_add_bias``, ``Decoder._embed``). The attention's backward pass
+  (``_softmax_attention``) rounds the scores' cotangent to ``dtype`` for its matmuls too;
+  the softmax and its gradient stay float32.
 
 Token layout. Batches are left-padded: ``valid_BT`` is False on padding, padded keys are never
 attended, and RoPE positions default to ``cumsum(valid) - 1`` so a sequence's first real token
@@ -323,23 +322,75 @@ def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
     a [B, K, H, G·T] layout with the rotary embedding fused in, a slow strided copy of 2-byte
     elements (bf16 batch-64 sampler: `generate` 7-8% faster without it). In float32 XLA's own
     choice is the faster one (the same change made fp32 `generate` 7% slower), so it stays.
-    Both give the same scores: only the layout differs (benchmarks/README.md).
+    Both give the same scores: only the layout differs (benchmarks/README.md). The backward
+    pass is `_softmax_attention`'s.
     """
     B, T, N, H = q_BTNH.shape
     K = k_BKSH.shape[1]
     q = q_BTNH.reshape(B, T, K, N // K, H)
-    if q.dtype == jnp.float32:
-        scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSH, preferred_element_type=jnp.float32)
-    else:
-        scores = jnp.einsum("bkgth,bksh->bkgts", q.transpose(0, 2, 3, 1, 4), k_BKSH,
-                            preferred_element_type=jnp.float32)
-    scores = scores * (H ** -0.5)
-    scores = jnp.where(allowed_BTS[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
-    # Output with the batch dims leading, transposed afterwards: XLA:CPU has no bf16 x bf16 -> f32
+    if q.dtype != jnp.float32:
+        q = q.transpose(0, 2, 3, 1, 4)
+    return _softmax_attention(q, k_BKSH, v_BKSH, allowed_BTS).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _masked_scores(q, k_BKSH, allowed_BTS):
+    """Scaled float32 scores [B, K, G, T, S] of queries laid out [B, T, K, G, H] (float32) or
+    [B, K, G, T, H] (half precision, see `_attention`); ``_NEG_INF`` where not allowed."""
+    eq = "btkgh,bksh->bkgts" if q.dtype == jnp.float32 else "bkgth,bksh->bkgts"
+    scores = jnp.einsum(eq, q, k_BKSH, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    return jnp.where(allowed_BTS[:, None, None], scores, _NEG_INF)
+
+
+def _softmax_attention_fwd(q, k_BKSH, v_BKSH, allowed_BTS):
+    probs = jax.nn.softmax(_masked_scores(q, k_BKSH, allowed_BTS), axis=-1)
+    # Output with the batch dims leading, transposed by the caller: XLA:CPU has no bf16 x bf16 -> f32
     # kernel for the batch-dims-inside layout "->btkgh".
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v_BKSH, preferred_element_type=jnp.float32)
-    return out.astype(q_BTNH.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v_BKSH.dtype), v_BKSH,
+                     preferred_element_type=jnp.float32).astype(q.dtype)
+    return out, (q, k_BKSH, v_BKSH, allowed_BTS, probs)
+
+
+@jax.custom_vjp
+def _softmax_attention(q, k_BKSH, v_BKSH, allowed_BTS):
+    """``softmax(q kᵀ / √H, masked) v`` as [B, K, G, T, H] in ``q``'s dtype; ``q`` as in
+    `_masked_scores`. The probabilities P are float32, rounded to the compute dtype for the
+    value matmul.
+
+    Backward pass (the standard softmax-attention gradient, written out so that every matmul
+    takes compute-dtype operands and accumulates in float32, like the projections'
+    `_mixed_einsum`): with g the output's cotangent,
+
+        dV = round(P)ᵀ g,   dP = g Vᵀ,   dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √H  (zero where masked),
+        dQ = round(dS) K,   dK = round(dS)ᵀ Q,
+
+    P, dP and dS in float32, ``round`` to the compute dtype (a no-op in float32). JAX's own rule
+    for the same forward fed the float32 dP and dS to float32 x half-precision matmuls; the only
+    new rounding is dS's, at most half an ulp of the compute dtype per element, the precision at
+    which the projections already round their cotangents. It skips the elementwise passes of
+    JAX's separate mask, scale, softmax and cast rules: the bf16 SmolLM2 layer-stack gradient
+    took 3.31 → 3.03 s and the train step 4.13 → 3.94 s on CPU (benchmarks/README.md).
+    """
+    return _softmax_attention_fwd(q, k_BKSH, v_BKSH, allowed_BTS)[0]
+
+
+def _softmax_attention_bwd(residuals, g_BKGTH):
+    q, k_BKSH, v_BKSH, allowed_BTS, probs = residuals
+    g = g_BKGTH.astype(v_BKSH.dtype)
+    dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(v_BKSH.dtype), g, preferred_element_type=jnp.float32)
+    dprobs = jnp.einsum("bkgth,bksh->bkgts", g, v_BKSH, preferred_element_type=jnp.float32)
+    dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True)) * (q.shape[-1] ** -0.5)
+    # A query with no allowed key (left padding) has uniform P over masked scores: their
+    # gradient is zero all the same, as the forward's where() makes it.
+    dscores = jnp.where(allowed_BTS[:, None, None], dscores, 0.0).astype(q.dtype)
+    # These layouts are ones XLA:CPU has a bf16 x bf16 -> f32 kernel for (it rejects, e.g.,
+    # "bkgth,bkgts->bkhs" for dK); float32 queries keep their [B, T, K, G, H] layout.
+    q_eq = "btkgh" if q.dtype == jnp.float32 else "bkgth"
+    dq = jnp.einsum(f"bkgts,bksh->{q_eq}", dscores, k_BKSH, preferred_element_type=jnp.float32)
+    dk = jnp.einsum(f"bkgts,{q_eq}->bksh", dscores, q, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k_BKSH.dtype), dv.astype(v_BKSH.dtype), None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _attention_in_row_groups(q_BTNH, k_groups, v_groups, allowed_BTS) -> jax.Array:
