@@ -612,8 +612,8 @@ class Decoder(nnx.Module):
         ``"layer"``, keeps only each layer's input and recomputes the layer in the backward pass:
         a third more layer FLOPs and the least memory. On CPU the three cost about the same
         (``benchmarks/remat.py``, SmolLM2-135M, batch 8 x 256: bf16 layer-stack gradient
-        "layer" 3.14 s, "projections" 2.86 s, "none" 3.21 s, with 188 / 698 / 3096 MiB of
-        temporaries; fp32 5.43 / 4.97 / 6.27 s; the whole train step 4.06 vs 4.17 s bf16, 6.41
+        "layer" 3.03 s, "projections" 2.84 s, "none" 3.12 s, with 163 / 691 / 2876 MiB of
+        temporaries; fp32 5.35 / 5.08 / 5.12 s; the whole train step 4.06 vs 4.17 s bf16, 6.41
         vs 6.53 s fp32 for "layer" vs "projections"), so the default is the one that also fits
         large models. The saved values travel through the layer scan as raw bits
         (`_residuals_as_bits`). On an accelerator, run ``benchmarks/remat.py`` there.
