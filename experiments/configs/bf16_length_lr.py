@@ -5,10 +5,14 @@ alone (no k3 trigger).
 
 What to expect: identical to ``bf16_constant_lr`` until the smoothed mean response length
 exceeds 1.25x its baseline (steps 2-4); from the surge step s on, the LR multiplier halves
-every round(1.0 * s) steps (floor 0.1). Measured (2026-11-30 evening, 2-core CPU): the mean
-length rises from ~25 tokens at step 2 to the 48-token budget at step 9, the surge fires at step
-7 (``lr/surge_step``; steps count from 0, the log line shows step + 1) and lr/scale halves from
-step 9, so the last 7 of the default 16 steps differ from ``bf16_constant_lr``. ``colab/length_triggered_lr.ipynb``
+every round(1.0 * s) steps (floor 0.1). Measured (2026-11-30, 2-core CPU, after the attention
+backward change): no surge in the default 16 steps. The mean length falls from 36 tokens at step 0
+to 8-11 from step 12 on, so ``lr/surge_step`` stays -1 and the LR is never lowered (in the
+notebook below, the constant-LR twin ran identically over 30 steps).
+Earlier code, whose float32 gradients summed in another order, drew other tokens: the length rose
+to the 48-token budget by step 9, the surge fired at step 7 (``lr/surge_step``; steps count from
+0, the log line shows step + 1), and lr/scale halved from step 9. The trajectory depends on the
+machine and the XLA version. ``colab/length_triggered_lr.ipynb``
 runs the pair. ``--config=...:N`` runs N steps (default 16).
 """
 

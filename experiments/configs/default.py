@@ -12,7 +12,9 @@ tokens to the 48-token budget (finished_frac 0.56 -> 0.06 by step 9); the mismat
 fires at step 7 and the length detector at step 8 (``lr/<name>/surge_step``), and lr/scale
 halves from step 9 and again from 10. The bf16-vs-fp32 mismatch grows with the updates --
 mismatch/k3 7e-4 over the first steps, 4-6e-3 at the end, max |pi - mu| 0.04 -> 0.2-0.25.
-The exact trajectory depends on machine and XLA version (README.md).
+That run is from the first host (2026-11). The exact trajectory depends on machine, XLA version
+and summation order: on the second host with the code of 2026-11-30 evening the responses
+shrink instead, and neither detector fires (README.md).
 ``--config=experiments/configs/default.py:N`` runs N steps.
 """
 
