@@ -125,15 +125,16 @@ def test_attention_gradient_within_its_rounding(dtype, tol):
     q64, k64, v64, w64 = (np.asarray(x, np.float64) for x in (q, k, v, w))
     mask = np.asarray(allowed)[:, None, None]
 
-    def plain(q, k, v):  # [B, T, N, H] queries, no blocks, JAX's own differentiation
+    def plain_probs(q, k):  # [B, T, N, H] queries, no blocks, JAX's own differentiation
         s = jnp.einsum("btkgh,bksh->bkgts", q.reshape(B, T, K, G, H), k) / np.sqrt(H)
-        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-        return jnp.einsum("bkgts,bksh->btkgh", jnp.where(mask, p, 0), v).reshape(B, T, N, H)
+        return jnp.where(mask, jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1), 0)
+
+    def plain(q, k, v):
+        return jnp.einsum("bkgts,bksh->btkgh", plain_probs(q, k), v).reshape(B, T, N, H)
 
     with jax.enable_x64():
         ref = jax.grad(lambda *a: jnp.sum(plain(*a) * w64), argnums=(0, 1, 2))(q64, k64, v64)
-        probs = np.asarray(jnp.where(mask, jax.nn.softmax(jnp.where(mask, jnp.einsum(
-            "btkgh,bksh->bkgts", q64.reshape(B, T, K, G, H), k64) / np.sqrt(H), -jnp.inf), axis=-1), 0))
+        probs = np.asarray(plain_probs(q64, k64))
     g = w64.reshape(B, T, K, G, H)
     dprobs = np.einsum("btkgh,bksh->bkgts", g, v64)
     ds_size = probs * (np.abs(dprobs) + np.abs((probs * dprobs).sum(-1, keepdims=True))) / np.sqrt(H)
