@@ -92,7 +92,7 @@ def compute_advantages(rewards_B: jax.Array, group_size: int, mode: AdvantageMod
       rewards_B: [B] rewards, B = n_prompts · group_size, the G responses of a prompt adjacent.
       group_size: G ≥ 2 responses per prompt.
       mode: ``'grpo'`` or ``'dr_grpo'``.
-      eps: added to the std so that a group with equal rewards gets advantage 0, not NaN.
+      eps: added to the std, so that a group with equal rewards gets advantage 0 (exactly), not NaN.
 
     Returns:
       [B] float32 advantages.
@@ -112,9 +112,14 @@ def compute_advantages(rewards_B: jax.Array, group_size: int, mode: AdvantageMod
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}.")
     r_NG = rewards_B.astype(jnp.float32).reshape(-1, group_size)
-    adv_NG = r_NG - r_NG.mean(axis=1, keepdims=True)
+    # Deviations from the group's first reward first, then their mean: a group of equal rewards
+    # gives exactly 0. The plain float32 mean of eight 0.1s is off by an ulp, and that ulp divided
+    # by a std of ~1e-8 (+ eps) would hand the whole group an advantage of ~0.01–0.1 of one sign.
+    d_NG = r_NG - r_NG[:, :1]
+    adv_NG = d_NG - d_NG.mean(axis=1, keepdims=True)
     if mode == "grpo":
-        adv_NG = adv_NG / (r_NG.std(axis=1, ddof=1, keepdims=True) + eps)
+        std_N1 = jnp.sqrt(jnp.sum(jnp.square(adv_NG), axis=1, keepdims=True) / (group_size - 1))
+        adv_NG = adv_NG / (std_N1 + eps)
     return adv_NG.reshape(-1)
 
 

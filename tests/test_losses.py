@@ -379,6 +379,27 @@ def test_advantages_hand_computed_and_numpy():
     np.testing.assert_allclose(compute_advantages(jnp.asarray(rewards), 4), ref.reshape(-1), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo"])
+@pytest.mark.parametrize("group_size", [4, 8, 16])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(mode, group_size):
+    # 0.1 and 1.1 are what a formatted wrong / right answer scores (format weight 0.1); none of
+    # these is a float32 binary fraction, so a plain float32 mean misses them by an ulp, and
+    # GRPO's division by std + eps (std ~1e-8) would blow that ulp up to an advantage of ~0.1.
+    values = np.float32([0.1, 1.1, 0.7, 0.9, 1 / 3, 0.05 + 0.1])
+    r = jnp.asarray(np.repeat(values, group_size))
+    adv = np.asarray(compute_advantages(r, group_size, mode))
+    assert np.all(adv == 0.0), adv.reshape(-1, group_size)[:, 0]
+    # A group that differs in one reward still gets the float64 advantages.
+    r = np.repeat(values, group_size).reshape(-1, group_size)
+    r[:, -1] += np.float32(0.5)
+    g = r.astype(np.float64)
+    ref = g - g.mean(1, keepdims=True)
+    if mode == "grpo":
+        ref = ref / (g.std(1, ddof=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(compute_advantages(jnp.asarray(r.reshape(-1)), group_size, mode), ref.reshape(-1),
+                               rtol=RTOL, atol=ATOL)
+
+
 def test_advantages_validation():
     with pytest.raises(ValueError, match="multiple of group_size"):
         compute_advantages(jnp.zeros(6), 4)
