@@ -206,7 +206,9 @@ def test_fp16_and_bf16_gradients_track_fp32(reference):
     bf16 rounds every activation and weight to 8 significant bits (relative error 2**-9 ≈ 0.2%),
     fp16 to 11 (0.05%); through two layers the gradient picks up errors of a few 0.1%, so
     the update's direction must agree with float32's to a cosine ≥ 0.99 (an error of 10% of
-    the norm would still pass; a wrong cast, missing unscale or lost loss scale would not).
+    the norm would still pass; a wrong cast would not), and its length to within 2%: the cosine
+    alone is blind to scale, so a missing unscale (an update S = 256 times too long) or a
+    double one would pass it.
     """
     ref = np.concatenate([x.ravel() for x in jax.tree.leaves(reference[0])])
     for dtype, ls in (("bf16", None), ("fp16", _FP16_SCALE)):
@@ -214,6 +216,8 @@ def test_fp16_and_bf16_gradients_track_fp32(reference):
         got = np.concatenate([x.ravel() for x in jax.tree.leaves(delta)])
         cos = got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref))
         assert cos >= 0.99, (dtype, cos)
+        length = np.linalg.norm(got) / np.linalg.norm(ref)
+        assert abs(length - 1) <= 0.02, (dtype, length)
         assert float(metrics["opt/step_skipped"]) == 0.0
 
 
