@@ -47,21 +47,30 @@ def smoothed_noise_scale(rows: Sequence[dict], cfg: dict | None, window: int = N
 
     McCandlish et al. estimate B_noise = tr(Sigma) / |G|^2 from *averages* of the squared
     gradient norms of a small and a big batch (``opt/grad_sq_small``, ``opt/grad_sq_big``, logged
-    every step with B_small = B / n_microbatches and B_big = B sequences), not from the average
-    of per-step ratios. Rows are returned unchanged when that is not possible (one micro-batch).
+    every step), not from the average of per-step ratios. Since E|G_b|^2 = |G|^2 + tr(Sigma)/b,
+    the batch sizes of an average are the harmonic means of the steps' ``opt/noise_b_small`` and
+    ``opt/noise_b_big`` (runs from before those were logged: B / n_microbatches and B from the
+    config). Rows are returned unchanged when that is not possible (one micro-batch).
     """
     if cfg is None or cfg["trainer"]["n_microbatches"] < 2:
         return list(rows)
     b_big = cfg["rollout"]["prompts_per_step"] * cfg["rollout"]["group_size"]
     b_small = b_big / cfg["trainer"]["n_microbatches"]
+
+    def harmonic(values):
+        return len(values) / sum(1.0 / v for v in values)
+
     out = []
     for i, row in enumerate(rows):
-        recent = [r for r in rows[max(0, i - window + 1): i + 1] if "opt/grad_sq_small" in r]
+        recent = [r for r in rows[max(0, i - window + 1): i + 1]
+                  if "opt/grad_sq_small" in r and math.isfinite(r.get("opt/noise_trace", 0.0))]
         row = dict(row)
         if recent:
             small = sum(r["opt/grad_sq_small"] for r in recent) / len(recent)
             big = sum(r["opt/grad_sq_big"] for r in recent) / len(recent)
-            row["opt/grad_noise_scale"] = float(gradient_noise_scale(small, big, b_small, b_big))
+            row["opt/grad_noise_scale"] = float(gradient_noise_scale(
+                small, big, harmonic([r.get("opt/noise_b_small", b_small) for r in recent]),
+                harmonic([r.get("opt/noise_b_big", b_big) for r in recent])))
         out.append(row)
     return out
 

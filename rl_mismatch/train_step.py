@@ -33,7 +33,9 @@ measuring the mismatch costs no extra forward pass.
 
 Gradient noise scale (McCandlish et al. 2018, DESIGN.md §6). Each micro-batch gradient G_m is
 also the gradient of the loss on a smaller batch (B_small = B / n_microbatches sequences), and
-their sum is the gradient of the big batch (B_big = B). From ``|G_small|² = mean_m |G_m|²``
+their sum is the gradient of the big batch (B_big = B). Sequences without response tokens
+(all-padding rows) contribute no gradient and are not counted; a micro-batch without any is
+left out. From ``|G_small|² = mean_m |G_m|²``
 and ``|G_big|²``, `gradient_noise_scale` estimates ``B_noise = tr(Σ)/|G|²`` with no extra
 backward pass. G_m is the gradient of micro-batch m's loss on its own: its share of the summed
 gradient divided by its share ``N_m/N`` of the normaliser (the micro-batch losses use the
@@ -315,6 +317,11 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
 # --------------------------------------------------------------------------------------------
 
 
+def _n_sequences(mask_BT) -> jax.Array:
+    """float32 count of the rows with at least one response token."""
+    return jnp.sum(jnp.any(mask_BT, axis=1)).astype(jnp.float32)
+
+
 def _sq_norm(tree) -> jax.Array:
     """Σ x² over every leaf, in float32."""
     leaves = jax.tree.leaves(tree)
@@ -442,9 +449,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         applied: 0 on a skipped step), ``opt/param_norm`` (after the step).
       * ``opt/grad_sq_small`` = mean over micro-batches of |G_m|², ``opt/grad_sq_big`` =
         |G|², ``opt/noise_trace`` = tr(Σ) estimate, ``opt/grad_noise_scale`` = B_noise from
-        this step alone (see `gradient_noise_scale`: noisy; average the first two over steps).
+        this step alone (see `gradient_noise_scale`: noisy; average the first two over steps),
+        ``opt/noise_b_small`` and ``opt/noise_b_big``: the batch sizes it used (sequences with
+        response tokens; B_small is the harmonic mean over the micro-batches that have any).
         With ``n_microbatches == 1`` there is no small batch: ``grad_sq_small`` equals
-        ``grad_sq_big`` and ``noise_trace`` and ``grad_noise_scale`` are 0 (placeholders).
+        ``grad_sq_big`` and ``noise_trace`` and ``grad_noise_scale`` are 0 (placeholders);
+        with fewer than two micro-batches holding response tokens they are NaN.
       * ``opt/loss_scale``, ``opt/skipped_steps`` (after this step's adjustment),
         ``opt/step_skipped`` (1.0 if this step's update was skipped).
       * ``lr/scale``: the LR multiplier of the `rl_mismatch.optim` triggered decays in the
@@ -522,21 +532,31 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                 share = losses.loss_normalizer(mb.response_mask_BT, loss_config) / jnp.maximum(normalizer, 1.0)
                 sq = _sq_norm(g) * inv_scale_sq
                 sq_small_m = jnp.where(share > 0, sq / jnp.where(share > 0, share, 1.0) ** 2, 0.0)
-                return jax.tree.map(jnp.add, acc, g), (logp, sq_small_m, share > 0)
+                return jax.tree.map(jnp.add, acc, g), (logp, sq_small_m, _n_sequences(mb.response_mask_BT))
 
             acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
-            grads, (logp_nbT, sq_n, has_n) = jax.lax.scan(body, acc0, jax.tree.map(split, batch))
+            grads, (logp_nbT, sq_n, seqs_n) = jax.lax.scan(body, acc0, jax.tree.map(split, batch))
             logp_BT = constrain(logp_nbT.swapaxes(0, 1).reshape(B, T), P(shd.DATA))
 
         sq_scaled = _sq_norm(grads)
         sq_big = sq_scaled * inv_scale_sq
         if n_micro == 1:  # no small batch: placeholders (see the metrics in the docstring)
             sq_small, trace, b_noise = sq_big, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+            b_small = b_big = _n_sequences(mask_BT)
         else:
-            # Micro-batches without loss tokens have no gradient of their own; leave them out.
-            sq_small = jnp.sum(sq_n) / jnp.maximum(jnp.sum(has_n), 1)
-            _, trace = noise_statistics(sq_small, sq_big, b, B)
-            b_noise = gradient_noise_scale(sq_small, sq_big, b, B)
+            # Micro-batches without loss tokens have no gradient of their own: left out. Batch
+            # sizes count the sequences that have loss tokens; with unequal micro-batches,
+            # E mean_m |G_m|² = |G|² + tr(Σ) mean_m 1/b_m, so B_small is their harmonic mean.
+            used_n = seqs_n > 0
+            n_used = jnp.sum(used_n)
+            sq_small = jnp.sum(sq_n) / jnp.maximum(n_used, 1)
+            b_big = jnp.sum(seqs_n)
+            b_small = jnp.maximum(n_used, 1) / jnp.sum(jnp.where(used_n, 1.0 / jnp.maximum(seqs_n, 1), 0.0))
+            # Fewer than two micro-batches with loss tokens: no second batch size, no estimate.
+            estimable = n_used >= 2
+            _, trace = noise_statistics(sq_small, sq_big, b_small, b_big)
+            b_noise = gradient_noise_scale(sq_small, sq_big, b_small, b_big)
+            trace, b_noise = (jnp.where(estimable, x, jnp.nan) for x in (trace, b_noise))
 
         # Σ g² is finite iff every element is (an overflow of the sum itself would need |g| ≳ 1e19,
         # beyond any usable gradient): one reduction serves the norm and the skip decision.
@@ -572,6 +592,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             "opt/grad_sq_big": sq_big,
             "opt/noise_trace": trace,
             "opt/grad_noise_scale": b_noise,
+            "opt/noise_b_small": b_small,
+            "opt/noise_b_big": b_big,
             "opt/step_skipped": (~finite).astype(jnp.float32),
             **precision.loss_scale_metrics(new_ls),
         })

@@ -188,6 +188,16 @@ def test_plot_draws_runs(tiny_run, tmp_path):
     rows = [{"step": 0, "opt/grad_sq_small": 2.0, "opt/grad_sq_big": 1.0},
             {"step": 1, "opt/grad_sq_small": 4.0, "opt/grad_sq_big": 2.0}]
     assert plot.smoothed_noise_scale(rows, cfg)[1]["opt/grad_noise_scale"] == pytest.approx(2.0)
+    # With the logged batch sizes: harmonic means B_small = 2 / (1/1 + 1/2) = 4/3, B_big = 4, so
+    # |G|^2 = (4*1.5 - 4/3*3) / (8/3) = 0.75, tr = 1.5 / (3/4 - 1/4) = 3, B_noise = 4. A step with
+    # no estimate (NaN trace: one micro-batch held all the sequences) is left out of the average.
+    rows = [{**rows[0], "opt/noise_b_small": 1.0, "opt/noise_b_big": 4.0, "opt/noise_trace": 1.0},
+            {**rows[1], "opt/noise_b_small": 2.0, "opt/noise_b_big": 4.0, "opt/noise_trace": 1.0},
+            {"step": 2, "opt/grad_sq_small": 9.0, "opt/grad_sq_big": 9.0, "opt/noise_b_small": 2.0,
+             "opt/noise_b_big": 2.0, "opt/noise_trace": float("nan")}]
+    smoothed = plot.smoothed_noise_scale(rows, cfg)
+    assert smoothed[1]["opt/grad_noise_scale"] == pytest.approx(4.0)
+    assert smoothed[2]["opt/grad_noise_scale"] == pytest.approx(4.0)
 
 
 def test_resume_after_restart_equals_uninterrupted(tiny_run, tmp_path):

@@ -367,6 +367,46 @@ def test_step_noise_inputs_match_separate_small_and_big_batch_steps():
     assert big["opt/grad_sq_small"] == big["opt/grad_sq_big"]
 
 
+def _with_rows(batch: ts.TrainBatch, keep) -> ts.TrainBatch:
+    """The batch with the rows where `keep` is False turned into all-padding rows."""
+    keep = np.asarray(keep, bool)[:, None]
+    return batch.replace(valid_BT=jnp.asarray(np.asarray(batch.valid_BT) & keep),
+                         response_mask_BT=jnp.asarray(np.asarray(batch.response_mask_BT) & keep),
+                         sampler_logp_BT=jnp.asarray(np.where(keep, batch.sampler_logp_BT, 0.0)))
+
+
+def test_noise_scale_counts_only_sequences_with_response_tokens():
+    """All-padding rows carry no gradient: they must not count in B_small or B_big."""
+    batch = _batch()
+    _, plain = _one_step(None, 2, batch=batch)
+    # Four padding rows appended: micro-batch m (rows m, m + 2, …) holds the same real rows.
+    padded = jax.tree.map(lambda x: jnp.concatenate([x, x[:4]]), batch)
+    _, padded = _one_step(None, 2, batch=_with_rows(padded, [True] * 8 + [False] * 4))
+    assert (plain["opt/noise_b_small"], plain["opt/noise_b_big"]) == (4.0, 8.0)
+    assert (padded["opt/noise_b_small"], padded["opt/noise_b_big"]) == (4.0, 8.0)
+    # A 12-row batch compiles to another program that sums in another order; the noise
+    # estimates amplify that through their differences, as in the test above.
+    a, b = float(plain["opt/grad_sq_small"]), float(plain["opt/grad_sq_big"])
+    amplification = (a + b) / abs(a - b) + (8 * b + 4 * a) / abs(8 * b - 4 * a)
+    for key, rtol in (("opt/grad_sq_small", _REORDER_RTOL), ("opt/grad_sq_big", _REORDER_RTOL),
+                      ("opt/noise_trace", _REORDER_RTOL * amplification),
+                      ("opt/grad_noise_scale", _REORDER_RTOL * amplification)):
+        np.testing.assert_allclose(padded[key], plain[key], rtol=rtol, err_msg=key)
+
+    # Unequal micro-batches (4 and 2 sequences): B_small is the harmonic mean 1 / mean(1/b_m).
+    _, uneven = _one_step(None, 2, batch=_with_rows(batch, [1, 1, 1, 0, 1, 0, 1, 1]))
+    assert uneven["opt/noise_b_big"] == 6.0
+    np.testing.assert_allclose(uneven["opt/noise_b_small"], 8 / 3, rtol=1e-6)
+    expected = ts.gradient_noise_scale(uneven["opt/grad_sq_small"], uneven["opt/grad_sq_big"], 8 / 3, 6)
+    np.testing.assert_allclose(uneven["opt/grad_noise_scale"], expected, rtol=1e-4)
+
+    # One micro-batch without response tokens: a single batch size, so no estimate (not 0).
+    _, one_sided = _one_step(None, 2, batch=_with_rows(batch, [1, 0] * 4))
+    assert one_sided["opt/noise_b_big"] == 4.0
+    assert np.isnan(one_sided["opt/noise_trace"]) and np.isnan(one_sided["opt/grad_noise_scale"])
+    assert np.isfinite(one_sided["opt/grad_norm"]) and one_sided["opt/grad_norm"] > 0
+
+
 # --------------------------------------------------------------------------------------------
 # Arguments
 
