@@ -470,7 +470,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
             state_intact = False  # The step donates the state it is given.
             train, device_metrics = step_fn(train, train_batch, **signals)
             loop = {**loop, "train": train}
-            state_intact, completed = True, step + 1
+            last_k3 = device_metrics["mismatch/k3"]
 
             groups = rewards.reshape(-1, cfg.rollout.group_size)
             host_metrics = {
@@ -490,8 +490,11 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
             if step == start:
                 logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
                              host_metrics["time/step_s"], host_metrics["time/compile_s"])
-            writer.write(step, host_metrics, device_metrics)
-            last_k3 = device_metrics["mismatch/k3"]
+            writer.hold(step, host_metrics, device_metrics)
+            # Only now does a save cover this step: its row is held and `last_k3` is its k3, so
+            # the handler below can save it and a resumed run continues exactly.
+            state_intact, completed = True, step + 1
+            writer.flush(keep_newest=True)  # The previous step's row.
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
                 writer.flush()  # The file holds every step the checkpoint covers.
                 save(step + 1)

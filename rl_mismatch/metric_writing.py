@@ -26,6 +26,7 @@ collective); only the one created with ``enabled=True`` (process 0) writes files
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -129,7 +130,8 @@ class MetricWriter:
         self.path = os.path.join(os.fspath(workdir), JSONL_NAME)
         self.enabled = enabled
         self._on_row = on_row
-        self._pending: tuple[int, Mapping[str, Any], Any] | None = None
+        # Rows held but not yet written, oldest first: one in steady state.
+        self._held: collections.deque[tuple[int, Mapping[str, Any], Any]] = collections.deque()
         self._file = None
         self._tb = None
         if not enabled:
@@ -144,7 +146,8 @@ class MetricWriter:
                                      purge_step=resume_step if resume_step > 0 else None)
 
     def write(self, step: int, host_metrics: Mapping[str, Any], device_metrics: Any = None) -> Row | None:
-        """Holds step ``step``'s metrics and writes the previously held row.
+        """Holds step ``step``'s metrics and writes the previously held row (`hold`, then
+        ``flush(keep_newest=True)``).
 
         Args:
           step: the step the metrics belong to.
@@ -154,21 +157,40 @@ class MetricWriter:
         Returns:
           The row written now (the previous step's), or None.
         """
-        row = self.flush()
-        self._pending = (int(step), dict(host_metrics), device_metrics)
+        self.hold(step, host_metrics, device_metrics)
+        return self.flush(keep_newest=True)
+
+    def hold(self, step: int, host_metrics: Mapping[str, Any], device_metrics: Any = None) -> None:
+        """Holds step ``step``'s metrics (arguments as in `write`) without writing anything.
+
+        A held row is written by the next `flush`, also after an error or interrupt while an
+        older row was being written.
+        """
+        self._held.append((int(step), dict(host_metrics), device_metrics))
+
+    def flush(self, keep_newest: bool = False) -> Row | None:
+        """Fetches and writes the held rows, oldest first; returns the last written (or None).
+
+        ``keep_newest``: leave the newest row held, so that its device metrics are fetched only
+        when the next step has been dispatched (the host does not wait for the step).
+        """
+        row = None
+        while len(self._held) > int(keep_newest):
+            row = self._write_oldest()
         return row
 
-    def flush(self) -> Row | None:
-        """Fetches and writes the held row now; returns it (None if nothing was held)."""
-        if self._pending is None:
-            return None
-        step, host, device = self._pending
-        self._pending = None
+    def _write_oldest(self) -> Row:
+        step, host, device = self._held[0]
         values = dict(host)
         if device is not None:
-            values.update(fetch_to_host(device))
+            try:
+                values.update(fetch_to_host(device))
+            except Exception:  # A failed device computation: this row can never be written.
+                self._held.popleft()
+                raise  # (An interrupt while fetching keeps the row held, for the next flush.)
         row: Row = {"step": step}
         row.update({k: to_json_value(v) for k, v in sorted(values.items())})
+        self._held.popleft()
         if self.enabled:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()  # A kill -9 loses nothing that was written (the OS holds it).
@@ -190,11 +212,13 @@ class MetricWriter:
         self._tb.flush()
 
     def close(self) -> None:
-        """Writes the held row and closes the files."""
-        self.flush()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Writes the held rows and closes the files (also when writing a row fails)."""
+        try:
+            self.flush()
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from rl_mismatch import experiment, tasks
+from rl_mismatch import experiment, tasks, train_step
 from rl_mismatch.experiment_config import ExperimentConfig
 from rl_mismatch.metric_writing import read_metrics
 
@@ -360,6 +360,46 @@ def test_nan_reward_stops_the_run_and_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "score", real_score)
     experiment.run(_tiny(), tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(6))
+
+
+def test_interrupt_while_writing_metrics_loses_no_row_and_saves_the_k3_signal(tmp_path, monkeypatch):
+    """Ctrl-C inside the loop's metric write, after step 3's update: the state saved on the way
+    out must come with step 3's row and step 3's k3 (the k3 trigger's signal for step 4)."""
+    cfg = _tiny(**{"optim.k3_trigger_threshold": 1.5})
+    seen = []  # (step, k3 signal) of every call of the train step
+    real_call = train_step.TrainStep.__call__
+
+    def recording_call(self, state, batch, **signals):
+        seen.append((int(state.step), float(signals["k3"])))
+        return real_call(self, state, batch, **signals)
+
+    monkeypatch.setattr(train_step.TrainStep, "__call__", recording_call)
+    experiment.run(cfg, tmp_path / "reference")
+    reference, reference_k3 = read_metrics(tmp_path / "reference"), dict(seen)
+    seen.clear()
+
+    real_progress = experiment._progress
+
+    def progress_interrupted_at_row_2(c):
+        log_row, interrupted = real_progress(c), []
+
+        def on_row(row):
+            if row["step"] == 2 and not interrupted:  # written inside writer.write(3, ...)
+                interrupted.append(True)
+                raise KeyboardInterrupt
+            log_row(row)
+        return on_row
+
+    monkeypatch.setattr(experiment, "_progress", progress_interrupted_at_row_2)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(cfg, tmp_path / "run")
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
+    assert sorted(int(p) for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit()) == [2, 4]
+    monkeypatch.setattr(experiment, "_progress", real_progress)
+    seen.clear()
+    experiment.run(cfg, tmp_path / "run")
+    assert seen[0] == (4, reference_k3[4])  # step 3's k3, restored from the checkpoint
+    assert _comparable(read_metrics(tmp_path / "run")) == _comparable(reference)
 
 
 def test_gather_rows_packs_mixed_dtypes_into_one_collective(monkeypatch):
