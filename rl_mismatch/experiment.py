@@ -56,12 +56,11 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rl_mismatch import losses, optim, sampler, tasks
+from rl_mismatch import losses, sampler, tasks
 from rl_mismatch import sharding as shd
 from rl_mismatch.checkpointing import Checkpointer, abstract_like
 from rl_mismatch.experiment_config import (
@@ -69,7 +68,6 @@ from rl_mismatch.experiment_config import (
     TINY_MODEL,
     ExperimentConfig,
     ModelSettings,
-    OptimSettings,
     TaskSettings,
     config_differences,
 )
@@ -207,36 +205,6 @@ def make_mesh(data: int, model: int) -> jax.sharding.Mesh:
         raise ValueError(f"config.mesh ({data}, {model}) needs {data * model} devices; "
                          f"{len(devices)} are available.")
     return shd.make_mesh(data, model, devices=devices[: data * model])
-
-
-def make_optimizer(settings: OptimSettings) -> optax.GradientTransformationExtraArgs:
-    """``clip -> AdamW -> LR multiplier(s)``.
-
-    Its ``update`` needs ``response_length=`` (the batch's mean response length) and, with
-    ``settings.k3_trigger_threshold > 0``, ``k3=`` (the previous step's ``mismatch/k3``). The
-    multipliers scale the whole Adam update, i.e. they multiply the learning rate.
-    """
-    constant = settings.lr_schedule == "constant"
-    window = dict(warmup=settings.trigger_warmup, baseline_window=settings.trigger_baseline_window,
-                  smoothing=settings.trigger_smoothing, period_factor=settings.trigger_period_factor,
-                  max_triggers=settings.trigger_max_triggers)
-    triggers = [("length_trigger", optim.length_triggered_decay(
-        threshold=settings.trigger_threshold,
-        # A constant LR keeps the detector (lr/scale and the would-be surge step are logged)
-        # but a multiplier pinned at 1.
-        decay_base=1.0 if constant else settings.trigger_decay_base,
-        floor=1.0 if constant else settings.trigger_floor, **window))]
-    if settings.k3_trigger_threshold > 0:
-        triggers.append(("k3_trigger", optim.signal_triggered_decay(
-            "k3", threshold=settings.k3_trigger_threshold, decay_base=settings.trigger_decay_base,
-            floor=settings.trigger_floor, **window)))
-    # Named, so that each detector is logged as lr/<name>/scale and lr/<name>/surge_step.
-    return optax.named_chain(
-        ("clip", optax.clip_by_global_norm(settings.grad_clip)),
-        ("adamw", optax.adamw(settings.learning_rate, b1=settings.b1, b2=settings.b2, eps=settings.eps,
-                              weight_decay=settings.weight_decay)),
-        *triggers,
-    )
 
 
 def overlong_penalty(lengths_B: np.ndarray, max_new_tokens: int, buffer: int, weight: float) -> np.ndarray:
@@ -377,7 +345,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
         max_new_tokens=N, temperature=cfg.sampler.temperature, top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
         eos_ids=(tok.eos_id,), pad_id=tok.pad_id, return_entropy=cfg.sampler.return_entropy, prompt_bucket=bucket)
 
-    optimizer = make_optimizer(cfg.optim)
+    optimizer = cfg.optim.optimizer()
     loss_scale = (make_loss_scale(trainer_dtype, initial_scale=cfg.trainer.loss_scale_initial,
                                   growth_interval=cfg.trainer.loss_scale_growth_interval)
                   if trainer_dtype == jnp.float16 else make_loss_scale(trainer_dtype))

@@ -9,8 +9,8 @@ can be checked without loading a model or a dataset, and names the offending key
 * an unknown key (``config.sampler.dtyp``) -> ``ValueError`` listing the known keys;
 * a wrongly typed value (``config.steps='ten'``) -> ``ValueError``;
 * an invalid dtype name (``config.sampler.dtype='bf17'``) -> ``ValueError`` listing valid names;
-* an invalid loss / correction / sampling setting -> the library's own ``ValueError``, prefixed
-  with the config path.
+* an invalid loss / correction / sampling / LR-trigger setting -> the library's own
+  ``ValueError``, prefixed with the config path.
 
 The dataclasses are frozen and hashable; :meth:`ExperimentConfig.to_dict` gives the JSON that
 is stored next to the checkpoints and compared on resume.
@@ -25,7 +25,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from rl_mismatch import losses
+import optax
+
+from rl_mismatch import losses, optim
 from rl_mismatch.models.decoder import Remat
 from rl_mismatch.precision import parse_dtype
 from rl_mismatch.sampler import SamplingConfig
@@ -257,6 +259,45 @@ class OptimSettings:
         _require(self.learning_rate > 0 and math.isfinite(self.learning_rate), "optim.learning_rate",
                  f"= {self.learning_rate} must be a finite number > 0.")
         _require(self.grad_clip > 0, "optim.grad_clip", f"= {self.grad_clip} must be > 0.")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"optim.{name}", f"= {value} must be in [0, 1) (an Adam moment decay).")
+        _require(self.eps >= 0 and math.isfinite(self.eps), "optim.eps", f"= {self.eps} must be finite and >= 0.")
+        _require(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "optim.weight_decay",
+                 f"= {self.weight_decay} must be finite and >= 0.")
+        try:  # The detectors check the trigger_* constants themselves.
+            self.optimizer()
+        except ValueError as e:
+            raise ValueError(f"config.optim (the trigger_* settings): {e}") from None
+
+    def optimizer(self) -> optax.GradientTransformationExtraArgs:
+        """``clip -> AdamW -> LR multiplier(s)``, an ``optax.named_chain``.
+
+        Its ``update`` needs ``response_length=`` (the batch's mean response length) and, with
+        ``k3_trigger_threshold > 0``, ``k3=`` (the previous step's ``mismatch/k3``). The
+        multipliers scale the whole Adam update, i.e. they multiply the learning rate; each
+        detector is logged as ``lr/<name>/scale`` and ``lr/<name>/surge_step`` by its chain name.
+        """
+        constant = self.lr_schedule == "constant"
+        window = dict(warmup=self.trigger_warmup, baseline_window=self.trigger_baseline_window,
+                      smoothing=self.trigger_smoothing, period_factor=self.trigger_period_factor,
+                      max_triggers=self.trigger_max_triggers)
+        triggers = [("length_trigger", optim.length_triggered_decay(
+            threshold=self.trigger_threshold,
+            # A constant LR keeps the detector (lr/scale and the would-be surge step are logged)
+            # but a multiplier pinned at 1.
+            decay_base=1.0 if constant else self.trigger_decay_base,
+            floor=1.0 if constant else self.trigger_floor, **window))]
+        if self.k3_trigger_threshold > 0:
+            triggers.append(("k3_trigger", optim.signal_triggered_decay(
+                "k3", threshold=self.k3_trigger_threshold, decay_base=self.trigger_decay_base,
+                floor=self.trigger_floor, **window)))
+        return optax.named_chain(
+            ("clip", optax.clip_by_global_norm(self.grad_clip)),
+            ("adamw", optax.adamw(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps,
+                                  weight_decay=self.weight_decay)),
+            *triggers,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +394,10 @@ class ExperimentConfig:
     def __post_init__(self):
         _require(self.seed >= 0, "seed", f"= {self.seed} must be >= 0.")
         _require(self.steps >= 1, "steps", f"= {self.steps} must be >= 1.")
+        _require(self.task.overlong_buffer <= self.sampler.max_new_tokens, "task.overlong_buffer",
+                 f"= {self.task.overlong_buffer} must be <= sampler.max_new_tokens = {self.sampler.max_new_tokens}: "
+                 "the penalty ramps over the last overlong_buffer tokens of the budget (a longer buffer "
+                 "penalises every response, even an empty one).")
         if self.loss.aggregation == "seq_mean_token_sum_norm":
             _require(self.loss.norm_length >= 1, "loss.norm_length",
                      "must be set (e.g. to sampler.max_new_tokens) for seq_mean_token_sum_norm.")

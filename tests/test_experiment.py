@@ -113,6 +113,11 @@ def test_paper_configs_differ_where_the_papers_do():
     ("task.train_size", 0, r"a split needs at least one example"),
     ("trainer.remat", "all", r"config.trainer.remat = 'all' is not one of \['layer', 'projections', 'none'\]"),
     ("trainer.keep_logits", "yes", r"config.trainer.keep_logits must be a bool"),
+    ("optim.trigger_threshold", -1.0, r"config.optim \(the trigger_\* settings\): threshold must be > 0"),
+    ("optim.trigger_smoothing", 1.0, r"config.optim \(the trigger_\* settings\): smoothing must be"),
+    ("optim.b1", 1.5, r"config.optim.b1 = 1.5 must be in \[0, 1\)"),
+    ("optim.weight_decay", -1.0, r"config.optim.weight_decay = -1.0 must be finite and >= 0"),
+    ("task.overlong_buffer", 100, r"config.task.overlong_buffer = 100 must be <= sampler.max_new_tokens"),
 ])
 def test_bad_config_is_a_clear_error(dotted, value, message):
     values = _config_dict("tiny")
