@@ -3,10 +3,9 @@
 The model is asked (:data:`ANSWER_INSTRUCTION`, appended to every prompt) to put its final
 answer inside ``<answer>...</answer>``. For a response ``y`` to an example ``x``:
 
-* ``format(y) = 1`` if ``y`` holds a complete ``<answer>...</answer>`` block with non-empty
-  content, else 0;
-* ``a(y)`` = the content of the *last* such block (a model that writes several answers is
-  judged on its final one);
+* ``a(y)`` = the stripped content of the *last* complete ``<answer>...</answer>`` block (a
+  model that writes several answers is judged on its final one, even an empty final one);
+* ``format(y) = 1`` if that block exists and ``a(y)`` is non-empty, else 0;
 * ``score(y) = verifier_x(a(y))`` if ``format(y)``, else 0 -- the verifier is reasoning-gym's
   ``score_answer`` for reasoning-gym tasks (in [0, 1]; some tasks give partial credit such as
   0.01 / 0.05 for countdown) and :func:`score_final_answer` for JSONL tasks;
@@ -50,6 +49,8 @@ def extract_answer(response: str) -> str | None:
     >>> extract_answer("<answer>4") is None
     True
     >>> extract_answer("<answer>  </answer>") is None
+    True
+    >>> extract_answer("<answer>4</answer> or rather <answer></answer>") is None  # the final one
     True
     """
     matches = _ANSWER_RE.findall(response)
