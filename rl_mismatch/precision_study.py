@@ -77,9 +77,11 @@ class StudyConfig:
       top_p: truncation of the second sample set (the top-p factor).
       eos_ids, pad_id: as in ``SamplingConfig``.
       batch1_rows: how many rows are rescored alone for the batch-shape factor (0: skip).
-      decode_dtypes_for_batch1: trainer dtypes of the batch-shape factor.
+      batch1_dtypes: trainer dtypes of the batch-shape factor.
       prompt_bucket: the sampler's prompt bucket (smaller = less padding to score).
-      seed: PRNG seed; the second set uses ``fold_in(key, 1)``.
+      seed: recorded with the results; `run_study` samples with the key it is given
+        (``experiments/precision_study.py`` passes ``jax.random.key(seed)``), and the second
+        set uses ``fold_in(key, 1)``.
     """
 
     dtypes: tuple[str, ...] = DTYPES
@@ -445,8 +447,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             m = r["metrics"]
             lines.append(f"| {r['name']} | {r.get('baseline', '')} | "
                          + " | ".join(_fmt(m[k]) for k in TABLE_KEYS) + f" | {_fmt(m['frac_exact'])} |")
-    lines += ["", "k1, k3: KL(sampler‖baseline) estimators (DESIGN.md §6); prob_diff: |π − μ|; "
-              "ratio_pX: quantiles of ρ = π/μ; exact: fraction of tokens with identical log-probs.", ""]
+    lines += ["", "μ: the row's sampler side (the variant), π: its baseline. k1, k3: the KL(μ‖π) estimators "
+              "of DESIGN.md §6, averaged over tokens drawn by the float32 sampler, not by μ itself (for a "
+              "variant other than float32 decoding an estimate, off by the second-order gap between the "
+              "two); prob_diff: |π − μ|; ratio_pX: quantiles of ρ = π/μ; exact: fraction of tokens with "
+              "identical log-probs.", ""]
     return "\n".join(lines)
 
 
