@@ -399,7 +399,9 @@ def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp
       ``loss/clip_frac`` (fraction of tokens whose gradient the PPO/GSPO clip zeroes),
       ``loss/ratio_mean``, ``loss/ratio_max`` (q over tokens), and the correction's
       ``is/weight_mean``, ``is/weight_std``, ``is/weight_max``, ``is/frac_clipped``,
-      ``is/frac_masked``, ``is/masked_token_frac``, ``is/ess``.
+      ``is/frac_masked``, ``is/masked_token_frac``, ``is/ess``. The ``is/*`` statistics are of
+      the weights w as applied (after truncation or masking; per token or per sequence as the
+      correction works); the ESS of the raw token ratios ρ_t is ``mismatch/ess``.
 
     >>> cfg = LossConfig(correction=CorrectionConfig('token_tis', high=2.0))
     >>> lp = jnp.log(jnp.array([[0.5, 0.25]]))
