@@ -3,16 +3,17 @@ alone (no k3 trigger).
 
   python -m experiments.train --config=experiments/configs/bf16_length_lr.py --workdir=/tmp/bf16_length_lr
 
-What to expect: identical to ``bf16_constant_lr`` until the smoothed mean response length
-exceeds 1.25x its baseline (steps 2-4); from the surge step s on, the LR multiplier halves
-every round(1.0 * s) steps (floor 0.1). Measured (2026-11-30, 2-core CPU, after the attention
-backward change): no surge in the default 16 steps. The mean length falls from 36 tokens at step 0
-to 8-11 from step 12 on, so ``lr/surge_step`` stays -1 and the LR is never lowered (in the
-notebook below, the constant-LR twin ran identically over 30 steps).
-Earlier code, whose float32 gradients summed in another order, drew other tokens: the length rose
-to the 48-token budget by step 9, the surge fired at step 7 (``lr/surge_step``; steps count from
-0, the log line shows step + 1), and lr/scale halved from step 9. The trajectory depends on the
-machine and the XLA version. ``colab/length_triggered_lr.ipynb``
+What to expect: identical to ``bf16_constant_lr`` up to the first update with a lowered LR. The
+surge fires when the smoothed mean response length exceeds 1.25x its baseline (steps 2-4); from
+the surge step s on, the LR multiplier halves
+every round(1.0 * s) steps (floor 0.1). Measured (2026-11-30, 2-core AMD Zen 5 CPU; the first
+16 steps of the notebook below, which runs this config for 30): the mean length grows from 28-30
+tokens over steps 2-5 to 46 at step 7 and the 48-token budget from step 9; the surge fires at
+step 7 (``lr/surge_step``; steps count from 0, the log line shows step + 1) and lr/scale is 0.5
+from step 9 (0.25 from step 16). Other revisions of the code, whose float32 sums ran in another
+order, drew other tokens: one gave the same surge step, one no surge at all (the responses
+shrank to 8-11 tokens). The trajectory depends on the machine and the XLA version.
+``colab/length_triggered_lr.ipynb``
 runs the pair. ``--config=...:N`` runs N steps (default 16).
 """
 
