@@ -169,14 +169,34 @@ def test_jsonl_builder(tmp_path):
     assert json.loads(by_question["Capital of France?"]["metadata"])["source"] == "geo"
     # The same file gives the same name; an edited file a new one (no stale cache).
     assert tasks.prepare_jsonl(path, tmp_path / "data", eval_size=1, seed=0) == name
-    path.write_text(json.dumps(lines[0]) + "\n")
-    assert tasks.jsonl_config(path).name != name.split("/")[1]
+    assert tasks.jsonl_config(path, eval_size=1, seed=0).name == name.split("/")[1]
+    edited = [*lines[:3], {**lines[3], "answer": 33}]  # one answer changed, same settings
+    path.write_text("\n".join(json.dumps(x) for x in edited) + "\n")
+    assert tasks.jsonl_config(path, eval_size=1, seed=0).name != name.split("/")[1]
 
-    # A separate eval file.
+    # A separate eval file; one that repeats a train question is refused.
     eval_path = tmp_path / "test.jsonl"
-    eval_path.write_text(json.dumps(lines[1]) + "\n")
+    eval_path.write_text(json.dumps({"question": "What is 20 * 100?", "answer": "#### 2,000"}) + "\n")
     name2 = tasks.prepare_jsonl(path, tmp_path / "data", eval_path=eval_path)
-    assert [e["answer"] for e in _records(name2, "eval", tmp_path / "data")] == ["1000"]
+    assert [e["answer"] for e in _records(name2, "eval", tmp_path / "data")] == ["2000"]
+    eval_path.write_text(json.dumps({**lines[1], "question": " What is 10 *  100? "}) + "\n")
+    with pytest.raises(ValueError, match=r"test.jsonl repeats 1 question\(s\) of .*mine.jsonl \(eval lines \[1\]\)"):
+        tasks.prepare_jsonl(path, tmp_path / "data", eval_path=eval_path)
+
+
+def test_jsonl_hold_out_keeps_repeated_questions_together(tmp_path):
+    # Six distinct questions, two of them repeated: whichever are held out, no question may end
+    # up in both splits, and eval_size counts questions.
+    rows = [{"question": f"q{i % 6}", "answer": str(i % 6)} for i in range(8)]
+    path = tmp_path / "dup.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    for seed in range(4):
+        name = tasks.prepare_jsonl(path, tmp_path / "data", eval_size=2, seed=seed)
+        train, evals = _records(name, "train", tmp_path / "data"), _records(name, "eval", tmp_path / "data")
+        train_q, eval_q = {e["question"] for e in train}, {e["question"] for e in evals}
+        assert not train_q & eval_q and len(eval_q) == 2 and len(train) + len(evals) == 8, seed
+    with pytest.raises(ValueError, match="has only 6 distinct questions"):
+        tasks.jsonl_config(path, eval_size=6)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ Every example has the features
   :mod:`rl_mismatch.tasks.rewards`,
 * ``metadata`` (text: a JSON object; for reasoning-gym the entry's own metadata, which its
   ``score_answer`` reads, e.g. countdown's ``numbers`` and ``target``),
-* ``index`` (int64: the example's position in its split, used to name it in error messages).
+* ``index`` (int64: the example's position in its split as generated or read, used to name it
+  in error messages; tfds writes the records in the order of a hash of their keys, so it is
+  not the on-disk order).
 
 Build with :func:`prepare_reasoning_gym` or :func:`prepare_jsonl` (idempotent: a dataset that is
 already on disk is reused), then read with ``tfds.data_source(name, split=..., data_dir=...)``
@@ -402,6 +404,15 @@ def read_jsonl_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
     return examples
 
 
+def _question_key(example: Mapping[str, Any]) -> str:
+    return " ".join(example["question"].split())  # whitespace-insensitive
+
+
+def _distinct_questions(examples: list[dict[str, Any]]) -> list[str]:
+    """The examples' question keys, each once, in order of first appearance."""
+    return list(dict.fromkeys(_question_key(e) for e in examples))
+
+
 @dataclasses.dataclass(eq=False)
 class JsonlQAConfig(tfds.core.BuilderConfig):
     """A JSONL task file and how to get an eval split from it.
@@ -412,8 +423,9 @@ class JsonlQAConfig(tfds.core.BuilderConfig):
     Attributes:
       path: the train JSONL file.
       eval_path: an optional eval JSONL file (e.g. GSM8K test).
-      eval_size: without ``eval_path``, hold out this many examples of ``path`` for eval
-        (chosen with ``seed``); 0 means no eval split.
+      eval_size: without ``eval_path``, hold out this many distinct questions of ``path`` for
+        eval (chosen with ``seed``; every copy of a repeated question goes to the same split,
+        so eval never holds a question trained on); 0 means no eval split.
       seed: seed for the hold-out choice.
     """
 
@@ -434,19 +446,26 @@ def jsonl_config(
 
     Raises:
       FileNotFoundError / ValueError: see :func:`read_jsonl_examples`; also a negative
-        ``eval_size``, ``eval_size`` with ``eval_path``, or a hold-out that leaves no train
-        examples.
+        ``eval_size``, ``eval_size`` with ``eval_path``, a hold-out that leaves no train
+        examples, or an eval file that repeats questions of the train file.
     """
-    n = len(read_jsonl_examples(path))
+    n = len(_distinct_questions(read_jsonl_examples(path)))
     if eval_path is not None:
-        read_jsonl_examples(eval_path)
         if eval_size:
             raise ValueError("Pass either eval_path or eval_size, not both.")
+        train_questions = set(_distinct_questions(read_jsonl_examples(path)))
+        shared = [e["metadata"]["line"] for e in read_jsonl_examples(eval_path)
+                  if _question_key(e) in train_questions]
+        if shared:
+            raise ValueError(
+                f"{eval_path} repeats {len(shared)} question(s) of {path} (eval lines {shared[:5]}"
+                f"{' ...' if len(shared) > 5 else ''}): an eval on trained-on questions measures "
+                "memorisation. Remove them from one of the files.")
     if eval_size < 0:
         raise ValueError(f"eval_size={eval_size} must be >= 0.")
     if eval_size >= n:
         raise ValueError(
-            f"eval_size={eval_size} leaves no train examples: {path} has only {n} examples."
+            f"eval_size={eval_size} leaves no train examples: {path} has only {n} distinct questions."
         )
     digest = hashlib.sha256()
     for p in (path, eval_path):
@@ -485,9 +504,13 @@ class JsonlQA(_TaskBuilder, skip_registration=True):
         if cfg.eval_path is not None:
             splits[EVAL_SPLIT] = read_jsonl_examples(cfg.eval_path)
         elif cfg.eval_size:
-            held_out = set(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.eval_size])
-            splits[EVAL_SPLIT] = [e for i, e in enumerate(train) if i in held_out]
-            train = [e for i, e in enumerate(train) if i not in held_out]
+            # Held out by question: the copies of a repeated question stay together. (Without
+            # repeats this is a hold-out of eval_size examples.)
+            questions = _distinct_questions(train)
+            chosen = np.random.default_rng(cfg.seed).permutation(len(questions))[: cfg.eval_size]
+            held_out = {questions[i] for i in chosen}
+            splits[EVAL_SPLIT] = [e for e in train if _question_key(e) in held_out]
+            train = [e for e in train if _question_key(e) not in held_out]
         splits[TRAIN_SPLIT] = train
         return {name: self._generate_examples(entries) for name, entries in splits.items()}
 
