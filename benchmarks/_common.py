@@ -62,6 +62,17 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - start, time.process_time() - cpu, out
 
 
+def matmul_params(config) -> tuple[int, int]:
+    """(body, head): the parameters a token's forward multiplies by, split into the transformer
+    body (everything but the embeddings: a lookup costs no FLOPs) and the LM head (V x D).
+
+    A forward over T positions that runs the LM head on T' of them costs
+    2 * (body * T + head * T') FLOPs, plus attention's T^2 terms.
+    """
+    head = config.vocab_size * config.d_model
+    return config.n_params - head * (1 if config.tie_embeddings else 2), head
+
+
 def matmul_peak(dtype: str, sizes=(1024, 2048, 3072), repeats: int = 3) -> float:
     """Best GFLOP/s of XLA square matmuls of the given sizes.
 

@@ -11,18 +11,22 @@ off). New tokens/s = batch x new tokens / wall time of one whole generate call (
 included, compilation excluded: our program is compiled beforehand, HF runs one untimed
 generation of the same shape first), the fastest of ``--repeats`` calls on each side.
 
-HF runs ``LlamaForCausalLM`` (torch, eager, ``torch.set_num_threads(--threads)``) built from
+HF runs ``LlamaForCausalLM`` (torch, eager; its default thread count, one per physical core,
+unless ``--threads``) built from
 the same state dict our loader produces (``rl_mismatch.models.load_state_dict``).
 
 Peak: the best of a few large matmuls measured in the same run, float32 x float32 and bf16 x
-bf16 -> float32 (``preferred_element_type``, the decoder's choice). FLOPs per token = 2 x params
-(the tied embedding counted once, as the LM head) + attention 4 x layers x heads x head_dim x
-(mean context); the fraction of peak is the useful FLOPs of the whole generate call (prompt
-tokens + new tokens) per second over the peak of its dtype.
+bf16 -> float32 (``preferred_element_type``, the decoder's choice). FLOPs per decoded token =
+2 x (body params + LM head) + attention 4 x layers x heads x head_dim x (mean context); a prompt
+token costs the same without the LM head, which the prefill runs on the last prompt position
+only. The fraction of peak is the FLOPs of the whole generate call (prefill + decoding steps)
+per second over the peak of its dtype.
 
 Finally tokens/s at ``--lengths`` new tokens (batch ``--length_batch``, dtype ``--length_dtype``)
 to show the per-token cost does not grow with the length (beyond the attention term).
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +37,7 @@ from rl_mismatch import sampler as smp
 from rl_mismatch.models import from_hf_state_dict, load_state_dict
 from rl_mismatch.models.config import ModelConfig
 
-from _common import cpu_data_mesh, hf_llama, machine, matmul_peak, timed
+from _common import cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, timed
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Sampler dtypes.")
@@ -43,7 +47,8 @@ _LENGTHS = flags.DEFINE_list("lengths", ["32", "128", "512"], "New-token counts 
 _LENGTH_BATCH = flags.DEFINE_integer("length_batch", 16, "Batch of the linearity check.")
 _LENGTH_DTYPE = flags.DEFINE_string("length_dtype", "bfloat16", "Dtype of the linearity check.")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Time only our sampler.")
-_THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads for HF.")
+_THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads for HF (0: torch's default, one per "
+                                "physical core; XLA uses every core it sees).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per cell, the fastest reported (both sides). The first "
                                 "call after compiling runs ~5% slower (its buffers are faulted in), and one call "
                                 "carries the machine's whole run-to-run spread.")
@@ -57,9 +62,11 @@ def _prompts(batch, length, vocab, seed=0):
     return rng.integers(100, vocab - 100, (batch, length)).astype(np.int32)
 
 
-def flops_per_token(c: ModelConfig, context: float) -> float:
+def flops_per_token(c: ModelConfig, context: float, lm_head: bool = True) -> float:
+    """Forward FLOPs of one position attending to ``context`` positions, with or without the LM head."""
+    body, head = matmul_params(c)
     attention = 4 * c.n_layers * c.n_heads * c.head_dim * context
-    return 2 * c.n_params + attention
+    return 2 * body + (2 * head if lm_head else 0) + attention
 
 
 def ours(master, dtype, prompts_BP, new_tokens, repeats, mesh=None):
@@ -101,17 +108,22 @@ def main(argv):
     hf_config, state_dict, tok = load_state_dict("smollm2-135m-instruct")
     config = ModelConfig.from_hf_config(hf_config)
     master = from_hf_state_dict(config, state_dict, dtype=jnp.float32, param_dtype=jnp.float32)
+    threads = ""
     if not _SKIP_HF.value:
         import torch
-        torch.set_num_threads(_THREADS.value)
+        if _THREADS.value:
+            torch.set_num_threads(_THREADS.value)
+        threads = f"; torch {torch.__version__}, {torch.get_num_threads()} threads"
     peak = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
     print(f"machine: {machine()}")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}"
-          f"{'' if mesh is None else f', our sampler on a {dict(mesh.shape)} mesh'}; matmul peak GFLOP/s: "
+          f"{'' if mesh is None else f', our sampler on a {dict(mesh.shape)} mesh'}, {len(os.sched_getaffinity(0))} "
+          f"cores visible{threads}; matmul peak GFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
     N, P = _NEW_TOKENS.value, _PROMPT_LEN.value
     fpt = flops_per_token(config, P + N / 2)
-    flops_per_seq = N * fpt + P * flops_per_token(config, P / 2)  # new tokens + prefill
+    # N decoding steps, and the prefill: P positions, the LM head on the last one only.
+    flops_per_seq = N * fpt + P * flops_per_token(config, P / 2, lm_head=False) + 2 * matmul_params(config)[1]
     print(f"decode FLOPs/token ≈ {fpt / 1e9:.3f} GFLOP (2 x {config.n_params / 1e6:.1f}M params + attention)")
     print(f"\n| dtype | batch | ours tok/s | HF tok/s | ours / HF | ours % of {'/'.join(peak)} peak |")
     print("|---|---|---|---|---|---|")

@@ -22,8 +22,10 @@ One process measures, for each compute dtype:
   (for fp32), and of bfloat16 matmuls accumulating in float32 (for bf16).
 
 Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
-one untimed step (compilation / warm-up); the achieved FLOP rate is ≈ 6 × parameters × tokens/s
-(attention's T² terms left out, as is customary), reported as a fraction of the peak.
+one untimed step (compilation / warm-up). The achieved FLOP rate counts the forward and
+backward matmuls both sides run: 6 × body parameters per token, plus 6 × the LM head's V × D per
+scored position (attention's T² terms and our layer recomputation left out), reported as a
+fraction of the peak.
 """
 
 import os
@@ -34,7 +36,7 @@ from absl import app, flags
 
 from rl_mismatch.models.decoder import Remat
 
-from _common import cpu_data_mesh, hf_llama, machine, matmul_peak, timed
+from _common import cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, timed
 
 _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measure.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per configuration (after one untimed step).")
@@ -167,8 +169,10 @@ def main(argv):
     hf_config = config.to_hf_config()
     state_dict = to_hf_state_dict(model)
     tokens_per_step = _BATCH.value * _SEQ_LEN.value
-    flops_per_token = 6 * config.n_params
     arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value)
+    body, head = matmul_params(config)
+    scored = _SEQ_LEN.value - _first_response_column(arrays[1])  # positions whose logits are computed
+    flops_per_token = 6 * (body + head * scored / _SEQ_LEN.value)
     print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours keep_logits={_KEEP_LOGITS.value}, "
