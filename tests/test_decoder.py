@@ -169,6 +169,10 @@ def test_grown_cache_decodes_like_one_allocation():
                                atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="shrink"):
         grow_cache(cache, 8)
+    # 14 of 16 slots used: three more tokens would be written over the last slots (a traced
+    # dynamic_update_slice clamps its start), so an eager call refuses them.
+    with pytest.raises(ValueError, match=r"3 new token\(s\) do not fit the KV cache: 2 of its 16 slots are free"):
+        model.decode(tokens[:, :3], cache)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -382,6 +386,13 @@ def test_config_validation():
         tiny_config(d_model=0)
     with pytest.raises(ValueError, match="Unsupported architecture 'GPT2LMHeadModel'"):
         ModelConfig.from_hf_config({"architectures": ["GPT2LMHeadModel"]})
+    # What the decoder does not implement is refused, not silently ignored.
+    qwen2 = tiny_config(qkv_bias=True, architecture="Qwen2ForCausalLM").to_hf_config()
+    assert ModelConfig.from_hf_config({**qwen2, "use_sliding_window": False, "sliding_window": 64}).qkv_bias
+    with pytest.raises(ValueError, match="Sliding-window attention .* window 64"):
+        ModelConfig.from_hf_config({**qwen2, "use_sliding_window": True, "sliding_window": 64})
+    with pytest.raises(ValueError, match="RoPE scaling type 'yarn'"):
+        ModelConfig.from_hf_config({**qwen2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="context"):
         init_cache(tiny_config(), batch=1, max_len=10_000)
 

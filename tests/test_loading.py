@@ -531,6 +531,19 @@ def test_shape_disagrees_with_config(tiny_tokenizer, tmp_path):
         load_pretrained(directory)
 
 
+def test_gguf_missing_a_tensor_names_the_file_and_is_not_cached(tiny_tokenizer, tmp_path, monkeypatch):
+    model = _tiny_hf_model("llama", tied=True)
+    full = model.state_dict()
+    monkeypatch.setattr(model, "state_dict", lambda: {k: v for k, v in full.items()
+                                                       if k != "model.layers.1.mlp.up_proj.weight"})
+    path = _write_gguf(tmp_path / "missing.gguf", "llama", model, tiny_tokenizer)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"lacks tensor 'model.layers.1.mlp.up_proj.weight', which "
+                                         r"LlamaForCausalLM with the config of the GGUF file '.*missing.gguf'"):
+        load_pretrained(path, cache_dir=cache)
+    assert not os.path.exists(cache / "gguf") or not os.listdir(cache / "gguf")  # nothing cached
+
+
 def test_tokenizer_larger_than_embedding(tiny_tokenizer, tmp_path):
     directory = _save_hf(_tiny_hf_model("llama", tied=True, vocab=256), tmp_path, tiny_tokenizer)
     with pytest.raises(ValueError, match="300 tokens but the embedding only 256 rows"):
@@ -607,6 +620,29 @@ def test_smollm_state_dict_matches_transformers(smollm, smollm_transformers):
     config = ModelConfig.from_hf_config(hf_config)
     assert (config.n_layers, config.d_model, config.n_heads, config.n_kv_heads, config.vocab_size,
             config.tie_embeddings) == (30, 576, 9, 3, 49152, True)
+
+
+@pytest.mark.slow
+def test_smollm_tokenizer_splits_digits_like_smollm2(smollm):
+    """SmolLM2's own tokenizer.json pre-tokenizes with Digits(individual_digits) then ByteLevel;
+    transformers' GGUF tokenizer (the reference above) splits like plain GPT-2 instead, and the
+    two agree unless a number follows a run of spaces. The reference here: our BPE model (the
+    GGUF's vocabulary and merges) behind SmolLM2's pre-tokenizer, built with `tokenizers`."""
+    from tokenizers import pre_tokenizers
+
+    tok = smollm[1][2]
+    reference = tokenizers.Tokenizer.from_str(tok.backend.to_str())
+    reference.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    texts = [" 2024 and  12345", "costs  100 or   7", "x=1,000,000.5\r\n  42", "Hi 123", "v2  3x"]
+    for text in texts:
+        assert tok.encode(text) == reference.encode(text, add_special_tokens=False).ids, text
+    # The texts exercise the difference: without the digit split, " 12345" after two spaces
+    # becomes other tokens.
+    gpt2 = tokenizers.Tokenizer.from_str(tok.backend.to_str())
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    assert any(gpt2.encode(t, add_special_tokens=False).ids != tok.encode(t) for t in texts)
 
 
 @pytest.mark.slow

@@ -105,6 +105,11 @@ class ModelConfig:
                 raise ValueError(
                     f"RoPE scaling type {rope_type!r} is not implemented; only the default "
                     "(unscaled) rotary embedding is.")
+            if hf.get("use_sliding_window") and hf.get("sliding_window"):
+                raise ValueError(
+                    f"Sliding-window attention (use_sliding_window, window {hf['sliding_window']}) is not "
+                    "implemented: this decoder attends to the whole context, so it would differ from the "
+                    "model past the window.")
             return cls(
                 vocab_size=int(hf["vocab_size"]),
                 d_model=d_model,

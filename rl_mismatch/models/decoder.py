@@ -668,11 +668,24 @@ class Decoder(nnx.Module):
         group's, see `KVCache`) is its own buffer, updated in place by ``dynamic_update_slice``.
         Scanning with the stacked cache in the carry made XLA:CPU copy the cache every layer
         (4-5x slower decoding in bf16).
+
+        The ``T`` tokens must fit: ``cache.index + T <= max_len``. Called eagerly, an overflow
+        raises ``ValueError``; under ``jit`` the index is not known, and ``dynamic_update_slice``
+        would clamp the write onto the last slots, so the caller sizes the cache (`init_cache`,
+        `grow_cache`; the sampler's ``cache_sizes``).
         """
         B, T = tokens_BT.shape
         S = cache.valid_BS.shape[1]
         valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
         start = cache.index
+        try:
+            free = S - int(start)
+        except jax.errors.ConcretizationTypeError:  # traced: see the docstring
+            free = None
+        if free is not None and T > free:
+            raise ValueError(f"{T} new token(s) do not fit the KV cache: {free} of its {S} slots are free. "
+                             "Grow it first with grow_cache(cache, max_len), or start with a larger "
+                             "init_cache(max_len=...).")
         valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BT, (0, start))
         if positions_BT is None:
             n_before_B = jnp.sum(cache.valid_BS, axis=1, dtype=jnp.int32)

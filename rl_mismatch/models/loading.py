@@ -98,19 +98,23 @@ def load_state_dict(source: str | os.PathLike, *, cache_dir: str | os.PathLike |
     """
     path = resolve_source(source)
     if os.path.isdir(path):
-        hf_config, state_dict, tokenizer = _load_hf_dir(path)
-    elif path.endswith(".gguf") or _starts_with(path, b"GGUF"):
-        hf_config, state_dict, tokenizer = _load_gguf(path, cache_dir, use_cache)
-    else:
-        raise ValueError(f"Cannot load {path!r}: expected a .gguf file or an HF model directory "
-                         "(config.json + model.safetensors + tokenizer.json).")
+        loaded = _load_hf_dir(path)
+        _check_loaded(path, *loaded, config_source=f"{os.path.join(path, 'config.json')!r}")
+        return loaded
+    if path.endswith(".gguf") or _starts_with(path, b"GGUF"):
+        return _load_gguf(path, cache_dir, use_cache)  # checked before it is cached
+    raise ValueError(f"Cannot load {path!r}: expected a .gguf file or an HF model directory "
+                     "(config.json + model.safetensors + tokenizer.json).")
+
+
+def _check_loaded(path: str, hf_config: dict[str, Any], state_dict: Mapping[str, np.ndarray],
+                  tokenizer: Tokenizer, *, config_source: str) -> None:
     config = ModelConfig.from_hf_config(hf_config)
-    check_state_dict(config, state_dict)
+    check_state_dict(config, state_dict, config_source=config_source)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"The tokenizer of {path!r} has {tokenizer.vocab_size} tokens but the embedding only "
                          f"{config.vocab_size} rows; ids past the table would index out of bounds. The "
                          "tokenizer does not belong to this model.")
-    return hf_config, state_dict, tokenizer
 
 
 def resolve_source(source: str | os.PathLike) -> str:
@@ -162,16 +166,21 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray]) -> None:
-    """Raises ``ValueError`` naming the first tensor that is missing, unexpected, or mis-shaped."""
+def check_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *,
+                     config_source: str = "config.json") -> None:
+    """Raises ``ValueError`` naming the first tensor that is missing, unexpected, or mis-shaped.
+
+    ``config_source`` names where ``config`` came from in the messages (a config.json, a GGUF
+    file's metadata).
+    """
     expected = expected_shapes(config)
     for name, shape in expected.items():
         if name not in state_dict:
-            raise ValueError(f"The checkpoint lacks tensor {name!r}, which {config.architecture} with this "
-                             "config.json needs.")
+            raise ValueError(f"The checkpoint lacks tensor {name!r}, which {config.architecture} with the config "
+                             f"of {config_source} needs.")
         if tuple(state_dict[name].shape) != shape:
-            raise ValueError(f"Tensor {name!r} has shape {tuple(state_dict[name].shape)} but config.json implies "
-                             f"{shape}; the weights and the config disagree.")
+            raise ValueError(f"Tensor {name!r} has shape {tuple(state_dict[name].shape)} but the config of "
+                             f"{config_source} implies {shape}; the weights and the config disagree.")
     unexpected = sorted(set(state_dict) - set(expected))
     if unexpected:
         raise ValueError(f"The checkpoint has {len(unexpected)} tensors this {config.architecture} config does not "
@@ -239,22 +248,27 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- GGUF + cache
 def _load_gguf(path: str, cache_dir, use_cache: bool):
-    if not use_cache:
-        return _convert_gguf(path)
-    root = os.path.join(os.path.expanduser(os.fspath(cache_dir or DEFAULT_CACHE_DIR)), "gguf")
-    stat = os.stat(path)
-    entry = os.path.join(root, _sampled_key(path, stat.st_size))
-    if _entry_matches(entry, path, stat):
+    """Converted (or cached) and checked; a conversion that fails the check is never cached."""
+    source = f"the GGUF file {path!r} (its metadata; tensor names after conversion to HF names)"
+    if use_cache:
+        root = os.path.join(os.path.expanduser(os.fspath(cache_dir or DEFAULT_CACHE_DIR)), "gguf")
+        stat = os.stat(path)
+        entry = os.path.join(root, _sampled_key(path, stat.st_size))
+        if _entry_matches(entry, path, stat):
+            try:
+                loaded = _load_hf_dir(entry)
+                _check_loaded(path, *loaded, config_source=source)
+                return loaded
+            except (OSError, ValueError) as e:  # A damaged entry is rebuilt, not fatal.
+                warnings.warn(f"Ignoring damaged GGUF cache entry {entry!r}: {e}", stacklevel=3)
+    loaded = _convert_gguf(path)
+    _check_loaded(path, *loaded, config_source=source)
+    if use_cache:
         try:
-            return _load_hf_dir(entry)
-        except (OSError, ValueError) as e:  # A damaged entry is rebuilt, not fatal.
-            warnings.warn(f"Ignoring damaged GGUF cache entry {entry!r}: {e}", stacklevel=3)
-    hf_config, state_dict, tokenizer = _convert_gguf(path)
-    try:
-        _write_entry(entry, path, stat, hf_config, state_dict, tokenizer)
-    except OSError as e:  # A read-only or full disk costs speed next time, never the load.
-        warnings.warn(f"Could not write the GGUF cache under {root!r}: {e}", stacklevel=3)
-    return hf_config, state_dict, tokenizer
+            _write_entry(entry, path, stat, *loaded)
+        except OSError as e:  # A read-only or full disk costs speed next time, never the load.
+            warnings.warn(f"Could not write the GGUF cache under {root!r}: {e}", stacklevel=3)
+    return loaded
 
 
 def _convert_gguf(path: str):
