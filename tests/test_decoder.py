@@ -395,6 +395,12 @@ def test_config_validation():
         ModelConfig.from_hf_config({**qwen2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="context"):
         init_cache(tiny_config(), batch=1, max_len=10_000)
+    # Dtype names as everywhere else in the project ('bf16', 'fp16'), or a clear error.
+    model = Decoder(tiny_config(), dtype="bf16", param_dtype="fp32", rngs=nnx.Rngs(0))
+    assert (model.dtype, model.embed[...].dtype) == (jnp.bfloat16, jnp.float32)
+    assert init_cache(tiny_config(), batch=1, max_len=8, dtype="fp16").k[0][0].dtype == jnp.float16
+    with pytest.raises(ValueError, match="Unknown dtype name 'bf17'"):
+        Decoder(tiny_config(), dtype="bf17", rngs=nnx.Rngs(0))
 
 
 def test_full_forward_compiles_once_per_shape(count_compiles):

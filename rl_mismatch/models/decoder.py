@@ -43,6 +43,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from rl_mismatch.models.config import ModelConfig
+from rl_mismatch.precision import parse_dtype
 
 # Logical axis names carried as `out_sharding` metadata; rl_mismatch.sharding maps them to mesh
 # axes (tensor-parallel for the sampler, FSDP for the trainer).
@@ -50,6 +51,11 @@ LAYERS, VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP = (
     "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
 
 _NEG_INF = -1e30  # finite "minus infinity" for masked scores: exp underflows to exactly 0, no NaN.
+
+
+def _dtype(dtype) -> jnp.dtype:
+    """A dtype from a dtype or one of the names `rl_mismatch.precision.parse_dtype` knows ('bf16')."""
+    return parse_dtype(dtype) if isinstance(dtype, str) else jnp.dtype(dtype)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, *, scale=None, value=None) -> nnx.Param:
@@ -461,6 +467,7 @@ def init_cache(config: ModelConfig, *, batch: int, max_len: int, dtype=jnp.float
     if row_groups < 1 or batch % row_groups:
         raise ValueError(f"row_groups={row_groups} must be a positive divisor of the batch ({batch} rows).")
     shape = (batch // row_groups, config.n_kv_heads, max_len, config.head_dim)
+    dtype = _dtype(dtype)
     zeros = lambda: tuple(tuple(jnp.zeros(shape, dtype) for _ in range(row_groups))
                           for _ in range(config.n_layers))
     return KVCache(zeros(), zeros(), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
@@ -565,7 +572,8 @@ class Decoder(nnx.Module):
                  remat: str = "layer", rngs: nnx.Rngs):
         check_remat(remat)
         self.config = config
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = _dtype(dtype)
+        param_dtype = _dtype(param_dtype)
         self.remat = remat
         V, D = config.vocab_size, config.d_model
         self.embed = _param(rngs, (V, D), (VOCAB, EMBED), param_dtype, scale=0.02)
@@ -779,6 +787,7 @@ def from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray]
       ValueError: a tensor is missing, or its shape disagrees with ``config``.
     """
     c = config
+    param_dtype = _dtype(param_dtype)
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in state_dict:
