@@ -100,7 +100,7 @@ class TrainBatch(struct.PyTreeNode):
       sampler_entropy_BT: optional sampler entropy per token; when given, the mismatch
         metrics are also binned by it (``mismatch/by_entropy/…``).
       score_from: static; the first column the trainer scores (``mismatch.rescore``): columns
-        before it must be outside the response mask. A rollout's ``prompt_width`` skips the LM
+        before it must be outside the response mask (the step checks). A rollout's ``prompt_width`` skips the LM
         head over the prompt (what ``logits_to_keep`` does in HF-based trainers); 1 scores
         every column. Each distinct value is one compiled step.
     """
@@ -400,6 +400,13 @@ def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
     if batch.advantages_B.shape != shape[:1]:
         raise ValueError(f"batch.advantages_B has shape {batch.advantages_B.shape}, expected ({shape[0]},).")
     mismatch.check_score_from(batch.score_from, shape[1])  # before tracing, with the other checks
+    # The trainer gives columns before score_from no log-prob: a response token there would enter
+    # the loss and metrics with log π = 0. (One small reduction; the rollout is ready by now.)
+    if batch.score_from > 1 and bool(jnp.any(batch.response_mask_BT[:, :batch.score_from])):
+        raise ValueError(
+            f"batch.response_mask_BT marks tokens before score_from={batch.score_from}, which the trainer "
+            "does not score; lower score_from to the first response column (TrainBatch.from_rollout "
+            "uses the rollout's prompt_width).")
     if shape[0] % (n_micro * data_size):
         raise ValueError(
             f"Batch size {shape[0]} must be a multiple of n_microbatches × data-axis size = "

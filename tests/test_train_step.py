@@ -430,6 +430,9 @@ def test_validation_errors():
     for score_from in (0, 12, 2.0):  # T = 12
         with pytest.raises(ValueError, match="score_from"):
             step(state, _batch().replace(score_from=score_from))
+    # Responses start in columns 2-5: from column 8 on, some response tokens would go unscored.
+    with pytest.raises(ValueError, match="marks tokens before score_from=8, which the trainer does not score"):
+        step(state, _batch().replace(score_from=8))
     half = Decoder(_CFG, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="float32 master"):
         ts.init_train_state(half, opt, compute_dtype="bf16", key=jax.random.key(0))
