@@ -17,6 +17,7 @@ shared file system.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import jax
@@ -48,8 +49,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {e}")
     except (AttributeError, KeyError) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        sys.exit(f"error: unknown config key {str(e).strip(chr(34) + chr(39))!r}: one of {overrides} names no "
-                 "setting of the config file; the settings are listed in experiments/configs/base.py.")
+        # ml_collections' message: the quoted key, possibly re-quoted with escapes, then maybe a
+        # 'Did you mean "x" instead of "y"?' line.
+        text = str(e.args[0] if e.args else e)
+        key = re.search(r"[A-Za-z_]\w*", text)
+        hint = re.search(r'Did you mean "[^"]*" instead of "[^"]*"\?', text)
+        sys.exit(f"error: unknown config key '{key.group() if key else text}' (in {', '.join(overrides)}): no "
+                 f"setting of the config file has that name.{' ' + hint.group() if hint else ''} The settings "
+                 "are listed in experiments/configs/base.py.")
 
 
 def main(argv: list[str]) -> None:

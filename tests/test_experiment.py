@@ -132,6 +132,8 @@ def test_bad_config_is_a_clear_error(dotted, value, message):
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.sampler.nonexistent=1", "unknown config key 'nonexistent'"),
+    ("--config.sampler.dtyp=bf16", "unknown config key 'dtyp' (in --config.sampler.dtyp): no setting of the config "
+                                   "file has that name. Did you mean \"dtype\" instead of \"dtyp\"?"),
     ("--config.steps=ten", "flag --config.steps=ten: invalid literal"),
     ("--config.sampler.dtype=bf17", "Unknown dtype name 'bf17'"),
 ])
