@@ -23,15 +23,16 @@ from rl_mismatch.metric_writing import read_metrics
 from rl_mismatch.train_step import gradient_noise_scale
 
 # (metric key, panel title, log-scale y).
+NOISE_WINDOW = 5  # Steps averaged for the noise scale: one step's estimate is very noisy.
 PANELS = (
     ("reward/mean", "reward (mean)", False),
     ("rollout/response_length_mean", "response length (tokens)", False),
     ("lr/scale", "LR multiplier", False),
     ("mismatch/k3", "k3 KL(mu || pi)", True),
     ("mismatch/prob_diff_max", "max |pi - mu|", False),
-    ("opt/grad_noise_scale", "gradient noise scale (B_noise)", True),
+    # What is drawn is smoothed_noise_scale's trailing estimate, not the logged per-step value.
+    ("opt/grad_noise_scale", f"gradient noise scale B_noise ({NOISE_WINDOW}-step estimate)", True),
 )
-NOISE_WINDOW = 5  # Steps averaged for the noise scale: one step's estimate is very noisy.
 
 
 def _config(workdir: str) -> dict | None:

@@ -1,4 +1,4 @@
-r"""default: the main job. SmolLM2-135M-Instruct learns one-digit arithmetic with GRPO; bf16 sampler,
+r"""default: the main job. SmolLM2-135M-Instruct learns small-number arithmetic with GRPO; bf16 sampler,
 fp32 trainer, length-triggered LR (plus the same trigger on the mismatch k3).
 
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/default_run
@@ -25,7 +25,8 @@ def get_config(arg: str | None = None):
     c.steps = base.steps_from_arg(arg, 16)
     c.model.source = "smollm2-135m-instruct"
     c.task.name = "basic_arithmetic"
-    # "Calculate 7 - 3.": two one-digit terms, + and - only (200 distinct questions).
+    # "Calculate 7 - 3.": two terms, + and - only. reasoning-gym draws a "1-digit" term from 0-10
+    # (randint's bound is inclusive): 242 distinct questions.
     c.task.train_size = 100
     c.task.eval_size = 20
     c.task.kwargs = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=("+", "-"),
