@@ -340,7 +340,7 @@ def test_dataset_with_no_examples_is_a_clear_error(tmp_path):
 
 
 def test_prompt_longer_than_the_context_fails_at_startup(tmp_path):
-    cfg = _tiny(**{"model.tiny_max_seq_len": 64, "sampler.max_new_tokens": 16})
+    cfg = _tiny(**{"model.tiny_max_seq_len": 64, "sampler.max_new_tokens": 16, "task.overlong_buffer": 8})
     with pytest.raises(ValueError, match=r"renders to \d+ prompt tokens, more than the prompt limit max_prompt_len=48"):
         experiment.run(cfg, tmp_path)
     assert not os.path.exists(tmp_path / "checkpoints")
