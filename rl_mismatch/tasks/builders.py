@@ -449,11 +449,12 @@ def jsonl_config(
         ``eval_size``, ``eval_size`` with ``eval_path``, a hold-out that leaves no train
         examples, or an eval file that repeats questions of the train file.
     """
-    n = len(_distinct_questions(read_jsonl_examples(path)))
+    train_questions = _distinct_questions(read_jsonl_examples(path))
+    n = len(train_questions)
     if eval_path is not None:
         if eval_size:
             raise ValueError("Pass either eval_path or eval_size, not both.")
-        train_questions = set(_distinct_questions(read_jsonl_examples(path)))
+        train_questions = set(train_questions)
         shared = [e["metadata"]["line"] for e in read_jsonl_examples(eval_path)
                   if _question_key(e) in train_questions]
         if shared:
