@@ -6,7 +6,7 @@ when it fires keeps the mismatch bounded. This module provides that rule as
 optax transforms that scale the updates, and the same detector for any scalar
 signal (the mismatch k3 KL, the gradient noise scale):
 
-* :func:`length_triggered_decay` -- the paper's rule, fed ``response_length=``.
+* :func:`length_triggered_decay` -- the paper's remedy, fed ``response_length=``.
 * :func:`signal_triggered_decay` -- the same rule on any signal keyword.
 * :func:`signal_triggered_multiplicative_decay` -- multiply by a factor on each
   trigger, with a cooldown, at most N decays and a floor.
@@ -31,9 +31,27 @@ trigger at step ``s`` and waits ``cooldown`` steps. Within an epoch, observation
   fire  ⇔ t is after the baseline is complete and m_t > threshold · b
           (relative=False: m_t > threshold, no baseline)
 
+With ``smoothing=0`` (the default of :func:`length_triggered_decay`) ``m_t = x_t``:
+the raw signal is compared with the threshold. The generic signal forms default to
+``smoothing=0.9``, a choice of this project.
+
 An observation that is NaN, ±inf or negative is ignored: it does not enter the
 baseline or the smoothed value and cannot fire a trigger; only the step counter
 (and the time-dependent multiplier) advance.
+
+What ``warmup`` means. Here ``warmup`` is the detector's: the observations of the
+first ``warmup`` steps are ignored (no baseline, no trigger) and the multiplier stays
+1 over them; the staircase then counts its periods from step ``warmup``. In the
+public re-implementation these defaults come from, ``warmup`` is a linear LR ramp;
+``linear_warmup=True`` adds that meaning on top: the multiplier of steps
+``t = 0 … warmup − 1`` is ``(t + 1) / warmup``, so the LR ramps linearly to full
+over them, and from ``t = warmup`` on nothing changes (the observations of the
+warmup steps are still ignored).
+
+Constants. The paper (arXiv 2602.01826) gives no values for the rule's constants:
+the defaults ``warmup = 10``, ``W = 50``, ``threshold = 3``, ``k = 1.8`` and
+``floor = 0.1`` are those of a public re-implementation, as is comparing the raw
+length (no smoothing).
 """
 
 from __future__ import annotations
@@ -78,7 +96,8 @@ class TriggeredDecayState(NamedTuple):
       period: int32, staircase period (0 until a trigger; constant 0 in the
         multiplicative form).
       multiplier: float32, multiplier applied by the latest update (the value to log
-        as ``lr/scale``); 1 before any trigger.
+        as ``lr/scale``); 1 before any trigger (``(t + 1) / warmup`` at step
+        ``t < warmup`` with ``linear_warmup=True``).
     """
 
     step: jax.Array
@@ -135,7 +154,15 @@ def _check(
 
 
 def _check_detector(
-    warmup, baseline_window, threshold, smoothing, cooldown, max_triggers, relative, floor
+    warmup,
+    baseline_window,
+    threshold,
+    smoothing,
+    cooldown,
+    max_triggers,
+    relative,
+    floor,
+    linear_warmup=False,
 ) -> None:
     _check("warmup", warmup, lambda v: v >= 0, ">= 0", integer=True)
     _check("baseline_window", baseline_window, lambda v: v >= 1, ">= 1", integer=True)
@@ -163,6 +190,11 @@ def _check_detector(
     _check("floor", floor, lambda v: 0 <= v <= 1, "in [0, 1]")
     if not isinstance(relative, bool):
         raise ValueError(f"relative must be a bool, got {relative!r}.")
+    if not isinstance(linear_warmup, bool):
+        raise ValueError(
+            f"linear_warmup must be a bool (True: the multiplier ramps linearly, "
+            f"(t + 1) / warmup, over the first warmup steps), got {linear_warmup!r}."
+        )
 
 
 def _check_signal_name(signal_name: Any) -> None:
@@ -203,10 +235,15 @@ def _triggered(
     max_triggers,
     relative,
     floor,
+    linear_warmup,
     respond: Callable[..., tuple[jax.Array, ...]],
     owner: str,
 ) -> optax.GradientTransformationExtraArgs:
-    """Shared detector; `respond` maps (state, t, fire, wait) to the new schedule."""
+    """Shared detector; `respond` maps (state, t, fire, wait) to the new schedule.
+
+    With `linear_warmup`, the multiplier of steps ``t < warmup`` is also scaled by
+    ``(t + 1) / warmup`` (no trigger can fire there, so `respond` gives 1 for them).
+    """
 
     def init_fn(params):
         del params  # The state is a handful of scalars, independent of the parameters.
@@ -271,6 +308,12 @@ def _triggered(
         fire = use & ~collecting & (smoothed > jnp.asarray(threshold, jnp.float32) * reference)
 
         level, anchor, period, multiplier = respond(state, t, fire, wait)
+        if linear_warmup:
+            # A function of the step alone: no state. Exact for a power-of-two warmup;
+            # otherwise the correctly rounded float32 quotient.
+            warmup_i = jnp.asarray(warmup, jnp.int32)
+            ramp = (t + 1).astype(jnp.float32) / jnp.maximum(warmup_i, 1).astype(jnp.float32)
+            multiplier = jnp.where(t < warmup_i, multiplier * ramp, multiplier)
         new_state = TriggeredDecayState(
             step=t + 1,
             # A trigger starts a new epoch: the baseline is collected afresh.
@@ -313,6 +356,7 @@ def signal_triggered_decay(
     max_triggers: int | None = 1,
     cooldown: int = 10,
     relative: bool = True,
+    linear_warmup: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scales updates by a staircase LR multiplier started by a surge of a signal.
 
@@ -327,8 +371,10 @@ def signal_triggered_decay(
           \mathrm{decay\_base}^{\lfloor (t - \mathrm{warmup}) / p \rfloor}\right),
       \qquad p = \max(1, \mathrm{round}(k \cdot s)),
 
-    with ``k = period_factor`` (DESIGN.md §6; ``round`` is half-to-even, computed
-    in float32). Before any trigger the multiplier is 1. With ``max_triggers=1``
+    with ``k = period_factor`` (``round`` is half-to-even, computed in float32).
+    Before any trigger the multiplier is 1, except with ``linear_warmup=True``:
+    then it is ``(t + 1) / warmup`` for ``t < warmup`` (a linear LR ramp; see the
+    module docstring for what ``warmup`` means). With ``max_triggers=1``
     (default) the trigger is one-shot. With more, the detector re-arms: after a
     trigger at ``s`` a new epoch starts at ``o = s + 1``, waits ``cooldown`` steps,
     collects a new baseline and watches again; a trigger at ``s'`` in that epoch
@@ -341,8 +387,8 @@ def signal_triggered_decay(
           \cdot \mathrm{decay\_base}^{\lfloor (t - o - \mathrm{cooldown}) / p'
           \rfloor}\right), \qquad p' = \max(1, \mathrm{round}(k \cdot (s' - o))).
 
-    So the multiplier never increases, and re-arming changes nothing until a second
-    surge fires.
+    So from step ``warmup`` on the multiplier never increases, and re-arming changes
+    nothing until a second surge fires.
 
     Several of these transforms in one ``optax.chain`` each read their own keyword:
     optax hands every extra keyword argument to every transform in a chain, and each
@@ -350,12 +396,14 @@ def signal_triggered_decay(
 
     Args:
       signal_name: keyword under which ``update`` receives the signal (a scalar).
-      warmup: steps at the start whose observations are ignored.
+      warmup: steps at the start whose observations are ignored; the staircase
+        counts its periods from step ``warmup``.
       baseline_window: ``W``, number of observations averaged into the baseline.
       threshold: fire when the smoothed signal exceeds ``threshold × baseline``
         (``relative=True``) or ``threshold`` (``relative=False``).
-      smoothing: EMA coefficient ``β`` in [0, 1); 0 uses the raw signal. An EMA
-        with ``β = 1 − 2/(N+1)`` has the mean age of an N-step moving average.
+      smoothing: EMA coefficient ``β`` in [0, 1); 0 uses the raw signal (the
+        default of :func:`length_triggered_decay`). An EMA with
+        ``β = 1 − 2/(N+1)`` has the mean age of an N-step moving average.
       decay_base: factor per period, in (0, 1].
       period_factor: ``k``; the period is ``round(k × steps to the surge)``.
       floor: lower bound of the multiplier, in [0, 1].
@@ -363,6 +411,9 @@ def signal_triggered_decay(
       cooldown: steps a re-armed epoch waits after a trigger before collecting its
         baseline (only used when ``max_triggers != 1``).
       relative: compare with ``threshold × baseline`` (True) or ``threshold``.
+      linear_warmup: also ramp the multiplier linearly over the warmup steps,
+        ``(t + 1) / warmup`` at ``t < warmup`` (the re-implementation's warmup);
+        False (default) keeps it at 1 there. A bool.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -385,7 +436,15 @@ def signal_triggered_decay(
     """
     _check_signal_name(signal_name)
     _check_detector(
-        warmup, baseline_window, threshold, smoothing, cooldown, max_triggers, relative, floor
+        warmup,
+        baseline_window,
+        threshold,
+        smoothing,
+        cooldown,
+        max_triggers,
+        relative,
+        floor,
+        linear_warmup,
     )
     _check("decay_base", decay_base, lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.5")
     _check("period_factor", period_factor, lambda v: v > 0, "> 0, e.g. 1.8")
@@ -413,6 +472,7 @@ def signal_triggered_decay(
         max_triggers=max_triggers,
         relative=relative,
         floor=floor,
+        linear_warmup=linear_warmup,
         respond=respond,
         owner="signal_triggered_decay",
     )
@@ -423,30 +483,37 @@ def length_triggered_decay(
     warmup: int = 10,
     baseline_window: int = 50,
     threshold: float = 3.0,
-    smoothing: float = 0.9,
+    smoothing: float = 0.0,
     decay_base: float = 0.5,
     period_factor: float = 1.8,
     floor: float = 0.1,
     max_triggers: int | None = 1,
     cooldown: int = 10,
+    linear_warmup: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Length-triggered LR decay (arXiv 2602.01826; DESIGN.md §6).
+    r"""Length-triggered LR decay, the remedy of arXiv 2602.01826.
 
     :func:`signal_triggered_decay` fed the batch's mean response length as
     ``update(updates, state, params, *, response_length)``, relative threshold:
     after ``warmup`` steps the baseline is the mean length over the next ``W`` steps;
-    a surge fires at the first later step ``s`` whose smoothed length exceeds
-    ``threshold × baseline``, and from then on
+    a surge fires at the first later step ``s`` whose length (raw by default;
+    smoothed with ``smoothing > 0``) exceeds ``threshold × baseline``, and from then on
 
     .. math::
 
       \mathrm{scale}_t = \max\!\left(\mathrm{floor},\;
-          0.5^{\lfloor (t - \mathrm{warmup}) / \mathrm{round}(k \cdot s) \rfloor}\right).
+          \mathrm{decay\_base}^{\lfloor (t - \mathrm{warmup}) / \mathrm{round}(k \cdot s)
+          \rfloor}\right).
 
-    Defaults are those of a public re-implementation (W = 50, threshold = 3,
-    k = 1.8, floor = 0.1, warmup = 10); smoothing is not given there (β = 0.9 here).
-    NaN, infinite or negative lengths are ignored (see the module docstring). See
-    :func:`signal_triggered_decay` for the arguments and re-arming.
+    The paper gives no values for the constants; the defaults (W = 50, threshold = 3,
+    k = 1.8, floor = 0.1, warmup = 10) are those of a public re-implementation, which
+    also compares the raw length: hence ``smoothing=0.0`` (an EMA with ``β > 0``
+    remains available). ``warmup`` here means that the lengths of the first
+    ``warmup`` steps are ignored; ``linear_warmup=True`` also ramps the LR linearly
+    over them, multiplier ``(t + 1) / warmup`` at ``t < warmup``, which is what
+    ``warmup`` means in the re-implementation. NaN, infinite or negative lengths are
+    ignored (see the module docstring). See :func:`signal_triggered_decay` for the
+    arguments and re-arming.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -463,6 +530,12 @@ def length_triggered_decay(
       6
       >>> float(optim.lr_scale(state))  # 0.5 ** ((15 - 2) // 11)
       0.5
+
+      With ``linear_warmup=True`` the first ``warmup`` steps also ramp the LR:
+
+      >>> tx = optim.length_triggered_decay(warmup=4, linear_warmup=True)
+      >>> [float(m) for m in optim.replay(tx, response_length=[100.0] * 6).multiplier]
+      [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     """
     inner = signal_triggered_decay(
         "response_length",
@@ -476,6 +549,7 @@ def length_triggered_decay(
         max_triggers=max_triggers,
         cooldown=cooldown,
         relative=True,
+        linear_warmup=linear_warmup,
     )
     missing = object()
 
@@ -504,6 +578,7 @@ def signal_triggered_multiplicative_decay(
     max_triggers: int | None = 3,
     floor: float = 0.1,
     relative: bool = True,
+    linear_warmup: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Multiplies the LR multiplier by ``factor`` on each trigger of a signal.
 
@@ -520,7 +595,9 @@ def signal_triggered_multiplicative_decay(
     ``relative=True`` it then collects a new baseline, so the next decay needs a new
     surge on top of the new level; with ``relative=False`` there is no baseline and
     it decays again every ``cooldown + 1`` steps for as long as the smoothed signal
-    stays above ``threshold`` (like ``optax.contrib.reduce_on_plateau``).
+    stays above ``threshold`` (like ``optax.contrib.reduce_on_plateau``). With
+    ``linear_warmup=True`` the multiplier is ``(t + 1) / warmup`` at ``t < warmup``,
+    as in :func:`signal_triggered_decay`.
 
     Args:
       signal_name: keyword under which ``update`` receives the signal (a scalar).
@@ -533,6 +610,7 @@ def signal_triggered_multiplicative_decay(
       max_triggers: most decays, or None for no limit.
       floor: lower bound of the multiplier, in [0, 1].
       relative: compare with ``threshold × baseline`` (True) or ``threshold``.
+      linear_warmup: also ramp the multiplier linearly over the warmup steps (a bool).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -557,7 +635,15 @@ def signal_triggered_multiplicative_decay(
     """
     _check_signal_name(signal_name)
     _check_detector(
-        warmup, baseline_window, threshold, smoothing, cooldown, max_triggers, relative, floor
+        warmup,
+        baseline_window,
+        threshold,
+        smoothing,
+        cooldown,
+        max_triggers,
+        relative,
+        floor,
+        linear_warmup,
     )
     _check("factor", factor, lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.5")
 
@@ -579,6 +665,7 @@ def signal_triggered_multiplicative_decay(
         max_triggers=max_triggers,
         relative=relative,
         floor=floor,
+        linear_warmup=linear_warmup,
         respond=respond,
         owner="signal_triggered_multiplicative_decay",
     )

@@ -36,11 +36,12 @@ def reference(
     cooldown=10,
     relative=True,
     factor=None,
+    linear_warmup=False,
 ):
     """Returns (multiplier per step, trigger steps, smallest detection margin).
 
     `factor=None` is the staircase rule of signal_triggered_decay, otherwise the
-    multiplicative rule. The margin |m − thr·b| / (thr·b) over all detection steps
+    multiplicative rule; `linear_warmup` scales step t < warmup by (t + 1) / warmup. The margin |m − thr·b| / (thr·b) over all detection steps
     lets a test check that float32 vs float64 cannot flip a comparison.
     """
     mults, surges, margins = [], [], []
@@ -77,7 +78,10 @@ def reference(
                 level = max(floor, level * factor)
             n_trig, epoch_start, used = n_trig + 1, t + 1, []
             surges.append(t)
-        mults.append(stair_value(t) if factor is None else level)
+        mult = stair_value(t) if factor is None else level
+        if linear_warmup and t < warmup:
+            mult *= (t + 1) / warmup
+        mults.append(mult)
     return np.array(mults), surges, min(margins, default=math.inf)
 
 
@@ -168,6 +172,9 @@ CONFIGS = [
     dict(max_triggers=3, cooldown=0, smoothing=0.5, threshold=1.8, floor=0.2),
     dict(factor=0.5, max_triggers=4, cooldown=7, baseline_window=10, threshold=1.5),
     dict(factor=0.3, relative=False, threshold=500.0, cooldown=20, max_triggers=None, floor=0.01),
+    # warmup a power of two: the ramp (t + 1) / warmup is exact in float32.
+    dict(linear_warmup=True, warmup=16, baseline_window=20, max_triggers=None, cooldown=5),
+    dict(factor=0.5, linear_warmup=True, warmup=8, max_triggers=3, threshold=1.5, smoothing=0.0),
 ]
 
 
@@ -269,6 +276,95 @@ def test_multiplicative_cap_and_floor():
     assert np.all(states.period == 0) and np.all(states.anchor == 0)
 
 
+def test_length_detector_compares_the_raw_length_by_default():
+    # Baseline 100 (steps 0-3); 299 at step 4 is under 3 x 100, 301 at step 6 is the first
+    # length above it. An EMA with β = 0.9 would be at 0.9·(0.9·100 + 0.1·299) + 0.1·120 ≈ 120
+    # at step 5 and 0.9·120 + 0.1·301 ≈ 138 at step 6: far below 300, so no trigger.
+    xs = [100.0, 100.0, 100.0, 100.0, 299.0, 120.0, 301.0, 100.0, 100.0]
+    kw = dict(warmup=0, baseline_window=4, threshold=3.0, period_factor=1.0)
+    raw = run(optim.length_triggered_decay(**kw), xs)
+    assert trigger_steps(raw) == [6]
+    assert np.all(raw.surge_step[:6] == -1) and np.all(raw.surge_step[6:] == 6)
+    np.testing.assert_array_equal(raw.smoothed[:7], np.float32(xs[:7]))  # no smoothing
+    np.testing.assert_array_equal(raw.multiplier, [1.0] * 6 + [0.5] * 3)  # period round(1.0·6)
+    assert trigger_steps(run(optim.length_triggered_decay(**kw, smoothing=0.0), xs)) == [6]
+    # The smoothed variant is still there, and does not fire on this trace.
+    ema = run(optim.length_triggered_decay(**kw, smoothing=0.9), xs)
+    assert ema.num_triggers[-1] == 0 and np.all(ema.multiplier == 1.0)
+    assert np.all(ema.smoothed[4:] < 150.0)
+
+
+# warmup = 4: the multiplier ramps 0.25, 0.5, 0.75, 1, then the rule as without the ramp. The
+# 10000s in the warmup are ignored (they would fire at once otherwise); the baseline is steps
+# 4-5 (100), the surge fires at step 8 (400 > 3 x 100); the period is round(1.8 · 8) = 14, so
+# the first halving is at step 4 + 14 = 18 (staircase) or at the surge (multiplicative).
+_RAMP_TRACE = [1e4, 1e4, 1e4, 1e4, 100.0, 100.0, 100.0, 100.0] + [400.0] * 12
+_RAMP = [0.25, 0.5, 0.75, 1.0]
+_RAMP_CASES = [
+    (
+        optim.length_triggered_decay,
+        dict(),
+        "response_length",
+        _RAMP + [1.0] * 14 + [0.5, 0.5],
+    ),
+    (
+        optim.signal_triggered_decay,
+        dict(signal_name="length", smoothing=0.0),
+        "length",
+        _RAMP + [1.0] * 14 + [0.5, 0.5],
+    ),
+    (
+        optim.signal_triggered_multiplicative_decay,
+        dict(signal_name="length", smoothing=0.0),
+        "length",
+        _RAMP + [1.0] * 4 + [0.5] * 12,
+    ),
+]
+
+
+@pytest.mark.parametrize("factory,kw,name,expected", _RAMP_CASES)
+def test_linear_warmup_ramps_then_leaves_the_rule_alone(factory, kw, name, expected, count_compiles):
+    kw = dict(kw, warmup=4, baseline_window=2, threshold=3.0)
+    tx = factory(**kw, linear_warmup=True)
+    states = run(tx, _RAMP_TRACE, name=name)
+    np.testing.assert_array_equal(states.multiplier, np.float32(expected))
+    assert trigger_steps(states) == [8]
+    np.testing.assert_array_equal(states.baseline_sum[5], 200.0)
+    # Without the ramp: the same state at every step, but for the multiplier of steps 0-3.
+    plain = run(factory(**kw), _RAMP_TRACE, name=name)
+    np.testing.assert_array_equal(plain.multiplier, [1.0] * 4 + expected[4:])
+    for field in optim.TriggeredDecayState._fields:
+        if field != "multiplier":
+            np.testing.assert_array_equal(getattr(states, field), getattr(plain, field), field)
+    # Through a jitted update, compiled once: the same multipliers, applied to the updates.
+    update = jax.jit(lambda g, s, x: tx.update(g, s, **{name: x}))
+    state, grads = tx.init(None), {"w": jnp.full(3, 2.0)}
+    with count_compiles() as compiles:
+        for t, x in enumerate(_RAMP_TRACE):
+            updates, state = update(grads, state, np.float32(x))
+            assert float(state.multiplier) == expected[t], t
+            np.testing.assert_array_equal(updates["w"], np.full(3, 2.0 * expected[t], np.float32))
+    assert compiles.n == 1
+
+
+def test_linear_warmup_with_injected_warmup_under_jit():
+    # An injected warmup reaches the update as a traced array: the ramp still follows it.
+    tx = optax.inject_hyperparams(optim.length_triggered_decay)(warmup=4, linear_warmup=True)
+    update = jax.jit(lambda s: tx.update(jnp.ones([]), s, response_length=100.0)[1])
+    state, scales = tx.init(None), []
+    for _ in range(6):
+        state = update(state)
+        scales.append(float(optim.lr_scale(state)))
+    assert scales == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    state = tx.init(None)
+    state.hyperparams["warmup"] = jnp.asarray(2, state.hyperparams["warmup"].dtype)
+    scales = []
+    for _ in range(3):
+        state = update(state)
+        scales.append(float(optim.lr_scale(state)))
+    assert scales == [0.5, 1.0, 1.0]
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 # ---------------------------------------------------------------------------
@@ -321,11 +417,28 @@ def test_non_scalar_signal_is_a_value_error():
         (optim.signal_triggered_multiplicative_decay, dict(factor=0.0)),
         (optim.signal_triggered_multiplicative_decay, dict(factor=2.0)),
         (optim.signal_triggered_multiplicative_decay, dict(max_triggers=-1)),
+        (optim.length_triggered_decay, dict(linear_warmup="yes")),
+        (optim.signal_triggered_decay, dict(linear_warmup=1)),
+        (optim.signal_triggered_multiplicative_decay, dict(linear_warmup=None)),
     ],
 )
 def test_invalid_constructor_args(factory, kw):
     with pytest.raises(ValueError):
         factory(**kw)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        optim.length_triggered_decay,
+        optim.signal_triggered_decay,
+        optim.signal_triggered_multiplicative_decay,
+    ],
+)
+@pytest.mark.parametrize("bad", ["True", 1, 0.0, None, jnp.array(True)])
+def test_linear_warmup_must_be_a_bool(factory, bad):
+    with pytest.raises(ValueError, match=r"linear_warmup must be a bool .*got "):
+        factory(warmup=4, linear_warmup=bad)
 
 
 def test_lr_scale_without_decay_is_a_value_error():
@@ -447,7 +560,7 @@ def test_replay_is_the_update_loop():
     # state at every step, for two detectors in one chain, each fed its own trace. (Eager
     # op-by-op updates may differ in the EMA's last bit: XLA fuses it into one expression.)
     tx = optax.named_chain(
-        ("length", optim.length_triggered_decay(warmup=2, baseline_window=5)),
+        ("length", optim.length_triggered_decay(warmup=2, baseline_window=5, smoothing=0.9)),
         ("k3", optim.signal_triggered_multiplicative_decay("k3", threshold=1e-2, relative=False)),
     )
     lengths, k3 = surge_trace(n=60, surge_at=20), np.linspace(0.0, 0.03, 60)
