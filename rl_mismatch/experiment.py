@@ -24,6 +24,10 @@ finished_frac,prompt_length_mean,prompt_width}``; ``time/step_s`` (host time of 
 sampling waits for the previous update, so in steady state this is the time per step),
 ``time/sample_s``, ``time/score_s`` and ``time/compile_s`` (seconds JAX spent tracing and
 compiling during the step: the first step's compile time, and any recompilation later).
+With ``eval.every > 0``, every ``eval.every``-th step also carries ``eval/*``, the greedy accuracy
+on the task's eval split (``rl_mismatch.evaluation``) of the policy that samples the step, and
+``time/eval_s``; after the last update, a row of its own at step ``steps`` holds the trained
+policy's ``eval/*``.
 
 Determinism and resumption. Every random draw comes from keys derived from ``config.seed``
 (``fold_in(key, step)`` per step), the prompt stream is a pure function of ``(seed, step)``,
@@ -49,7 +53,7 @@ import logging as std_logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -60,7 +64,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rl_mismatch import losses, sampler, tasks
+from rl_mismatch import evaluation, losses, sampler, tasks
 from rl_mismatch import sharding as shd
 from rl_mismatch.checkpointing import Checkpointer, abstract_like
 from rl_mismatch.experiment_config import (
@@ -281,7 +285,8 @@ def _write_config(workdir: str, cfg: ExperimentConfig) -> None:
 
 
 def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
-        score_fns: Mapping[str, tasks.rewards.ScoreFn] | None = None) -> Row | None:
+        score_fns: Mapping[str, tasks.rewards.ScoreFn] | None = None,
+        on_row: Callable[[Row], None] | None = None) -> Row | None:
     """Runs (or resumes) the RL experiment ``cfg`` in ``workdir`` up to ``cfg.steps`` steps.
 
     Args:
@@ -290,6 +295,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
         ``checkpoints/`` and (by default) ``data/``. A workdir with a checkpoint is resumed.
       score_fns: optional ``{task: fn(answer, entry) -> float}`` verifiers overriding the
         built-in ones (see :func:`rl_mismatch.tasks.score`).
+      on_row: called with each metrics row once it is written (process 0), e.g. for progress.
 
     Returns:
       The last metrics row written (None if there was nothing left to run).
@@ -344,6 +350,15 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     sampling = sampler.SamplingConfig(
         max_new_tokens=N, temperature=cfg.sampler.temperature, top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
         eos_ids=(tok.eos_id,), pad_id=tok.pad_id, return_entropy=cfg.sampler.return_entropy, prompt_bucket=bucket)
+    evaluator = None
+    if cfg.eval.every:
+        eval_split = tasks.load_split(name, tasks.EVAL_SPLIT, data_dir)
+        evaluator = evaluation.Evaluator(
+            eval_split, tok, sampling=sampling, batch_size=cfg.eval.batch_size or len(eval_split),
+            max_prompt_len=max_prompt_len, max_new_tokens=cfg.eval.max_new_tokens or None,
+            system_prompt=system_prompt, format_weight=cfg.task.format_weight, score_fns=score_fns,
+            shard_options=grain.sharding.ShardOptions(shard_index=jax.process_index(), shard_count=n_proc),
+            pad_to=max_prompt_len if n_proc > 1 else None, gather_rows=_gather_rows)
 
     optimizer = cfg.optim.optimizer()
     loss_scale = (make_loss_scale(trainer_dtype, initial_scale=cfg.trainer.loss_scale_initial,
@@ -374,11 +389,23 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
                 f"{'; '.join(changed)}. Use a new --workdir, or the settings the run was started with.")
         start = int(meta["data_position"])
         last_k3 = meta.get("last_k3")
+        if start >= cfg.steps:
+            logging.info("The run in %s has all its %d steps (checkpoint %d); nothing to do.", workdir,
+                         cfg.steps, start)
+            ckpt.close()
+            return None
         logging.info("Resuming from checkpoint %d in %s.", start, ckpt.directory)
     if primary:
         _write_config(workdir, cfg)
+    log_row = _progress(cfg)
+
+    def row_written(row: Row) -> None:
+        log_row(row)
+        if on_row is not None:
+            on_row(row)
+
     writer = MetricWriter(workdir, resume_step=start, enabled=primary, tensorboard=cfg.log.tensorboard,
-                          on_row=_progress(cfg))
+                          on_row=row_written)
     local_rows = batches.local_batch_size * cfg.rollout.group_size
     row_slice = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
     last_saved = completed = start
@@ -403,6 +430,11 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
             train = loop["train"]
             # The weight sync: float32 master -> sampler dtype and layout.
             sampler_model = sampler.sync_weights(nnx.merge(graphdef, train.params), sampler_dtype, mesh)
+            eval_metrics, eval_s = {}, 0.0
+            if evaluator is not None and step % cfg.eval.every == 0:
+                # The policy that samples this step, before its update: eval/* of step 0 is the start.
+                eval_metrics = evaluator(sampler_model, mesh=mesh)
+                eval_s = time.perf_counter() - t0
             rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(loop["rollout_key"], step),
                                        sampling, mesh=mesh)
             del sampler_model  # Its buffers may alias the master weights the step donates.
@@ -450,7 +482,8 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
                 "rollout/response_length_min": lengths.min(), "rollout/finished_frac": host["finished"].mean(),
                 "rollout/prompt_length_mean": host["prompt_lengths"].mean(),
                 "rollout/prompt_width": rollout.prompt_width,
-                "time/sample_s": t1 - t0, "time/score_s": t2 - t1,
+                **eval_metrics, **({"time/eval_s": eval_s} if eval_metrics else {}),
+                "time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1,
                 "time/step_s": time.perf_counter() - t0, "time/compile_s": _compile_seconds() - c0,
             }
             if cfg.sampler.return_entropy:
@@ -467,6 +500,13 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
                 writer.flush()  # The file holds every step the checkpoint covers.
                 save(step + 1)
                 last_saved = step + 1
+        if evaluator is not None:
+            # The trained policy: a row of its own at step `steps` (no update follows it). A
+            # rerun that extends the run drops it with the other rows from its start on.
+            t0 = time.perf_counter()
+            final = evaluator(sampler.sync_weights(nnx.merge(graphdef, loop["train"].params), sampler_dtype, mesh),
+                              mesh=mesh)
+            writer.hold(cfg.steps, {**final, "time/eval_s": time.perf_counter() - t0})
         return writer.flush()
     except BaseException:
         # Nothing lost: finished steps' metrics are written, and an intact state newer than the

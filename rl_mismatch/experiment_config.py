@@ -223,13 +223,24 @@ class OptimSettings:
 
     ``lr_schedule="length_triggered"`` chains :func:`rl_mismatch.optim.length_triggered_decay`
     with the ``trigger_*`` constants; ``"constant"`` chains the same detector with
-    ``decay_base = floor = 1`` so the LR never moves but ``lr/scale`` and the would-be surge step
-    are still logged.
+    ``decay_base = floor = 1`` so no surge moves the LR but ``lr/scale`` and the would-be surge
+    step are still logged.
+
+    The defaults (warmup 10, baseline window 50, threshold 3, period factor 1.8, floor 0.1) are
+    those of a public re-implementation of arXiv 2602.01826; the paper gives no values.
+    ``trigger_smoothing = 0`` compares the raw mean length with the threshold, as that
+    re-implementation does; > 0 compares an EMA of it instead. ``trigger_warmup`` steps are
+    ignored by the detector; ``trigger_linear_warmup = True`` also ramps the LR linearly over
+    them (multiplier ``(t + 1) / trigger_warmup`` at step ``t < trigger_warmup``: the
+    re-implementation's meaning of warmup), in both schedules, so a constant-LR run stays the
+    twin of a length-triggered one up to the first decayed update.
 
     ``k3_trigger_threshold > 0`` chains a second detector, the same rule on the mismatch
     (:func:`rl_mismatch.optim.signal_triggered_decay` fed the previous step's ``mismatch/k3``):
-    it fires when the smoothed k3 exceeds ``k3_trigger_threshold`` times its baseline. Both
-    multipliers multiply. The ``trigger_*`` window and decay constants apply to both.
+    it fires when the (smoothed, if ``trigger_smoothing > 0``) k3 exceeds
+    ``k3_trigger_threshold`` times its baseline. Both multipliers multiply. The ``trigger_*``
+    window and decay constants apply to both; the linear warmup ramp only to the length
+    detector (applied twice it would square).
     """
 
     learning_rate: float = 1e-6
@@ -242,11 +253,12 @@ class OptimSettings:
     trigger_warmup: int = 10
     trigger_baseline_window: int = 50
     trigger_threshold: float = 3.0
-    trigger_smoothing: float = 0.9
+    trigger_smoothing: float = 0.0
     trigger_decay_base: float = 0.5
     trigger_period_factor: float = 1.8
     trigger_floor: float = 0.1
     trigger_max_triggers: int = 1
+    trigger_linear_warmup: bool = False
     k3_trigger_threshold: float = 0.0
 
     def __post_init__(self):
@@ -285,9 +297,10 @@ class OptimSettings:
         triggers = [("length_trigger", optim.length_triggered_decay(
             threshold=self.trigger_threshold,
             # A constant LR keeps the detector (lr/scale and the would-be surge step are logged)
-            # but a multiplier pinned at 1.
+            # but a multiplier pinned at 1 (after the linear warmup ramp, if any).
             decay_base=1.0 if constant else self.trigger_decay_base,
-            floor=1.0 if constant else self.trigger_floor, **window))]
+            floor=1.0 if constant else self.trigger_floor,
+            linear_warmup=self.trigger_linear_warmup, **window))]
         if self.k3_trigger_threshold > 0:
             triggers.append(("k3_trigger", optim.signal_triggered_decay(
                 "k3", threshold=self.k3_trigger_threshold, decay_base=self.trigger_decay_base,
@@ -364,9 +377,31 @@ class MeshSettings:
                  f"= {self.data} / mesh.model = {self.model}: need data >= 1 (or -1) and model >= 1.")
 
 
-# Settings that may change between a run and its resumption (they do not change the numbers);
-# dotted for a setting inside a group.
-RESUMABLE_KEYS = ("steps", "checkpoint", "log", "trainer.remat", "trainer.keep_logits")
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Held-out evaluation (``rl_mismatch.evaluation``): greedy accuracy on the eval split.
+
+    Attributes:
+      every: evaluate before the update of every step ``s`` with ``s % every == 0`` (the policy
+        that samples step ``s``: ``eval/*`` of step 0 is the starting model), and the trained
+        policy after the last update (a row of its own at step ``steps``); 0 = off.
+      batch_size: eval prompts per decode call, over all processes (0 = the whole split at once).
+      max_new_tokens: the reply budget (0 = ``sampler.max_new_tokens``).
+    """
+
+    every: int = 0
+    batch_size: int = 0
+    max_new_tokens: int = 0
+
+    def __post_init__(self):
+        _require(self.every >= 0, "eval.every", f"= {self.every} must be >= 0 (0 = off).")
+        _require(self.batch_size >= 0 and self.max_new_tokens >= 0, "eval.batch_size",
+                 "and eval.max_new_tokens must be >= 0 (0 = the default).")
+
+
+# Settings that may change between a run and its resumption (they do not change the training
+# numbers: evaluation draws nothing and leaves the state alone); dotted for a setting in a group.
+RESUMABLE_KEYS = ("steps", "checkpoint", "log", "eval", "trainer.remat", "trainer.keep_logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,6 +424,7 @@ class ExperimentConfig:
     loss: LossSettings = LossSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     log: LogSettings = LogSettings()
+    eval: EvalSettings = EvalSettings()
     mesh: MeshSettings = MeshSettings()
 
     def __post_init__(self):

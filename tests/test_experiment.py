@@ -432,3 +432,24 @@ def test_gather_rows_packs_mixed_dtypes_into_one_collective(monkeypatch):
         assert g.dtype == a.dtype
         np.testing.assert_array_equal(g, np.concatenate([a, a[::-1]]))
     assert experiment._gather_rows(rewards)[0].shape == (6,)
+
+
+def test_eval_rows_and_resume_with_eval(tmp_path):
+    """Greedy eval every 2 steps and after the last update; a run extended from 2 to 4 steps
+    writes exactly the rows of an uninterrupted 4-step run (its old final-eval row is replaced)."""
+    cfg = _tiny(steps=4, **{"eval.every": 2})
+    experiment.run(cfg, tmp_path / "whole")
+    whole = read_metrics(tmp_path / "whole")
+    assert [r["step"] for r in whole] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in whole if "eval/accuracy" in r] == [0, 2, 4]
+    assert set(whole[4]) == {"step", "eval/accuracy", "eval/format", "eval/response_length_mean",
+                             "eval/finished_frac", "time/eval_s"}
+    assert all(0 <= r["eval/finished_frac"] <= 1 and 0 < r["eval/response_length_mean"] <= 48
+               for r in whole if "eval/accuracy" in r)
+    experiment.run(_tiny(steps=2, **{"eval.every": 2}), tmp_path / "parts")
+    assert [r["step"] for r in read_metrics(tmp_path / "parts")] == [0, 1, 2]  # 2 = the final eval
+    experiment.run(cfg, tmp_path / "parts")
+    assert _comparable(read_metrics(tmp_path / "parts")) == _comparable(whole)
+    # A finished run is left alone: rerunning it changes nothing.
+    assert experiment.run(cfg, tmp_path / "parts") is None
+    assert _comparable(read_metrics(tmp_path / "parts")) == _comparable(whole)

@@ -67,14 +67,21 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0
     c.optim.lr_schedule = "length_triggered"  # or "constant".
-    c.optim.trigger_warmup = 10
+    # The trigger_* defaults (warmup 10, window 50, threshold 3, period factor 1.8, floor 0.1) are
+    # those of a public re-implementation of arXiv 2602.01826; the paper gives no values.
+    c.optim.trigger_warmup = 10  # Steps whose lengths the detector ignores.
     c.optim.trigger_baseline_window = 50
     c.optim.trigger_threshold = 3.0
-    c.optim.trigger_smoothing = 0.9
+    # 0: compare the raw mean length with threshold x baseline, as the re-implementation does;
+    # > 0: an EMA of it with this coefficient.
+    c.optim.trigger_smoothing = 0.0
     c.optim.trigger_decay_base = 0.5
     c.optim.trigger_period_factor = 1.8
     c.optim.trigger_floor = 0.1
     c.optim.trigger_max_triggers = 1
+    # True: also ramp the LR linearly over the warmup steps, (t + 1) / trigger_warmup (the
+    # re-implementation's warmup); False: full LR from step 0.
+    c.optim.trigger_linear_warmup = False
     c.optim.k3_trigger_threshold = 0.0  # > 0: also decay on a surge of mismatch/k3 (0 = off).
 
     c.loss = ml_collections.ConfigDict()
@@ -95,6 +102,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.every = 1
     c.log.tensorboard = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # Greedy accuracy on the eval split every N steps (eval/*); 0 = off.
+    c.eval.batch_size = 0  # Eval prompts per decode call (0 = the whole split).
+    c.eval.max_new_tokens = 0  # 0 = sampler.max_new_tokens.
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device.
