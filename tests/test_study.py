@@ -6,6 +6,7 @@ import os
 import pytest
 
 from rl_mismatch import study
+from rl_mismatch.experiment_config import config_differences
 from rl_mismatch.metric_writing import read_metrics
 
 TINY_STUDY = os.path.join(os.path.dirname(__file__), "..", "experiments", "studies", "tiny.py")
@@ -84,3 +85,41 @@ def test_study_spec_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="defines no get_study"):
         study.load_study(str(tmp_path / "empty.py"))
     assert not any(p.name.startswith(("a_", "b_", "x")) for p in tmp_path.iterdir())  # Nothing ran.
+
+
+def test_study_files_define_the_arms_the_studies_need():
+    studies = os.path.join(os.path.dirname(__file__), "..", "experiments", "studies")
+    main, _ = study.load_study(os.path.join(studies, "main.py"))
+    accel, _ = study.load_study(os.path.join(studies, "accelerator.py") + ":/models/Qwen2.5-1.5B-Instruct")
+    search, _ = study.load_study(os.path.join(studies, "regime_search.py") + ":lr=1e-4,budget=64,steps=5,seeds=0+1")
+    for spec in (main, accel, search):
+        for arm in spec.arms:
+            for seed in spec.seeds:
+                assert study.Study.config(spec, arm, seed).seed == seed  # Every run validates.
+    assert len(main.seeds) >= 3 and main.seeds == accel.seeds
+    cfg = {a.label: main.config(a, 0) for a in main.arms}
+    b = cfg["b_bf16"]
+    assert (b.sampler.dtype, b.trainer.dtype, b.optim.lr_schedule, b.loss.correction) == (
+        "bfloat16", "float32", "constant", "none")
+    assert (cfg["a_fp32"].sampler.dtype, cfg["a_fp32"].trainer.dtype) == ("float32", "float32")
+    assert cfg["c_bf16_length_lr"].optim.lr_schedule == "length_triggered"
+    assert cfg["c_bf16_length_lr"].optim.trigger_smoothing == 0.0  # The raw length.
+    assert cfg["d_bf16_token_tis"].loss.correction == "token_tis"
+    assert cfg["e_bf16_seq_mis"].loss.correction == "seq_mis"
+    assert (cfg["f_fp16"].sampler.dtype, cfg["f_fp16"].trainer.dtype) == ("float16", "float16")
+    # Each arm differs from the base (b) only in what it names.
+    for label, c in cfg.items():
+        changed = {k.split(":")[0] for k in config_differences(b.to_dict(), c.to_dict())}
+        assert changed == set(main.arm(label).overrides) - {
+            k for k, v in main.arm(label).overrides.items() if _get(b.to_dict(), k) == v}, label
+    # The budget holds a 3x surge of the stable ~20-30-token replies (>= 4x).
+    assert b.sampler.max_new_tokens >= 4 * 24
+    assert accel.config(accel.arms[0], 0).model.source == "/models/Qwen2.5-1.5B-Instruct"
+    assert accel.config(accel.arms[0], 0).steps >= 300
+    assert (search.seeds, search.config(search.arms[0], 0).optim.learning_rate) == ((0, 1), 1e-4)
+
+
+def _get(tree, dotted):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
