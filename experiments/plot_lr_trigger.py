@@ -69,7 +69,7 @@ def plot(lengths: np.ndarray, states: optim.TriggeredDecayState, out: str) -> No
         states.smoothed[WARMUP : s + 1],
         color="C0",
         lw=1.6,
-        label="smoothed (EMA, β = 0.9)",
+        label="compared length (raw: smoothing 0, the default)",
     )
     ax_len.axvspan(
         WARMUP, WARMUP + WINDOW, color="C2", alpha=0.2, label=f"baseline window (W = {WINDOW})"
