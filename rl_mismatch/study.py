@@ -244,9 +244,10 @@ def run_study(study: Study, workdir: str | os.PathLike, *, arms: Sequence[str] |
                          len(runs), arm.label, seed, done, cfg.steps, path)
             last: list[Row] = []
 
-            def on_row(row: Row) -> None:
+            def on_row(row: Row, steps: int = cfg.steps) -> None:
                 last[:] = [row]
-                bar.update(1)
+                if row["step"] < steps:  # Not the trained policy's eval row at step `steps`.
+                    bar.update(1)
 
             experiment.run(cfg, path, on_row=on_row)
             results[key] = last[0] if last else None
