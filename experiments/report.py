@@ -81,8 +81,8 @@ Row = dict[str, Any]
 
 
 @dataclasses.dataclass
-class Study:
-    """A study's spec and metric rows.
+class StudyRuns:
+    """A study's spec (study.json) and the metric rows of its runs, as the report reads them.
 
     Attributes:
       spec: the parsed study.json (``name``, ``study_file``, ``steps``, ``seeds``, ``arms``).
@@ -119,7 +119,7 @@ def _run_path(workdir: str, label: str, seed: int) -> str:
     return os.path.join(workdir, label, f"seed{seed}", JSONL_NAME)
 
 
-def load_study(workdir: str) -> Study:
+def load_study(workdir: str) -> StudyRuns:
     """The study in ``workdir``: run directories if it has any, else the bundle ``metrics.jsonl.gz``.
 
     Raises:
@@ -149,10 +149,10 @@ def load_study(workdir: str) -> Study:
     for by_seed in runs.values():
         for seed, rows in by_seed.items():
             by_seed[seed] = sorted(rows, key=lambda r: int(r["step"]))
-    return Study(spec=spec, runs=runs)
+    return StudyRuns(spec=spec, runs=runs)
 
 
-def bundle_bytes(study: Study) -> bytes:
+def bundle_bytes(study: StudyRuns) -> bytes:
     """``metrics.jsonl.gz``'s bytes: one JSON object (sorted keys) per row, gzip with mtime 0."""
     lines = []
     for label in study.labels:
@@ -174,7 +174,7 @@ def with_noise_scale(rows: Sequence[Row], cfg: dict | None) -> list[Row]:
             for row, s in zip(rows, smoothed)]
 
 
-def aggregates(study: Study) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+def aggregates(study: StudyRuns) -> dict[tuple[str, str], dict[str, np.ndarray]]:
     """``{(arm label, metric): outcomes.aggregate(...)}`` for the metrics of :data:`PANELS` and
     :data:`EXTRA_METRICS`. The noise scale uses the arm's config from study.json."""
     out = {}
@@ -221,7 +221,7 @@ def _median(values: Sequence[float]) -> float:
     return float(np.median(a)) if a.size else math.nan
 
 
-def _progress(study: Study, rows: Sequence[Row]) -> str:
+def _progress(study: StudyRuns, rows: Sequence[Row]) -> str:
     done = sum(outcomes.is_training_row(r) for r in rows)
     return "done" if done >= study.steps else f"(in progress: {done}/{study.steps} steps)"
 
@@ -235,13 +235,13 @@ def _at_step(agg: Mapping[str, np.ndarray], step: int) -> str:
     return fmt(median) if agg["n"][i] == 1 else f"{fmt(median)} [{fmt(lo)}, {fmt(hi)}]"
 
 
-def run_outcomes(study: Study, criterion: outcomes.InstabilityCriterion) -> dict[str, dict[int, outcomes.RunOutcome]]:
+def run_outcomes(study: StudyRuns, criterion: outcomes.InstabilityCriterion) -> dict[str, dict[int, outcomes.RunOutcome]]:
     """``{arm label: {seed: RunOutcome}}`` of the runs that have metrics (unfinished ones included)."""
     return {label: {seed: outcomes.run_outcome(rows, criterion, study.steps)
                     for seed, rows in study.present(label).items()} for label in study.labels}
 
 
-def render_report(study: Study, criterion: outcomes.InstabilityCriterion,
+def render_report(study: StudyRuns, criterion: outcomes.InstabilityCriterion,
                   results: Mapping[str, Mapping[int, outcomes.RunOutcome]],
                   aggs: Mapping[tuple[str, str], Mapping[str, np.ndarray]], figures: Sequence[str]) -> str:
     """report.md's text (deterministic: no time, no paths other than the figures' names).
@@ -255,14 +255,14 @@ def render_report(study: Study, criterion: outcomes.InstabilityCriterion,
     """
     spec = study.spec
     lines = [
-        f"# Study `{spec['name']}`",
+        f"# StudyRuns `{spec['name']}`",
         "",
         "Written by `python -m experiments.report --workdir=<study workdir> [--out=<folder>]`. The "
         f"folder holding this report also holds every scalar metric row of the study (`{BUNDLE}`) and "
         f"its `{STUDY_JSON}`: `python -m experiments.report --workdir=<that folder>` rebuilds this "
         "report byte for byte.",
         "",
-        f"Study file: `{spec.get('study_file') or '-'}`. Seeds: {', '.join(map(str, study.seeds))}. "
+        f"StudyRuns file: `{spec.get('study_file') or '-'}`. Seeds: {', '.join(map(str, study.seeds))}. "
         f"Steps per run: {study.steps}.",
         "",
         "## Arms",
@@ -334,7 +334,7 @@ def render_report(study: Study, criterion: outcomes.InstabilityCriterion,
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_aggregates_csv(study: Study, aggs: Mapping[tuple[str, str], Mapping[str, np.ndarray]], path: str) -> None:
+def write_aggregates_csv(study: StudyRuns, aggs: Mapping[tuple[str, str], Mapping[str, np.ndarray]], path: str) -> None:
     """``arm, metric, step, n, median, min, max, q25, q75`` for every arm, metric and step (floats
     written exactly: ``repr``)."""
     buf = io.StringIO()
@@ -357,7 +357,7 @@ def _drawable(values: np.ndarray, log: bool) -> np.ndarray:
     return np.where(values > 0, values, np.nan) if log else values
 
 
-def draw_study(study: Study, aggs: Mapping[tuple[str, str], Mapping[str, np.ndarray]], columns: int = 4) -> Figure:
+def draw_study(study: StudyRuns, aggs: Mapping[tuple[str, str], Mapping[str, np.ndarray]], columns: int = 4) -> Figure:
     """study.png: one panel per metric of :data:`PANELS`; per arm the median over seeds and the
     min-max band, one color per arm."""
     n_rows = math.ceil(len(PANELS) / columns)
@@ -393,7 +393,7 @@ def draw_study(study: Study, aggs: Mapping[tuple[str, str], Mapping[str, np.ndar
 MARKERS = "osD^vP*Xh<>p"
 
 
-def draw_outcomes(study: Study, results: Mapping[str, Mapping[int, outcomes.RunOutcome]]) -> Figure:
+def draw_outcomes(study: StudyRuns, results: Mapping[str, Mapping[int, outcomes.RunOutcome]]) -> Figure:
     """outcomes.png: per run (``results``: `run_outcomes`), final eval accuracy against k3 area;
     one marker and color per arm, unstable runs hollow."""
     fig = Figure(figsize=(6, 4.5), layout="constrained")
@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The command line (argparse, as experiments.plot: no global flag registry, so tests and
     notebooks can call ``main([...])`` next to other scripts' flags)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="Study workdir, or a folder written by this command.")
+    parser.add_argument("--workdir", required=True, help="StudyRuns workdir, or a folder written by this command.")
     parser.add_argument("--out", default=None, help="Output folder (default: --workdir).")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # Files, no window: also on hosts without a display.
