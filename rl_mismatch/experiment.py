@@ -277,6 +277,56 @@ def _progress(cfg: ExperimentConfig):
     return log_row
 
 
+def _loss_scale(cfg: ExperimentConfig):
+    dtype = parse_dtype(cfg.trainer.dtype)
+    if dtype == jnp.float16:
+        return make_loss_scale(dtype, initial_scale=cfg.trainer.loss_scale_initial,
+                               growth_interval=cfg.trainer.loss_scale_growth_interval)
+    return make_loss_scale(dtype)
+
+
+def load_trained(workdir: str | os.PathLike, step: int | None = None):
+    """The policy of a run in ``workdir`` at a checkpoint, to look at what it answers.
+
+    Args:
+      workdir: a run directory of :func:`run` (its ``config.json`` and ``checkpoints/``).
+      step: the checkpoint (default: the latest); 0 gives the starting model.
+
+    Returns:
+      ``(cfg, model, tokenizer, step)``: the run's config, a ``Decoder`` holding the float32
+      master weights of that step (computing in the trainer's dtype), its tokenizer, the step.
+
+    Raises:
+      ValueError: no run in ``workdir``, or no such checkpoint.
+    """
+    from rl_mismatch import train_step
+
+    workdir = os.fspath(workdir)
+    try:
+        with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+            cfg = ExperimentConfig.from_dict(json.load(f))
+    except FileNotFoundError:
+        raise ValueError(f"{workdir!r} holds no run ({CONFIG_FILE} is missing); pass a run directory.") from None
+    mesh = make_mesh(1, 1)
+    model, tok = load_model(cfg.model, dtype=parse_dtype(cfg.trainer.dtype),
+                            key=jax.random.fold_in(jax.random.key(cfg.seed), _MODEL_INIT))
+    if step == 0:
+        return cfg, model, tok, 0
+    graphdef, state = train_step.init_train_state(
+        model, cfg.optim.optimizer(), compute_dtype=parse_dtype(cfg.trainer.dtype),
+        key=_replicated_key(cfg.seed, _TRAIN, mesh), mesh=mesh, loss_scale=_loss_scale(cfg))
+    loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=cfg.checkpoint.max_to_keep)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{workdir!r} has no checkpoint yet; pass step=0 for the starting model.")
+        loop, _ = ckpt.restore(abstract_like(loop), step)
+    finally:
+        ckpt.close()
+    return cfg, nnx.merge(graphdef, loop["train"].params), tok, step
+
+
 def _write_config(workdir: str, cfg: ExperimentConfig) -> None:
     tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -361,9 +411,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
             pad_to=max_prompt_len if n_proc > 1 else None, gather_rows=_gather_rows)
 
     optimizer = cfg.optim.optimizer()
-    loss_scale = (make_loss_scale(trainer_dtype, initial_scale=cfg.trainer.loss_scale_initial,
-                                  growth_interval=cfg.trainer.loss_scale_growth_interval)
-                  if trainer_dtype == jnp.float16 else make_loss_scale(trainer_dtype))
+    loss_scale = _loss_scale(cfg)
     graphdef, state = train_step.init_train_state(
         model, optimizer, compute_dtype=trainer_dtype, key=_replicated_key(cfg.seed, _TRAIN, mesh),
         mesh=mesh, loss_scale=loss_scale)

@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from rl_mismatch import experiment, tasks, train_step
 from rl_mismatch.experiment_config import ExperimentConfig
@@ -453,3 +455,28 @@ def test_eval_rows_and_resume_with_eval(tmp_path):
     # A finished run is left alone: rerunning it changes nothing.
     assert experiment.run(cfg, tmp_path / "parts") is None
     assert _comparable(read_metrics(tmp_path / "parts")) == _comparable(whole)
+
+
+def test_load_trained_and_replies(tiny_run, capsys):
+    """The checkpointed policy comes back with the run's weights; the replies script prints it."""
+    from absl import flags
+
+    from experiments import replies
+
+    workdir, _ = tiny_run
+    cfg, model, tok, step = experiment.load_trained(workdir)
+    assert step == cfg.steps
+    _, start, _, zero = experiment.load_trained(workdir, 0)
+    assert zero == 0
+    trained_leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    start_leaves = jax.tree.leaves(nnx.state(start, nnx.Param))
+    assert any(not np.array_equal(a, b) for a, b in zip(trained_leaves, start_leaves))  # Trained.
+    with pytest.raises(ValueError, match="holds no run"):
+        experiment.load_trained(workdir / "nope")
+    flags.FLAGS(["replies", f"--workdir={workdir}", "--n=2"])
+    try:
+        replies.main(["replies"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    out = capsys.readouterr().out
+    assert f"at step 0 and step {cfg.steps}" in out and out.count("step 0:") == 2
