@@ -263,7 +263,14 @@ def _replicated_key(seed: int, stream: int, mesh: jax.sharding.Mesh) -> jax.Arra
 def _progress(cfg: ExperimentConfig):
     def log_row(row: Row) -> None:
         step = row["step"]
-        if jax.process_index() != 0 or (step + 1) % cfg.log.every and step + 1 != cfg.steps:
+        if jax.process_index() != 0:
+            return
+        if step >= cfg.steps:  # The trained policy's evaluation, after the last update.
+            logging.info("after step %d/%d | eval acc %.3f fmt %.3f len %.1f fin %.2f", cfg.steps, cfg.steps,
+                         row.get("eval/accuracy", np.nan), row.get("eval/format", np.nan),
+                         row.get("eval/response_length_mean", np.nan), row.get("eval/finished_frac", np.nan))
+            return
+        if (step + 1) % cfg.log.every and step + 1 != cfg.steps:
             return
         logging.info(
             "step %d/%d | reward %.3f acc %.3f fmt %.3f | len %.1f fin %.2f | k3 %.2e dp_max %.2e | "
