@@ -237,3 +237,30 @@ def test_report_end_to_end_and_reproducible(study_dir, tmp_path):
 def test_report_needs_a_study_json(tmp_path):
     with pytest.raises(SystemExit):
         report.main([f"--workdir={tmp_path}"])
+
+
+def _section_table(text, heading):
+    """The first Markdown table after ``heading`` in ``text``."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_committed_main_study_report_is_reproducible_and_quoted_by_the_readme(tmp_path):
+    """docs/results/main is what the report command writes from its own bundle, and the README's
+    results table is the report's arm table, not a hand-written one."""
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    committed = os.path.join(root, "docs", "results", "main")
+    report.main([f"--workdir={committed}", f"--out={tmp_path}"])
+    with open(os.path.join(committed, "report.md"), encoding="utf-8") as f:
+        committed_md = f.read()
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == committed_md
+    with open(os.path.join(committed, "metrics.jsonl.gz"), "rb") as f:
+        assert (tmp_path / "metrics.jsonl.gz").read_bytes() == f.read()
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert "docs/results/main/study.png" in readme
+    assert _section_table(readme, "### Replication study") == _section_table(committed_md, "## Arms: outcomes")
