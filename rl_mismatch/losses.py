@@ -1,6 +1,6 @@
 """Group-baseline advantages, policy-gradient losses and the sampler/trainer mismatch corrections.
 
-Notation (DESIGN.md §6), for response token t of sequence i:
+Notation, for response token t of sequence i:
 
 * ``logp_BT``: log π_θ(y_t), the trainer's log-prob under the parameters being updated. The
   only input that carries gradient.

@@ -3,7 +3,7 @@
 The sampler stores, for every response token ``tokens[:, t]``, the log-probability ``log μ_t``
 it sampled that token with, at column ``t``. :func:`rescore` runs the trainer's full-sequence
 forward over prompt + response and returns ``log π_t`` at the same columns, and
-:func:`compute_mismatch_metrics` compares the two (DESIGN.md §6). With
+:func:`compute_mismatch_metrics` compares the two. With
 
     r_t = log π_t − log μ_t,    ρ_t = exp(r_t),
 
@@ -434,7 +434,7 @@ def compute_mismatch_metrics(
     position_bin_edges: Sequence[float] = POSITION_BIN_EDGES,
     entropy_bin_edges: Sequence[float] = ENTROPY_BIN_EDGES,
 ) -> dict[str, jax.Array]:
-    """Every sampler/trainer mismatch metric of DESIGN.md §6 (see the module docstring).
+    """Every sampler/trainer mismatch metric (see the module docstring).
 
     Pure and jittable; ``position_bin_edges``/``entropy_bin_edges`` are static (bind them
     with ``functools.partial`` before ``jax.jit``). ``r`` comes from :func:`compute_log_ratio`

@@ -448,7 +448,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines.append(f"| {r['name']} | {r.get('baseline', '')} | "
                          + " | ".join(_fmt(m[k]) for k in TABLE_KEYS) + f" | {_fmt(m['frac_exact'])} |")
     lines += ["", "μ: the row's sampler side (the variant), π: its baseline. k1, k3: the KL(μ‖π) estimators "
-              "of DESIGN.md §6 averaged over the tokens the float32 sampler drew (drawn from μ itself only "
+              "of rl_mismatch.mismatch averaged over the tokens the float32 sampler drew (drawn from μ itself only "
               "when μ is that sampler); prob_diff: |π − μ|; ratio_pX: quantiles of ρ = π/μ; exact: fraction "
               "of tokens with identical log-probs.", ""]
     return "\n".join(lines)

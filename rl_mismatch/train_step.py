@@ -1,6 +1,6 @@
 """The trainer's step: a pure, jitted ``step(state, batch) -> (state, metrics)`` for one RL update.
 
-One call does, for one rollout batch (DESIGN.md §3)::
+One call does, for one rollout batch::
 
     for each micro-batch m (lax.scan):
         logp   = rescore(model(params, dtype=compute_dtype), m)  teacher-forced, compute dtype
@@ -31,7 +31,7 @@ The trainer's log-probs come from the same forward that is differentiated: ``old
 ``stop_gradient`` and the mismatch metrics compare the sampler's log-probs with it, so
 measuring the mismatch costs no extra forward pass.
 
-Gradient noise scale (McCandlish et al. 2018, DESIGN.md §6). Each micro-batch gradient G_m is
+Gradient noise scale (McCandlish et al. 2018). Each micro-batch gradient G_m is
 also the gradient of the loss on a smaller batch (B_small = B / n_microbatches sequences), and
 their sum is the gradient of the big batch (B_big = B). Sequences without response tokens
 (all-padding rows) contribute no gradient and are not counted; a micro-batch without any is
@@ -190,7 +190,7 @@ def noise_statistics(sq_small, sq_big, b_small, b_big) -> tuple[jax.Array, jax.A
 
 
 def gradient_noise_scale(sq_small, sq_big, b_small, b_big) -> jax.Array:
-    """The simple noise scale ``B_noise = tr(Σ) / |G|²`` (DESIGN.md §6; McCandlish et al. 2018).
+    """The simple noise scale ``B_noise = tr(Σ) / |G|²`` (McCandlish et al. 2018).
 
     B_noise is the batch size at which the gradient noise equals the signal: training is
     far from its most data-efficient above it, and step-count-inefficient far below it.
