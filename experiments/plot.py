@@ -104,6 +104,18 @@ def _series(rows: Sequence[dict], key: str, log: bool) -> tuple[list[int], list[
     return steps, values
 
 
+def finish_panel(ax, key: str, title: str, log: bool, drawn: bool) -> None:
+    """Title, step axis and grid of one metric panel; a log y only if something was drawn, and a
+    "no <key>" note if nothing was."""
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if log and drawn:
+        ax.set_yscale("log")
+    if not drawn:
+        ax.text(0.5, 0.5, f"no {key}", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
 def draw_runs(workdirs: Sequence[str], panels: Sequence[tuple[str, str, bool]] = PANELS,
               columns: int = 3) -> matplotlib.figure.Figure:
     """A figure with one panel per ``(metric key, title, log y)`` of ``panels``, every run overlaid
@@ -132,13 +144,7 @@ def draw_runs(workdirs: Sequence[str], panels: Sequence[tuple[str, str, bool]] =
             if any(math.isfinite(v) for v in values):
                 ax.plot(steps, values, marker="o", markersize=3, label=label)
                 drawn = True
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if log and drawn:
-            ax.set_yscale("log")
-        if not drawn:
-            ax.text(0.5, 0.5, f"no {key}", ha="center", va="center", transform=ax.transAxes, color="gray")
+        finish_panel(ax, key, title, log, drawn)
     axes.flat[0].legend(fontsize=8)
     return fig
 

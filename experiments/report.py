@@ -40,7 +40,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.plot import NOISE_WINDOW, smoothed_noise_scale
+from experiments.plot import NOISE_WINDOW, finish_panel, smoothed_noise_scale
 from rl_mismatch import outcomes
 from rl_mismatch.metric_writing import JSONL_NAME, read_metrics
 
@@ -377,13 +377,7 @@ def draw_study(study: StudyRuns, aggs: Mapping[tuple[str, str], Mapping[str, np.
                     markersize=4)
             ax.fill_between(agg["step"], lo, hi, color=f"C{i % 10}", alpha=0.2, linewidth=0)
             drawn = True
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if log and drawn:
-            ax.set_yscale("log")
-        if not drawn:
-            ax.text(0.5, 0.5, f"no {key}", ha="center", va="center", transform=ax.transAxes, color="gray")
+        finish_panel(ax, key, title, log, drawn)
     if axes.flat[0].get_legend_handles_labels()[0]:
         axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"study {study.spec['name']}: median and min-max over seeds")
