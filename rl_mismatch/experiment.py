@@ -334,6 +334,19 @@ def load_trained(workdir: str | os.PathLike, step: int | None = None):
     return cfg, nnx.merge(graphdef, loop["train"].params), tok, step
 
 
+def _make_evaluator(cfg: ExperimentConfig, split: tasks.TaskSplit, tok: Any, sampling: sampler.SamplingConfig,
+                    max_prompt_len: int, score_fns: Mapping[str, tasks.rewards.ScoreFn] | None
+                    ) -> evaluation.Evaluator:
+    """The run's held-out evaluation (``cfg.eval``): prompts and reward as the rollouts'."""
+    n_proc = jax.process_count()
+    return evaluation.Evaluator(
+        split, tok, sampling=sampling, batch_size=cfg.eval.batch_size or len(split),
+        max_prompt_len=max_prompt_len, max_new_tokens=cfg.eval.max_new_tokens or None,
+        system_prompt=cfg.task.system_prompt or None, format_weight=cfg.task.format_weight, score_fns=score_fns,
+        shard_options=grain.sharding.ShardOptions(shard_index=jax.process_index(), shard_count=n_proc),
+        pad_to=max_prompt_len if n_proc > 1 else None, gather_rows=_gather_rows)
+
+
 def _write_config(workdir: str, cfg: ExperimentConfig) -> None:
     tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -407,15 +420,8 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     sampling = sampler.SamplingConfig(
         max_new_tokens=N, temperature=cfg.sampler.temperature, top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
         eos_ids=(tok.eos_id,), pad_id=tok.pad_id, return_entropy=cfg.sampler.return_entropy, prompt_bucket=bucket)
-    evaluator = None
-    if cfg.eval.every:
-        eval_split = tasks.load_split(name, tasks.EVAL_SPLIT, data_dir)
-        evaluator = evaluation.Evaluator(
-            eval_split, tok, sampling=sampling, batch_size=cfg.eval.batch_size or len(eval_split),
-            max_prompt_len=max_prompt_len, max_new_tokens=cfg.eval.max_new_tokens or None,
-            system_prompt=system_prompt, format_weight=cfg.task.format_weight, score_fns=score_fns,
-            shard_options=grain.sharding.ShardOptions(shard_index=jax.process_index(), shard_count=n_proc),
-            pad_to=max_prompt_len if n_proc > 1 else None, gather_rows=_gather_rows)
+    evaluator = _make_evaluator(cfg, tasks.load_split(name, tasks.EVAL_SPLIT, data_dir), tok, sampling,
+                                max_prompt_len, score_fns) if cfg.eval.every else None
 
     optimizer = cfg.optim.optimizer()
     loss_scale = _loss_scale(cfg)
