@@ -18,6 +18,7 @@ import sys
 from absl import app, flags, logging
 
 from rl_mismatch import experiment, study
+from rl_mismatch.workdir_lock import WorkdirBusyError
 
 _STUDY = flags.DEFINE_string("study", None, "Study file, experiments/studies/<name>.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory; runs already in it are continued or skipped.")
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> None:
         logging.info("Study %s (%s): %d arms x %d seeds, into %s.", spec.name, path, len(spec.arms),
                      len(spec.seeds), _WORKDIR.value)
         study.run_study(spec, _WORKDIR.value, arms=_ARMS.value or None, seeds=seeds or None, study_file=path)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, WorkdirBusyError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rl_mismatch import experiment
+from rl_mismatch.workdir_lock import WorkdirBusyError
 from rl_mismatch.experiment_config import ExperimentConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -72,9 +73,9 @@ def main(argv: list[str]) -> None:
         logging.info("Process %d/%d, %d devices; workdir %s.", jax.process_index(), jax.process_count(),
                      jax.device_count(), _WORKDIR.value)
         experiment.run(cfg, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input: the message says what and how to fix it; a traceback would only bury it.
-        logging.error("%s: %s", type(e).__name__, e)
+    except (ValueError, OSError, WorkdirBusyError) as e:
+        # Bad input or a failed write: the message says what, where and how to go on; a traceback
+        # would only bury it.
         sys.exit(f"error: {e}")
 
 

@@ -44,6 +44,14 @@ Bad input fails at start-up with a ``ValueError`` naming it (unwritable workdir,
 examples, a prompt longer than the context, a config that does not match the checkpoint in the
 workdir); a non-finite reward stops the run at the step that produced it, after saving the
 last good state and writing every finished step's metrics.
+
+Faults. A run holds an exclusive lock on its workdir (``rl_mismatch.workdir_lock``): a second
+process there stops at once, naming the holder. A finished run started again says so and
+returns before loading anything. An unreadable newest checkpoint is set aside and the run
+resumes from the one before (``rl_mismatch.checkpointing``); the metrics file is checked on
+resume (``rl_mismatch.metric_writing``). A background save that fails stops the run at the next
+step; a failed write raises ``RunIOError`` naming the step, and "Saved" is logged only once a
+save is on disk.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ from rl_mismatch.experiment_config import (
 )
 from rl_mismatch.metric_writing import MetricWriter, Row, fetch_to_host
 from rl_mismatch.precision import make_loss_scale, parse_dtype
+from rl_mismatch.workdir_lock import WorkdirLock
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -371,17 +380,63 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
       The last metrics row written (None if there was nothing left to run).
 
     Raises:
-      ValueError: bad input (see the module docstring), with the reason.
+      ValueError: bad input (see the module docstring), with the reason; a
+        ``CheckpointUnreadableError`` when no checkpoint in the workdir can be read.
+      WorkdirBusyError: another process is running in ``workdir``.
+      RunIOError: a write failed (metrics or checkpoint), naming the step and the checkpoint a
+        rerun resumes from.
     """
+    if jax.process_index() == 0:
+        workdir = prepare_workdir(workdir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("rl_mismatch:workdir")
+    workdir = os.path.abspath(os.fspath(workdir))
+    with WorkdirLock(workdir, jax.process_index()):
+        if _finished(cfg, workdir):
+            return None
+        return _run(cfg, workdir, score_fns=score_fns, on_row=on_row)
+
+
+class RunIOError(OSError):
+    """A run stopped on a failed write (a full disk, a read-only file system); the message names
+    the step, the cause, and the checkpoint a rerun resumes from."""
+
+
+def _finished(cfg: ExperimentConfig, workdir: str) -> bool:
+    """Whether the workdir's run already has all ``cfg.steps`` steps (checked before anything
+    heavy is loaded). A run with other settings is refused here too."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return False
+    ckpt = Checkpointer(directory, max_to_keep=cfg.checkpoint.max_to_keep)
+    try:
+        latest = ckpt.latest_step()
+        meta = None if latest is None else ckpt.metadata(latest)
+    except ValueError:
+        return False  # Damaged: the restore decides, falling back to an older checkpoint.
+    finally:
+        ckpt.close()
+    if meta is None:
+        return False
+    changed = config_differences(meta["config"], cfg.to_dict())
+    if changed:
+        raise ValueError(
+            f"The workdir {workdir!r} holds a run (checkpoint {latest}) with other settings: "
+            f"{'; '.join(changed)}. Use a new --workdir, or the settings the run was started with.")
+    if int(meta["data_position"]) < cfg.steps:
+        return False
+    logging.info("The run in %s is finished: it has all its %d steps (checkpoint %d). Nothing to do.", workdir,
+                 cfg.steps, latest)
+    return True
+
+
+def _run(cfg: ExperimentConfig, workdir: str, *,
+         score_fns: Mapping[str, tasks.rewards.ScoreFn] | None, on_row: Callable[[Row], None] | None) -> Row | None:
+    """`run`'s body, in a locked workdir."""
     from rl_mismatch import train_step  # Imported here: the experiment's one heavy dependency.
 
     primary = jax.process_index() == 0
     n_proc = jax.process_count()
-    if primary:
-        workdir = prepare_workdir(workdir)
-    if n_proc > 1:
-        multihost_utils.sync_global_devices("rl_mismatch:workdir")
-    workdir = os.path.abspath(os.fspath(workdir))
     root = jax.random.key(cfg.seed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
     rows_per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
@@ -442,19 +497,16 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     # before the first step, which the detector ignores. Checkpointed with the data position.
     last_k3: Any = None
     if ckpt.latest_step() is not None:
-        loop, meta = ckpt.restore(abstract_like(loop))
+        # One process falls back past an unreadable checkpoint on its own; several processes
+        # restore the newest, or all fail (a fallback by one alone would split the run).
+        loop, meta = ckpt.restore(abstract_like(loop), step=None if n_proc == 1 else ckpt.latest_step())
         changed = config_differences(meta["config"], cfg.to_dict())
         if changed:
             raise ValueError(
-                f"The workdir {workdir!r} holds a run (checkpoint {ckpt.latest_step()}) with other settings: "
+                f"The workdir {workdir!r} holds a run (checkpoint {meta['data_position']}) with other settings: "
                 f"{'; '.join(changed)}. Use a new --workdir, or the settings the run was started with.")
         start = int(meta["data_position"])
         last_k3 = meta.get("last_k3")
-        if start >= cfg.steps:
-            logging.info("The run in %s has all its %d steps (checkpoint %d); nothing to do.", workdir,
-                         cfg.steps, start)
-            ckpt.close()
-            return None
         logging.info("Resuming from checkpoint %d in %s.", start, ckpt.directory)
     if primary:
         _write_config(workdir, cfg)
@@ -469,7 +521,7 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
                           on_row=row_written)
     local_rows = batches.local_batch_size * cfg.rollout.group_size
     row_slice = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
-    last_saved = completed = start
+    completed = start
     state_intact = True
     use_k3 = cfg.optim.k3_trigger_threshold > 0
 
@@ -483,8 +535,10 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     def save(done: int) -> None:
         ckpt.save(done, loop, {"data_position": done, "last_k3": k3_signal(), "config": cfg.to_dict()})
 
+    step = start
     try:
         for step in range(start, cfg.steps):
+            ckpt.check()  # A failed background save stops the run now, not at the next save.
             t0, c0 = time.perf_counter(), _compile_seconds()
             batch = batches[step]
             prompts = _gather_rows(batch.tokens_BP, batch.valid_BP)
@@ -558,9 +612,8 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
             state_intact, completed = True, step + 1
             writer.flush(keep_newest=True)  # The previous step's row.
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
-                writer.flush()  # The file holds every step the checkpoint covers.
+                writer.sync()  # The file holds every step the checkpoint covers, on disk.
                 save(step + 1)
-                last_saved = step + 1
         if evaluator is not None:
             # The trained policy: a row of its own at step `steps` (no update follows it). A
             # rerun that extends the run drops it with the other rows from its start on.
@@ -568,20 +621,41 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
             final = evaluator(sampler.sync_weights(nnx.merge(graphdef, loop["train"].params), sampler_dtype, mesh),
                               mesh=mesh)
             writer.hold(cfg.steps, {**final, "time/eval_s": time.perf_counter() - t0})
-        return writer.flush()
-    except BaseException:
+        row = writer.flush()
+        writer.close()
+        ckpt.wait()  # The last save is on disk (or its failure raised) before the run says it is done.
+        return row
+    except BaseException as e:
         # Nothing lost: finished steps' metrics are written, and an intact state newer than the
         # last checkpoint is saved, so a rerun continues from the step that failed. (With several
         # processes the others may be blocked in a collective; only a lone process saves.)
         try:
-            writer.flush()
-        except Exception:  # A failed device computation fails its metrics too; keep the first error.
-            logging.exception("Could not write the last step's metrics.")
+            writer.close()
+        except Exception as write_error:  # A failed device computation fails its metrics too.
+            logging.error("Could not write the last step's metrics: %s", write_error)
             state_intact = False
-        if state_intact and n_proc == 1 and completed > last_saved:
-            save(completed)
-            logging.error("Saved the state after step %d in %s before stopping.", completed, ckpt.directory)
+        try:
+            ckpt.wait()  # A pending save: on disk, or it failed (then the state is saved below).
+        except Exception as save_error:
+            logging.error("%s", save_error)
+        on_disk = ckpt.latest_step() or 0
+        if state_intact and n_proc == 1 and completed > on_disk:
+            try:
+                save(completed)
+                ckpt.wait()
+            except Exception as save_error:
+                logging.error("Could not save the state after step %d (%s); the newest checkpoint in %s is %s.",
+                              completed, save_error, ckpt.directory, ckpt.latest_step())
+            else:
+                logging.error("Saved the state after step %d in %s before stopping.", completed, ckpt.directory)
+        if isinstance(e, OSError):  # A full disk, a read-only file system: say where and when.
+            latest = ckpt.latest_step()
+            then = ("there is no checkpoint yet, so the same command starts the run again" if latest is None else
+                    f"the same command resumes from checkpoint {latest} in {ckpt.directory}")
+            raise RunIOError(f"Step {step}: {e} Once the cause is fixed, {then}.") from e
         raise
     finally:
-        writer.close()
-        ckpt.close()
+        try:
+            ckpt.close()
+        except Exception as e:  # Raised by wait() already on success; after an error, secondary.
+            logging.error("%s", e)

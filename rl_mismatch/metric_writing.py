@@ -18,7 +18,14 @@ call it before a checkpoint so that the file and the checkpoint always agree.
 Resuming. ``MetricWriter(..., resume_step=n)`` drops every row with ``step >= n`` (rows that a
 killed run wrote after its last checkpoint; the resumed run writes them again) by rewriting
 the file atomically, and opens the TensorBoard writer with ``purge_step=n`` so TensorBoard
-discards the stale events too. The file therefore never holds a step twice.
+discards the stale events too. The file therefore never holds a step twice. It also checks what
+it keeps: a malformed line is reported with its line number, and a step below ``n`` with no row
+(one the checkpoint covers, so it is never written again) is reported as an error; both go to
+``metrics_gaps.json`` beside the file. Only a last line cut short by a kill is routine.
+
+Writing. A failed write (a full disk) raises :class:`MetricsWriteError` naming the step and the
+file, and leaves no cut-off line; :meth:`MetricWriter.sync` forces the file to disk before a
+checkpoint that covers its rows.
 
 Multi-host: every process calls :meth:`write` and :meth:`flush` (fetching may need a
 collective); only the one created with ``enabled=True`` (process 0) writes files.
@@ -39,6 +46,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 JSONL_NAME = "metrics.jsonl"
+GAPS_NAME = "metrics_gaps.json"  # Steps a resumed run found without a row, and malformed lines.
 TENSORBOARD_DIR = "tensorboard"
 
 Row = dict[str, Any]
@@ -83,34 +91,97 @@ def to_json_value(x: Any) -> Any:
     return a.tolist()
 
 
-def read_metrics(path: str | os.PathLike) -> list[Row]:
-    """The rows of a metrics JSONL file (a missing file has none). A truncated last line -- a
-    process killed mid-write -- is skipped."""
+def _metrics_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, JSONL_NAME)
+    return os.path.join(path, JSONL_NAME) if os.path.isdir(path) else path
+
+
+def scan_metrics(path: str | os.PathLike) -> tuple[list[Row], list[tuple[int, str]]]:
+    """The rows of a metrics JSONL file (or of a workdir's), and its malformed lines.
+
+    Returns:
+      ``(rows, malformed)``: the parsed rows in file order, and ``(line number, text)`` of each
+      line that is not a JSON object with a ``step`` (1-based numbers; a missing file has none).
+    """
+    path = _metrics_path(path)
     if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+        return [], []
+    rows, malformed = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                continue  # Only a last line cut short by a kill can be malformed.
-    return rows
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            else:
+                malformed.append((number, line.rstrip("\n")))
+    return rows, malformed
 
 
-def _truncate(path: str, keep_below: int) -> None:
-    """Rewrites ``path`` with only the rows whose step is < ``keep_below`` (atomic rename)."""
-    rows = [r for r in read_metrics(path) if int(r["step"]) < keep_below]
+def read_metrics(path: str | os.PathLike) -> list[Row]:
+    """The rows of a metrics JSONL file or a workdir's; malformed lines (a last line cut short by
+    a kill) are skipped -- :class:`MetricWriter` reports them when it resumes a run."""
+    return scan_metrics(path)[0]
+
+
+def _resume_file(path: str, keep_below: int) -> None:
+    """Rewrites ``path`` with the rows of steps < ``keep_below`` (atomic), and checks them.
+
+    A line cut short at the end of the file is the trace of a kill during a write: logged at
+    INFO. Any other malformed line is reported with its line number, and a step below
+    ``keep_below`` without a row (the checkpoint covers it, so it is never written again) is
+    reported as an error; both are recorded in ``metrics_gaps.json`` beside the file, with the
+    malformed lines' text, so that nothing is dropped without a trace.
+    """
+    rows, malformed = scan_metrics(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        n_lines = sum(1 for _ in f)
+    for number, text in malformed:
+        cut_short = number == n_lines and not text.endswith("}")
+        log = logging.info if cut_short else logging.warning
+        log("%s line %d is malformed%s and is dropped: %.120r", path, number,
+            " (cut short: the run was stopped while writing it)" if cut_short else "", text)
+    kept = [r for r in rows if r["step"] < keep_below]
+    missing = sorted(set(range(keep_below)) - {r["step"] for r in kept})
+    if missing:
+        logging.error("%s has no row for step(s) %s, which the checkpoint covers: they will not be written "
+                      "again. Recorded in %s.", path, _ranges(missing), GAPS_NAME)
+    if missing or any(not (n == n_lines and not t.endswith("}")) for n, t in malformed):
+        record_path = os.path.join(os.path.dirname(path), GAPS_NAME)
+        history = []
+        if os.path.exists(record_path):
+            with open(record_path, encoding="utf-8") as f:
+                history = json.load(f)
+        history.append({"resumed_at_step": keep_below, "missing_steps": missing,
+                        "malformed_lines": [{"line": n, "text": t} for n, t in malformed]})
+        _write_atomically(record_path, json.dumps(history, indent=1) + "\n")
+    _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _ranges(steps: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    parts, start = [], None
+    for i, s in enumerate(steps):
+        start = s if start is None else start
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            parts.append(str(s) if s == start else f"{start}-{s}")
+            start = None
+    return ", ".join(parts)
+
+
+def _write_atomically(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class MetricsWriteError(OSError):
+    """Writing a metrics row failed (a full disk, a read-only file system, ...)."""
 
 
 class MetricWriter:
@@ -137,7 +208,7 @@ class MetricWriter:
         if not enabled:
             return
         if os.path.exists(self.path):
-            _truncate(self.path, resume_step)
+            _resume_file(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # Lazy: only the writing process needs it.
@@ -190,15 +261,38 @@ class MetricWriter:
                 raise  # (An interrupt while fetching keeps the row held, for the next flush.)
         row: Row = {"step": step}
         row.update({k: to_json_value(v) for k, v in sorted(values.items())})
-        self._held.popleft()
         if self.enabled:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()  # A kill -9 loses nothing that was written (the OS holds it).
-            if self._tb is not None:
-                self._write_tensorboard(step, row)
+            self._append(step, json.dumps(row) + "\n")  # A failed write keeps the row held.
+        self._held.popleft()
+        if self._tb is not None:
+            self._write_tensorboard(step, row)
         if self._on_row is not None:
             self._on_row(row)
         return row
+
+    def _append(self, step: int, line: str) -> None:
+        start = self._file.tell()
+        try:
+            self._file.write(line)
+            self._file.flush()  # A kill -9 loses nothing that was written (the OS holds it).
+        except OSError as e:
+            # No cut-off line is left behind: the file ends with the last complete row.
+            try:
+                self._file.truncate(start)
+                self._file.seek(start)
+            except OSError:
+                pass
+            raise MetricsWriteError(f"Writing step {step}'s metrics to {self.path} failed: "
+                                    f"{e.strerror or e}.") from e
+
+    def sync(self) -> None:
+        """Writes the held rows and forces the file to disk (before a checkpoint that covers them)."""
+        self.flush()
+        if self._file is not None:
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                raise MetricsWriteError(f"Syncing {self.path} to disk failed: {e.strerror or e}.") from e
 
     def _write_tensorboard(self, step: int, row: Row) -> None:
         quiet = _DropNonFiniteWarning()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,14 @@ from flax import nnx
 
 from rl_mismatch import optim
 from rl_mismatch import sharding as shd
-from rl_mismatch.checkpointing import Checkpointer, abstract_like
+import orbax.checkpoint as ocp
+
+from rl_mismatch.checkpointing import (
+    Checkpointer,
+    CheckpointSaveError,
+    CheckpointUnreadableError,
+    abstract_like,
+)
 from rl_mismatch.models.config import tiny_config
 from rl_mismatch.models.decoder import Decoder
 from rl_mismatch.precision import DynamicLossScale, LossScaleState
@@ -155,3 +163,103 @@ def test_kill_during_save_leaves_the_last_good_checkpoint(tmp_path):
     np.testing.assert_array_equal(restored["w"], np.ones((4, 4)))
     ckpt.close()
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]  # cleaned up
+
+
+def _largest_file(directory) -> str:
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog):
+    ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=3)
+    for step in (2, 4, 6):
+        ckpt.save(step, _state(step), {"data_position": step})
+    ckpt.close()
+    victim = _largest_file(tmp_path / "ckpt" / "6" / "state")  # the arrays' data file
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    os.remove(tmp_path / "ckpt" / "4" / "state" / "_METADATA")  # the tree metadata
+
+    ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=3)
+    with pytest.raises(CheckpointUnreadableError, match="Checkpoint 6 .* cannot be read"):
+        ckpt.restore(abstract_like(_state(0)), step=6)  # a named step never falls back
+    with caplog.at_level("WARNING"):
+        restored, meta = ckpt.restore(abstract_like(_state(0)))
+    # 6 cannot be read. 4 without its tree metadata either restores (the abstract target gives
+    # the structure) or is skipped as damaged; it is never "a different model".
+    log = caplog.text
+    assert "Checkpoint 6" in log and "is unreadable" in log and "does not match" not in log
+    if meta["data_position"] == 4:
+        _assert_same(restored, _state(4))
+        moved = [6]
+    else:
+        assert meta["data_position"] == 2 and "Checkpoint 4" in log
+        _assert_same(restored, _state(2))
+        moved = [4, 6]
+    # The unreadable ones are kept aside, out of the way of the saves that will replace them.
+    assert sorted(int(p) for p in os.listdir(tmp_path / "ckpt.unreadable")) == moved
+    assert max(ckpt.all_steps()) == meta["data_position"]
+    ckpt.save(6, _state(6), {"data_position": 6})
+    ckpt.wait()
+    assert ckpt.restore(abstract_like(_state(0)))[1]["data_position"] == 6
+    ckpt.close()
+
+
+def test_no_readable_checkpoint_names_each_and_its_error(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    for step in (1, 2):
+        ckpt.save(step, _state(step), {"data_position": step})
+    ckpt.close()
+    for step in (1, 2):
+        victim = _largest_file(tmp_path / "ckpt" / str(step) / "state")
+        with open(victim, "r+b") as f:
+            f.truncate(10)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(CheckpointUnreadableError) as err:
+        ckpt.restore(abstract_like(_state(0)))
+    message = str(err.value)
+    assert "No checkpoint in" in message and "checkpoint 2: " in message and "checkpoint 1: " in message
+    assert "does not match" not in message
+    assert ckpt.all_steps() == [1, 2]  # nothing is moved when there is nothing to resume from
+    ckpt.close()
+
+
+def test_a_failed_background_save_is_reported(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, _state(1), {"data_position": 1})
+    ckpt.wait()
+
+    class FullDisk:  # A write future of the background thread that fails as a full disk does.
+        def result(self, timeout=None):
+            raise OSError(28, "No space left on device")
+
+    async def fail(self, *args, **kwargs):
+        return [FullDisk()]
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail)
+    ckpt.save(2, _state(2), {"data_position": 2})  # returns: the write happens in the background
+    while ckpt._manager.is_saving_in_progress():
+        time.sleep(0.01)
+    with pytest.raises(CheckpointSaveError, match="No space left on device"):
+        ckpt.check()  # without waiting
+    monkeypatch.undo()
+    assert ckpt.all_steps() == [1]
+    ckpt.check()  # reported once
+    ckpt.save(3, _state(3), {"data_position": 3})
+    ckpt.close()
+    assert Checkpointer(tmp_path / "ckpt").all_steps() == [1, 3]
+
+
+def test_wait_reports_a_failed_background_save(tmp_path, monkeypatch):
+    class FullDisk:
+        def result(self, timeout=None):
+            raise OSError(28, "No space left on device")
+
+    async def fail(self, *args, **kwargs):
+        return [FullDisk()]
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail)
+    ckpt.save(1, _state(1), {"data_position": 1})
+    with pytest.raises(CheckpointSaveError, match="No space left on device"):
+        ckpt.close()
