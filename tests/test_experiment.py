@@ -21,6 +21,7 @@ from flax import nnx
 from rl_mismatch import experiment, tasks, train_step
 from rl_mismatch.experiment_config import ExperimentConfig
 from rl_mismatch.metric_writing import read_metrics
+from rl_mismatch.workdir_lock import WorkdirBusyError, WorkdirLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
@@ -480,3 +481,132 @@ def test_load_trained_and_replies(tiny_run, capsys):
         flags.FLAGS.unparse_flags()
     out = capsys.readouterr().out
     assert f"at step 0 and step {cfg.steps}" in out and out.count("step 0:") == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: a busy workdir, damaged checkpoints, failed writes, a finished run
+
+
+def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path):
+    with WorkdirLock(tmp_path):  # held by this process, as a running job would hold it
+        with pytest.raises(WorkdirBusyError, match=rf"in use by another run \(PID {os.getpid()} on host "):
+            experiment.run(_tiny(), tmp_path)  # a second lock, even from this process, is refused
+        cli = subprocess.run(_train_cmd(tmp_path), cwd=REPO, env=_subprocess_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert cli.returncode == 1
+    assert cli.stderr.strip().splitlines()[-1].startswith(f"error: The workdir '{tmp_path}' is in use by another "
+                                                          f"run (PID {os.getpid()} on host ")
+    assert "Traceback" not in cli.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "data").exists()  # nothing touched
+    experiment.run(_tiny(steps=1), tmp_path)  # released: the workdir is usable again
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock.*"))
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated array file", "missing _METADATA"])
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_path, damage, caplog):
+    workdir, reference = tiny_run
+    run = _copy_run(workdir, tmp_path / "run")
+    newest = run / "checkpoints" / "6" / "state"
+    if damage == "truncated array file":
+        victim = max((os.path.join(r, f) for r, _, fs in os.walk(newest) for f in fs), key=os.path.getsize)
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    else:
+        os.remove(newest / "_METADATA")
+    caplog.set_level("INFO")
+    experiment.run(_tiny(steps=8), run)  # extended, so that the run has to restore
+    resumed_from = 6 if "Resuming from checkpoint 6" in caplog.text else 4
+    assert "does not match" not in caplog.text and "a different model" not in caplog.text
+    if damage == "truncated array file":
+        assert resumed_from == 4
+        assert "Checkpoint 6 in" in caplog.text and "is unreadable" in caplog.text
+        assert "trying checkpoint 4" in caplog.text
+        assert os.listdir(run / "checkpoints.unreadable") == ["6"]
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(8))
+    assert _comparable(rows[:6]) == _comparable(reference)  # the redone steps 4, 5 are the same
+
+
+def test_a_finished_run_started_again_says_so_and_loads_nothing(tiny_run, tmp_path, monkeypatch, caplog):
+    run = _copy_run(tiny_run[0], tmp_path / "run")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a finished run loaded its model")
+
+    monkeypatch.setattr(experiment, "load_model", must_not_load)
+    monkeypatch.setattr(experiment, "prepare_task", must_not_load)
+    caplog.set_level("INFO")
+    assert experiment.run(_tiny(), run) is None
+    assert "is finished: it has all its 6 steps (checkpoint 6). Nothing to do." in caplog.text
+    assert read_metrics(run) == tiny_run[1]
+
+
+def test_a_failed_metrics_write_stops_the_run_truthfully_and_a_rerun_completes(tiny_run, tmp_path, monkeypatch,
+                                                                               caplog):
+    from rl_mismatch import metric_writing
+
+    real_append = metric_writing.MetricWriter._append
+
+    def full_disk_at_step_3(self, step, line):
+        if step == 3:
+            raise metric_writing.MetricsWriteError(f"Writing step {step}'s metrics to {self.path} failed: "
+                                                   "No space left on device.")
+        real_append(self, step, line)
+
+    monkeypatch.setattr(metric_writing.MetricWriter, "_append", full_disk_at_step_3)
+    with pytest.raises(experiment.RunIOError) as err:
+        experiment.run(_tiny(), tmp_path)
+    message = str(err.value)
+    assert message.startswith("Step ") and "step 3's metrics" in message and "No space left on device" in message
+    assert "Once the cause is fixed, the same command resumes from checkpoint 2 in" in message
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]  # no cut-off line
+    # Row 3 was never written, so no checkpoint may cover step 3: a resume redoes it.
+    assert max(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) <= 3
+    monkeypatch.undo()
+    experiment.run(_tiny(), tmp_path)
+    assert _comparable(read_metrics(tmp_path)) == _comparable(tiny_run[1])
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_step(tiny_run, tmp_path, monkeypatch, caplog):
+    import orbax.checkpoint as ocp
+
+    class FullDisk:
+        def result(self, timeout=None):
+            raise OSError(28, "No space left on device")
+
+    async def fail(self, *args, **kwargs):
+        return [FullDisk()]
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail)
+    caplog.set_level("INFO")
+    with pytest.raises(experiment.RunIOError, match="No space left on device") as err:
+        experiment.run(_tiny(), tmp_path)
+    # The save after step 1 failed in the background. The run stops at the first step that finds
+    # it failed: the next step's check, or with tiny steps (0.1 s) at the latest the next save's.
+    failed_at = int(str(err.value).split(":")[0].removeprefix("Step "))
+    assert failed_at in (2, 3)
+    assert "there is no checkpoint yet, so the same command starts the run again" in str(err.value)
+    assert "Saved the state" not in caplog.text
+    assert f"Could not save the state after step {failed_at}" in caplog.text
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()]
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(failed_at))
+    monkeypatch.undo()
+    experiment.run(_tiny(), tmp_path)
+    assert _comparable(read_metrics(tmp_path)) == _comparable(tiny_run[1])
+
+
+def test_chaos_five_kills_then_the_same_metrics(tmp_path):
+    """SIGKILL at five seeded moments (after a drawn row, or inside a save), resumed each time."""
+    from experiments import chaos
+
+    lines = []
+    difference = chaos.chaos(kills=5, seed=0, steps=12, workdir=str(tmp_path), echo=lines.append)
+    assert difference is None, "\n".join(lines + [difference])
+    assert sum("killed" in line for line in lines) >= 3, lines  # most kills land before the run ends
+    assert [r["step"] for r in read_metrics(tmp_path / "chaos")] == list(range(12))
