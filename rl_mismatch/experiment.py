@@ -20,10 +20,12 @@ Metrics per step (``metrics.jsonl`` and TensorBoard): the train step's ``loss/*`
 ``mismatch/*``, ``opt/*`` and ``lr/*`` (``lr/scale``; the length detector's ``lr/surge_step``, or with
 the k3 trigger on, ``lr/<length|k3>_trigger/{scale,surge_step}``); ``reward/{mean,std,accuracy,format,
 overlong_penalty,zero_advantage_groups}``; ``rollout/{response_length_mean,_max,_min,
-finished_frac,prompt_length_mean,prompt_width}``; ``time/step_s`` (host time of the loop body;
-sampling waits for the previous update, so in steady state this is the time per step),
-``time/sample_s``, ``time/score_s`` and ``time/compile_s`` (seconds JAX spent tracing and
-compiling during the step: the first step's compile time, and any recompilation later).
+finished_frac,prompt_length_mean,prompt_width}``; ``time/step_s`` (host time of the loop body,
+the time per step),
+``time/sample_s`` (the weight sync and generation), ``time/score_s`` (decoding, rewards,
+advantages), ``time/train_s`` (the update, waited for) and ``time/compile_s`` (seconds JAX spent
+tracing and compiling during the step: the first step's compile time, and any recompilation
+later; it is part of the phase that compiled).
 With ``eval.every > 0``, every ``eval.every``-th step also carries ``eval/*``, the greedy accuracy
 on the task's eval split (``rl_mismatch.evaluation``) of the policy that samples the step, and
 ``time/eval_s``; after the last update, a row of its own at step ``steps`` holds the trained
@@ -283,12 +285,13 @@ def _progress(cfg: ExperimentConfig):
             return
         logging.info(
             "step %d/%d | reward %.3f acc %.3f fmt %.3f | len %.1f fin %.2f | k3 %.2e dp_max %.2e | "
-            "lr x%.3f | %.1f s (compile %.1f s)",
+            "lr x%.3f | %.1f s (sample %.1f, train %.1f, compile %.1f)",
             step + 1, cfg.steps, row.get("reward/mean", np.nan), row.get("reward/accuracy", np.nan),
             row.get("reward/format", np.nan), row.get("rollout/response_length_mean", np.nan),
             row.get("rollout/finished_frac", np.nan), row.get("mismatch/k3", np.nan),
             row.get("mismatch/prob_diff_max", np.nan), row.get("lr/scale", np.nan),
-            row.get("time/step_s", np.nan), row.get("time/compile_s", np.nan))
+            row.get("time/step_s", np.nan), row.get("time/sample_s", np.nan), row.get("time/train_s", np.nan),
+            row.get("time/compile_s", np.nan))
 
     return log_row
 
@@ -584,6 +587,10 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
                     np.nan if last_k3 is None else last_k3)
             state_intact = False  # The step donates the state it is given.
             train, device_metrics = step_fn(train, train_batch, **signals)
+            # Waited for here, not inside the next sampling call (which needs the new weights
+            # anyway): time/train_s is then the update's own time, time/sample_s the sampler's.
+            jax.block_until_ready(train)
+            t3 = time.perf_counter()
             loop = {**loop, "train": train}
             last_k3 = device_metrics["mismatch/k3"]
 
@@ -598,7 +605,7 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
                 "rollout/prompt_length_mean": host["prompt_lengths"].mean(),
                 "rollout/prompt_width": rollout.prompt_width,
                 **eval_metrics, **({"time/eval_s": eval_s} if eval_metrics else {}),
-                "time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1,
+                "time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
                 "time/step_s": time.perf_counter() - t0, "time/compile_s": _compile_seconds() - c0,
             }
             if cfg.sampler.return_entropy:
