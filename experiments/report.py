@@ -255,14 +255,14 @@ def render_report(study: StudyRuns, criterion: outcomes.InstabilityCriterion,
     """
     spec = study.spec
     lines = [
-        f"# StudyRuns `{spec['name']}`",
+        f"# Study `{spec['name']}`",
         "",
         "Written by `python -m experiments.report --workdir=<study workdir> [--out=<folder>]`. The "
         f"folder holding this report also holds every scalar metric row of the study (`{BUNDLE}`) and "
         f"its `{STUDY_JSON}`: `python -m experiments.report --workdir=<that folder>` rebuilds this "
         "report byte for byte.",
         "",
-        f"StudyRuns file: `{spec.get('study_file') or '-'}`. Seeds: {', '.join(map(str, study.seeds))}. "
+        f"Study file: `{spec.get('study_file') or '-'}`. Seeds: {', '.join(map(str, study.seeds))}. "
         f"Steps per run: {study.steps}.",
         "",
         "## Arms",

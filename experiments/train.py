@@ -17,6 +17,7 @@ shared file system.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -25,8 +26,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rl_mismatch import experiment
-from rl_mismatch.workdir_lock import WorkdirBusyError
 from rl_mismatch.experiment_config import ExperimentConfig
+from rl_mismatch.workdir_lock import WorkdirBusyError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, experiments/configs/<name>.py[:arg].", lock_config=True)
@@ -39,15 +40,47 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a clear message for a ``--config.<key>`` that names no setting.
+def _config_file_problem(argv: list[str]) -> str | None:
+    """What is wrong with the ``--config`` file itself (missing, or no ``get_config``), if anything.
 
-    (ml_collections reports that as a bare ``AttributeError: "'key'"`` traceback.)
+    ml_collections reports a missing file as a multi-line "Failed loading config file" and a file
+    without ``get_config`` as an unknown key ``'module'``; checked here first, both get one line.
     """
+    values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    values += [argv[i + 1] for i, a in enumerate(argv[1:-1], 1) if a == "--config"]
+    if not values:
+        return None
+    path = values[-1].split(":", 1)[0]
+    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    choices = ", ".join(sorted(n for n in os.listdir(configs) if n.endswith(".py") and not n.startswith("_")
+                               and n != "base.py"))
+    if not os.path.isfile(path):
+        return f"--config={values[-1]}: there is no file {path!r}. The configs are in experiments/configs/: {choices}."
+    with open(path, encoding="utf-8") as f:
+        if not re.search(r"^def get_config\(", f.read(), re.MULTILINE):
+            shared = " (base.py holds the settings the configs share)" if os.path.basename(path) == "base.py" else ""
+            return (f"--config={values[-1]}: {path} defines no get_config(arg=None), so it is not a config "
+                    f"file{shared}. Pick one of experiments/configs/: {choices}.")
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one clear line for a bad ``--config`` file or argument, and for a
+    ``--config.<key>`` that names no setting (ml_collections reports that as a bare
+    ``AttributeError: "'key'"`` traceback)."""
+    problem = _config_file_problem(argv)
+    if problem:
+        sys.exit(f"error: {problem}")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"error: {e}")
+        # An error raised by get_config() arrives as the whole traceback text: keep its last line.
+        text = str(e)
+        if "Traceback (most recent call last)" in text:
+            last = [line for line in text.strip().splitlines() if line.strip()][-1]
+            where = re.match(r"flag (--\S+): ", text)
+            text = f"{where.group(1) if where else 'a flag'}: {last.split(': ', 1)[-1]}"
+        sys.exit(f"error: {text}")
     except (AttributeError, KeyError) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         # ml_collections' message: the quoted key, possibly re-quoted with escapes, then maybe a

@@ -389,6 +389,10 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
       RunIOError: a write failed (metrics or checkpoint), naming the step and the checkpoint a
         rerun resumes from.
     """
+    if cfg.model.source != TINY_MODEL:
+        from rl_mismatch.models.loading import resolve_source
+
+        resolve_source(cfg.model.source)  # An unknown model fails here, before anything is written.
     if jax.process_index() == 0:
         workdir = prepare_workdir(workdir)
     if jax.process_count() > 1:

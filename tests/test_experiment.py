@@ -139,6 +139,7 @@ def test_bad_config_is_a_clear_error(dotted, value, message):
                                    "file has that name. Did you mean \"dtype\" instead of \"dtyp\"?"),
     ("--config.steps=ten", "flag --config.steps=ten: invalid literal"),
     ("--config.sampler.dtype=bf17", "Unknown dtype name 'bf17'"),
+    ("--config.model.source=no-such-model", "error: No such file or directory: 'no-such-model'. Pass a .gguf file"),
 ])
 def test_command_line_rejects_bad_settings_at_startup(tmp_path, flag, message):
     proc = subprocess.run(_train_cmd(tmp_path / "run", flag), cwd=REPO, env=_subprocess_env(),
@@ -146,6 +147,24 @@ def test_command_line_rejects_bad_settings_at_startup(tmp_path, flag, message):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # Failed before touching the workdir.
+
+
+@pytest.mark.parametrize("config, message", [
+    ("experiments/configs/nope.py", "error: --config=experiments/configs/nope.py: there is no file "
+                                    "'experiments/configs/nope.py'. The configs are in experiments/configs/: "),
+    ("experiments/configs/base.py", "error: --config=experiments/configs/base.py: experiments/configs/base.py defines "
+                                    "no get_config(arg=None), so it is not a config file (base.py holds"),
+    ("experiments/configs/default.py:abc", "error: --config=experiments/configs/default.py:abc: The config argument "
+                                           "'abc' must be a number of steps, e.g. file.py:40."),
+])
+def test_a_bad_config_file_is_one_error_line(tmp_path, config, message):
+    cmd = [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------------------
