@@ -26,6 +26,10 @@ CORE = [
     "tqdm==4.70.1",
 ]
 
+# The peer of benchmarks/rl_loop.py (TRL's GRPOTrainer) and what it needs; none of it moves the
+# torch / transformers pins below. In "test" too: the benchmark test runs the peer.
+BENCH = ["trl==1.16.0", "accelerate==1.16.0", "datasets==5.2.0"]
+
 setuptools.setup(
     name="rl_mismatch",
     version="0.1.0",
@@ -35,7 +39,8 @@ setuptools.setup(
     install_requires=CORE,
     extras_require={
         # torch is pinned exactly: any other version pulls gigabytes of CUDA wheels.
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "transformers==5.23.0"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "transformers==5.23.0", *BENCH],
+        "bench": ["torch==2.13.0", "transformers==5.23.0", *BENCH],
         "colab": ["nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],
     },
 )

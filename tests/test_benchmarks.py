@@ -29,6 +29,10 @@ CASES = {  # script: (tiny flags, regexes its output must match)
     "train_step.py": (
         ["--dtypes=bf16", "--batch=1", "--seq_len=16", "--steps=1"],
         [r"ours: +[\d.]+ tok/s", r"HF: +[\d.]+ tok/s", r"ours/HF = [\d.]+x"]),
+    "rl_loop.py": (
+        ["--steps=2", "--max_new_tokens=4", "--prompts=2", "--group=2", "--dtypes=bf16"],
+        [r"\| ours \| bf16 sampler, fp32 trainer \| [\d.]+ \| [\d.]+ \([\d.]+\) \| [\d.]+ \| - \| [\d.]+ \| \d+ \| [\d.]+x \|",
+         r"\| TRL \| fp32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| - \| [\d.]+ \| \d+ \| - \|"]),
     "remat.py": (
         ["--dtypes=bf16", "--repeats=1", "--batch=1", "--seq_len=16"],
         [r"layer +[\d.]+ s best.*1\.00x layer", r"projections +[\d.]+ s best", r"none +[\d.]+ s best"]),
