@@ -400,8 +400,11 @@ class EvalSettings:
 
 
 # Settings that may change between a run and its resumption (they do not change the training
-# numbers: evaluation draws nothing and leaves the state alone); dotted for a setting in a group.
-RESUMABLE_KEYS = ("steps", "checkpoint", "log", "eval", "trainer.remat", "trainer.keep_logits")
+# numbers: evaluation draws nothing and leaves the state alone; the data and model-cache
+# directories are places, and what is stored there is a function of the other settings, so a
+# run or study workdir can be moved); dotted for a setting in a group.
+RESUMABLE_KEYS = ("steps", "checkpoint", "log", "eval", "trainer.remat", "trainer.keep_logits", "task.data_dir",
+                  "model.cache_dir")
 
 
 @dataclasses.dataclass(frozen=True)

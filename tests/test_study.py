@@ -31,8 +31,15 @@ def test_tiny_study_runs_every_arm_and_seed_then_skips_them(tmp_path):
     assert second[("a_fp32", 1)]["step"] == STEPS and second[("b_bf16", 1)]["step"] == STEPS
     for label in ("a_fp32", "b_bf16"):
         assert read_metrics(study.run_dir(tmp_path, label, 0)) == seed0[label]
-    # A third call has nothing left to run.
+    # A third call has nothing left to run; nor has one on the study moved to another directory
+    # (its runs recorded the old data directory, a place and not a setting).
     assert all(v is None for v in study.run_study(spec, tmp_path, progress=False).values())
+    moved = tmp_path.parent / f"{tmp_path.name}_moved"
+    os.rename(tmp_path, moved)
+    try:
+        assert all(v is None for v in study.run_study(spec, moved, progress=False).values())
+    finally:
+        os.rename(moved, tmp_path)
 
     runs = {(a, s): read_metrics(study.run_dir(tmp_path, a, s)) for a in ("a_fp32", "b_bf16") for s in (0, 1)}
     for rows in runs.values():
