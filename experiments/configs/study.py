@@ -1,6 +1,6 @@
 r"""study: the base run of the replication study (``experiments/studies/main.py``) -- SmolLM2-135M
-on small-number arithmetic, bf16 sampler, fp32 trainer, constant LR 5e-5, a 96-token budget, greedy
-held-out evaluation every 5 steps.
+on small-number arithmetic, rewarded for correct answers only, bf16 sampler, fp32 trainer, constant
+LR 5e-5, a 96-token budget, greedy held-out evaluation every 5 steps.
 
   python -m experiments.train --config=experiments/configs/study.py --workdir=/tmp/study_base
 
@@ -10,9 +10,13 @@ Differences from ``default`` and why:
   mean length);
 * 40 eval questions (train and eval are disjoint, of the task's 242 distinct questions), evaluated greedily every 5 steps (``eval/*``): the instability criterion of
   the report reads the held-out accuracy, not the 16-sample training reward;
+* ``task.format_weight=0`` (``default``: 0.1): only a correct answer is rewarded. With 0.1 for any
+  well-formed answer, the fp32 control itself collapsed onto one constant well-formed reply
+  within 5 steps at every LR tried, so no arm could show what the mismatch adds
+  (docs/results/README.md has the search);
 * Adam at 5e-5 with a constant LR (the arms add the length rule), 30 steps: at 1e-4 and 2e-4
-  the fp32 control collapsed as well as the bf16 sampler (docs/results/README.md has the
-  search), so the optimizer, not the mismatch, decided those runs;
+  the fp32 control collapsed as well as the bf16 sampler, so the optimizer, not the mismatch,
+  decided those runs;
 * ``trainer.remat="none"`` and ``keep_logits=True``: the same numbers as the default
   recomputation, for less compute (a 135M model's activations fit easily).
 What to expect: one run is one trajectory of 16 samples per step, which another seed or host
@@ -28,6 +32,7 @@ def get_config(arg: str | None = None):
     c.steps = base.steps_from_arg(arg, 30)
     c.task.train_size = 120
     c.task.eval_size = 40
+    c.task.format_weight = 0.0
     c.sampler.max_new_tokens = 96
     c.trainer.remat = "none"
     c.trainer.keep_logits = True

@@ -3,9 +3,9 @@ r"""main: the replication study -- six arms over three seeds of SmolLM2-135M GRP
   python -m experiments.study --study=experiments/studies/main.py --workdir=runs/main_study
   python -m experiments.report --workdir=runs/main_study --out=docs/results/main
 
-The base run is ``experiments/configs/study.py`` (bf16 sampler, fp32 trainer, Adam at 5e-5 with
-a constant LR, 96-token budget, 30 steps, greedy eval of 40 held-out questions every 5 steps).
-The arms, each a change of that base:
+The base run is ``experiments/configs/study.py`` (bf16 sampler, fp32 trainer, reward for correct
+answers only, Adam at 5e-5 with a constant LR, 96-token budget, 30 steps, greedy eval of 40
+held-out questions every 5 steps). The arms, each a change of that base:
 
   a_fp32           fp32 sampler and trainer: the zero-mismatch control
   b_bf16           the base: bf16 sampler, fp32 trainer, constant LR
@@ -14,27 +14,33 @@ The arms, each a change of that base:
   e_bf16_seq_mis   (b) with sequence-level masked IS, sequences with prod(rho) > 2 dropped
   f_fp16           fp16 sampler and fp16 trainer with dynamic loss scaling
 
-Cost on a 2-core CPU: one seed (six runs of 30 steps) takes about 1 h 45 min, so the study runs
-in three parts of one seed each (``--seeds=0``, ``--seeds=1``, ``--seeds=2``), each under
-150 minutes, into the same workdir; the report merges whatever runs the workdir holds.
+Cost on a 2-core CPU: a run of 30 steps takes 15-20 min (~30 s per step, 7 evaluations of
+10-40 s), so one seed of six arms is ~1 h 45 min: the study runs in parts of at most 150
+minutes (``--seeds=...`` and ``--arms=...``) into one workdir, and the report merges whatever
+runs the workdir holds. ``docs/results/README.md`` says which parts have run.
 
-The length rule's constants, scaled to a 30-step run whose responses start at 50-60 tokens
-(before the answer format is learnt), settle at 20-35 and, where a run collapses, fill the
-96-token budget within a few steps: the first step is ignored (``warmup=1``: its lengths are
-the untrained model's), the baseline is the mean raw length of steps 1-3, and the rule fires
-at the first step whose raw mean length exceeds 2x that baseline (a 3x threshold would fire
-only once the budget is nearly full). The LR then halves every round(1.0 x surge step) steps,
-down to 0.1x. The public re-implementation's constants (warmup 10, window 50, threshold 3,
-k 1.8) assume runs of thousands of steps.
+The length rule's constants, scaled to a 30-step run: replies start at 40-60 tokens (before the
+answer format is learnt) and settle at ~20 by step 10 (the fp32 control's steps 10-14: 17-20
+tokens). So the baseline is the mean raw length of steps 10-14 (``warmup=10``,
+``baseline_window=5``; the ramp is off), and the rule fires at the first later step whose raw
+mean length exceeds 2x that baseline (~40 tokens; a 3x surge still fits the 96-token budget).
+From a surge at step s the LR multiplier is
+max(0.1, 0.5^floor((t - 10) / round(0.25 s))): for a surge at step 16 it is 0.5x at once and
+0.1x ten steps later; at step 22, 0.25x at once and 0.125x six steps later. The fall has to be
+this quick: in the bf16 arm's first run the replies went from 23 to 47 to 96 tokens (the whole
+budget) in two steps, and with the re-implementation's k = 1.8 the LR would not fall at all
+within 30 steps. The public
+re-implementation's constants (warmup 10, window 50, threshold 3, k 1.8) assume runs of
+thousands of steps.
 ``--study=...:N`` runs N steps per run.
 """
 
 from experiments.configs import study as study_config
 from rl_mismatch.study import Arm, Study
 
-LENGTH_RULE = {"optim.lr_schedule": "length_triggered", "optim.trigger_warmup": 1,
-               "optim.trigger_baseline_window": 3, "optim.trigger_threshold": 2.0,
-               "optim.trigger_smoothing": 0.0, "optim.trigger_period_factor": 1.0,
+LENGTH_RULE = {"optim.lr_schedule": "length_triggered", "optim.trigger_warmup": 10,
+               "optim.trigger_baseline_window": 5, "optim.trigger_threshold": 2.0,
+               "optim.trigger_smoothing": 0.0, "optim.trigger_period_factor": 0.25,
                "optim.trigger_decay_base": 0.5, "optim.trigger_floor": 0.1}
 
 ARMS = (
