@@ -35,10 +35,14 @@ from rl_mismatch.metric_writing import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMEOUT_S = 600  # One process of a tiny run takes ~15 s, most of it importing and compiling.
 
-_KILLS = flags.DEFINE_integer("kills", 5, "Number of SIGKILLs.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the kill moments.")
-_STEPS = flags.DEFINE_integer("steps", 12, "Steps of the tiny run.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the two runs go (default: a temporary directory).")
+_FLAGS: dict = {}  # Defined only when run as a command: importing chaos() must not claim flag names.
+
+
+def _define_flags() -> None:
+    _FLAGS["kills"] = flags.DEFINE_integer("kills", 5, "Number of SIGKILLs.")
+    _FLAGS["seed"] = flags.DEFINE_integer("seed", 0, "Seed of the kill moments.")
+    _FLAGS["steps"] = flags.DEFINE_integer("steps", 12, "Steps of the tiny run.")
+    _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "Where the two runs go (default: a temporary directory).")
 
 
 @dataclasses.dataclass
@@ -158,14 +162,15 @@ def chaos(kills: int, seed: int, steps: int, workdir: str, echo=print) -> str | 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-    workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="rl_mismatch_chaos_")
-    difference = chaos(_KILLS.value, _SEED.value, _STEPS.value, workdir)
+    kills, seed = _FLAGS["kills"].value, _FLAGS["seed"].value
+    workdir = _FLAGS["workdir"].value or tempfile.mkdtemp(prefix="rl_mismatch_chaos_")
+    difference = chaos(kills, seed, _FLAGS["steps"].value, workdir)
     if difference:
-        sys.exit(f"error: after {_KILLS.value} kills the metrics differ from the uninterrupted run's: {difference} "
+        sys.exit(f"error: after {kills} kills the metrics differ from the uninterrupted run's: {difference} "
                  f"(runs in {workdir}).")
-    print(f"ok: {_KILLS.value} kills (seed {_SEED.value}); every step's metrics equal the uninterrupted run's "
-          f"(runs in {workdir}).")
+    print(f"ok: {kills} kills (seed {seed}); every step's metrics equal the uninterrupted run's (runs in {workdir}).")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -663,7 +663,9 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
             latest = ckpt.latest_step()
             then = ("there is no checkpoint yet, so the same command starts the run again" if latest is None else
                     f"the same command resumes from checkpoint {latest} in {ckpt.directory}")
-            raise RunIOError(f"Step {step}: {e} Once the cause is fixed, {then}.") from e
+            cause = str(e).rstrip()
+            raise RunIOError(f"Step {step}: {cause}{'' if cause.endswith('.') else '.'} Once the cause is fixed, "
+                             f"{then}.") from e
         raise
     finally:
         try:

@@ -183,7 +183,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog)
     ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=3)
     with pytest.raises(CheckpointUnreadableError, match="Checkpoint 6 .* cannot be read"):
         ckpt.restore(abstract_like(_state(0)), step=6)  # a named step never falls back
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="absl"):
         restored, meta = ckpt.restore(abstract_like(_state(0)))
     # 6 cannot be read. 4 without its tree metadata either restores (the abstract target gives
     # the structure) or is skipped as damaged; it is never "a different model".

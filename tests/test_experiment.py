@@ -538,7 +538,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_p
             f.truncate(os.path.getsize(victim) // 2)
     else:
         os.remove(newest / "_METADATA")
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # absl may have been set to WARNING by another test
     experiment.run(_tiny(steps=8), run)  # extended, so that the run has to restore
     resumed_from = 6 if "Resuming from checkpoint 6" in caplog.text else 4
     assert "does not match" not in caplog.text and "a different model" not in caplog.text
@@ -560,7 +560,7 @@ def test_a_finished_run_started_again_says_so_and_loads_nothing(tiny_run, tmp_pa
 
     monkeypatch.setattr(experiment, "load_model", must_not_load)
     monkeypatch.setattr(experiment, "prepare_task", must_not_load)
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # absl may have been set to WARNING by another test
     assert experiment.run(_tiny(), run) is None
     assert "is finished: it has all its 6 steps (checkpoint 6). Nothing to do." in caplog.text
     assert read_metrics(run) == tiny_run[1]
@@ -603,7 +603,7 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tiny_run, tmp_p
         return [FullDisk()]
 
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail)
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # absl may have been set to WARNING by another test
     with pytest.raises(experiment.RunIOError, match="No space left on device") as err:
         experiment.run(_tiny(), tmp_path)
     # The save after step 1 failed in the background. The run stops at the first step that finds
