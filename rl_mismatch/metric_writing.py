@@ -138,17 +138,18 @@ def _resume_file(path: str, keep_below: int) -> None:
     rows, malformed = scan_metrics(path)
     with open(path, encoding="utf-8", errors="replace") as f:
         n_lines = sum(1 for _ in f)
+    # Only a last line without its closing brace is the trace of a kill mid-write.
+    cut_short = {n for n, t in malformed if n == n_lines and not t.endswith("}")}
     for number, text in malformed:
-        cut_short = number == n_lines and not text.endswith("}")
-        log = logging.info if cut_short else logging.warning
+        log = logging.info if number in cut_short else logging.warning
         log("%s line %d is malformed%s and is dropped: %.120r", path, number,
-            " (cut short: the run was stopped while writing it)" if cut_short else "", text)
+            " (cut short: the run was stopped while writing it)" if number in cut_short else "", text)
     kept = [r for r in rows if r["step"] < keep_below]
     missing = sorted(set(range(keep_below)) - {r["step"] for r in kept})
     if missing:
         logging.error("%s has no row for step(s) %s, which the checkpoint covers: they will not be written "
                       "again. Recorded in %s.", path, _ranges(missing), GAPS_NAME)
-    if missing or any(not (n == n_lines and not t.endswith("}")) for n, t in malformed):
+    if missing or len(malformed) > len(cut_short):
         record_path = os.path.join(os.path.dirname(path), GAPS_NAME)
         history = []
         if os.path.exists(record_path):
