@@ -7,8 +7,8 @@ eval split of the policy that sampled that step). This module turns those rows i
 report can compare across arms:
 
 * :class:`InstabilityCriterion`: the one definition of "this run became unstable" (a
-  non-finite training metric, or a collapse of the eval accuracy below a fraction of its
-  running best); :meth:`InstabilityCriterion.describe` states it in words for reports.
+  non-finite training metric, a collapse of the eval accuracy below a fraction of its running
+  best, or replies that no longer end within the token budget); :meth:`InstabilityCriterion.describe` states it in words for reports.
 * :func:`run_outcome`: a :class:`RunOutcome` per run (instability, final / best eval accuracy,
   area and growth of the k3 mismatch, surge of the response length).
 * :func:`aggregate`: per-step median, min, max and quartiles of one metric over seeds.
@@ -30,6 +30,7 @@ import numpy as np
 Row = Mapping[str, Any]
 
 EVAL_ACCURACY = "eval/accuracy"
+FINISHED = "rollout/finished_frac"
 K3 = "mismatch/k3"
 RESPONSE_LENGTH = "rollout/response_length_mean"
 # Steps at each end of a run whose medians give the k3 growth and the length-surge baseline.
@@ -55,7 +56,7 @@ def is_training_row(row: Row) -> bool:
 class InstabilityCriterion:
     """When a run counts as unstable, and from which step.
 
-    Two rules; the run is unstable from the earliest step either fires:
+    Three rules; the run is unstable from the earliest step any of them fires:
 
     * **non-finite**: a row where one of ``nonfinite_keys`` or ``eval/accuracy`` is present and
       NaN or +-inf (a key a row lacks is not checked). A present-but-NaN eval accuracy is
@@ -65,6 +66,11 @@ class InstabilityCriterion:
       least ``min_best`` (a run that never learned cannot collapse). A run's final evaluation
       below that threshold also counts on its own, once the run is finished. The step reported
       is that of the first evaluation of the run below the threshold.
+    * **budget collapse**: ``unfinished_steps`` training steps in a row where the fraction of
+      rollouts that end (``rollout/finished_frac``) is below ``min_finished``: the policy has
+      degenerated into replies that run to the token budget (repeating itself), the collapse
+      the length surge foretells. The held-out accuracy need not fall with it when the answer
+      comes first and the repetition after. The step reported is the first of the streak.
 
     Attributes:
       drop: fraction of the running best below which an evaluation counts as collapsed.
@@ -72,16 +78,25 @@ class InstabilityCriterion:
       consecutive: evaluations below the threshold in a row that make a collapse.
       nonfinite_keys: training metrics that make a run unstable when non-finite
         (``loss/policy`` is the policy loss logged by :func:`rl_mismatch.losses.compute_policy_loss`).
+      min_finished: the finished fraction below which a step counts towards a budget collapse
+        (0 turns the rule off). The default, 1/8, is "fewer than 2 of 16 rollouts end".
+      unfinished_steps: steps in a row below ``min_finished`` that make a budget collapse.
     """
 
     drop: float = 0.5
     min_best: float = 0.2
     consecutive: int = 2
     nonfinite_keys: tuple[str, ...] = ("loss/policy", "mismatch/k3", "reward/mean", "opt/grad_norm")
+    min_finished: float = 0.125
+    unfinished_steps: int = 3
 
     def __post_init__(self):
         if self.consecutive < 1:
             raise ValueError(f"InstabilityCriterion.consecutive = {self.consecutive}: must be >= 1.")
+        if self.unfinished_steps < 1:
+            raise ValueError(f"InstabilityCriterion.unfinished_steps = {self.unfinished_steps}: must be >= 1.")
+        if not 0 <= self.min_finished <= 1:
+            raise ValueError(f"InstabilityCriterion.min_finished = {self.min_finished}: must be in [0, 1].")
         if not 0 < self.drop <= 1:
             raise ValueError(f"InstabilityCriterion.drop = {self.drop}: must be in (0, 1].")
 
@@ -97,8 +112,13 @@ class InstabilityCriterion:
             collapse = (f"the first of {self.consecutive} consecutive held-out evaluations with accuracy "
                         f"{threshold} (in a finished run, trailing evaluations below that threshold at the "
                         f"end of the run count even if fewer than {self.consecutive})")
-        return (f"A run is unstable from the first step at which any of {keys} is NaN or infinite. "
+        text = (f"A run is unstable from the first step at which any of {keys} is NaN or infinite. "
                 f"It is also unstable from {collapse}.")
+        if self.min_finished > 0:
+            text += (f" And it is unstable from the first of {self.unfinished_steps} consecutive steps in which "
+                     f"fewer than {self.min_finished:g} of the rollouts end within the token budget "
+                     "(`rollout/finished_frac`): a budget collapse.")
+        return text
 
     def first_unstable_step(self, rows: Sequence[Row], *, finished: bool = True) -> tuple[int | None, str | None]:
         """The step from which the run is unstable and why, or ``(None, None)``.
@@ -110,8 +130,9 @@ class InstabilityCriterion:
             run's next evaluation may still recover.
 
         Returns:
-          ``(step, cause)``: cause is ``"non-finite <key>"`` or ``"eval collapse"``. For a
-          collapse, the step is that of the first evaluation of the run below the threshold.
+          ``(step, cause)``: cause is ``"non-finite <key>"``, ``"eval collapse"`` or ``"budget
+          collapse"``, whichever fires at the earliest step (at one step, in that order). For a
+          collapse, the step is the first of the streak.
 
         >>> rows = [{"step": s, "eval/accuracy": a} for s, a in enumerate([0.4, 0.5, 0.2, 0.1])]
         >>> InstabilityCriterion().first_unstable_step(rows)
@@ -119,20 +140,29 @@ class InstabilityCriterion:
         >>> InstabilityCriterion().first_unstable_step([{"step": 0, "mismatch/k3": float("nan")}])
         (0, 'non-finite mismatch/k3')
         """
-        best = -math.inf
-        streak_start, streak = None, 0
-        for row in _sorted(rows):
-            step = int(row["step"])
+        rows = _sorted(rows)
+        found = [hit for hit in (self._nonfinite(rows), self._eval_collapse(rows, finished),
+                                 self._budget_collapse(rows)) if hit[0] is not None]
+        return min(found, key=lambda hit: hit[0]) if found else (None, None)
+
+    def _nonfinite(self, rows: Sequence[Row]) -> tuple[int | None, str | None]:
+        for row in rows:
             for key in (*self.nonfinite_keys, EVAL_ACCURACY):
                 value = row.get(key)
                 if is_scalar(value) and not math.isfinite(value):
-                    return step, f"non-finite {key}"
+                    return int(row["step"]), f"non-finite {key}"
+        return None, None
+
+    def _eval_collapse(self, rows: Sequence[Row], finished: bool) -> tuple[int | None, str | None]:
+        best = -math.inf
+        streak_start, streak = None, 0
+        for row in rows:
             acc = row.get(EVAL_ACCURACY)
-            if not is_scalar(acc):
+            if not is_scalar(acc) or not math.isfinite(acc):
                 continue
             if best >= self.min_best and acc < self.drop * best:
                 if streak == 0:
-                    streak_start = step
+                    streak_start = int(row["step"])
                 streak += 1
                 if streak >= self.consecutive:
                     return streak_start, "eval collapse"
@@ -143,6 +173,21 @@ class InstabilityCriterion:
             return streak_start, "eval collapse"
         return None, None
 
+    def _budget_collapse(self, rows: Sequence[Row]) -> tuple[int | None, str | None]:
+        streak_start, streak = None, 0
+        for row in rows:
+            finished_frac = row.get(FINISHED)
+            if not is_scalar(finished_frac):
+                continue  # An eval-only row: not a step of rollouts.
+            if finished_frac < self.min_finished:
+                streak_start = int(row["step"]) if streak == 0 else streak_start
+                streak += 1
+                if streak >= self.unfinished_steps:
+                    return streak_start, "budget collapse"
+            else:
+                streak_start, streak = None, 0
+        return None, None
+
 
 @dataclasses.dataclass(frozen=True)
 class RunOutcome:
@@ -151,7 +196,7 @@ class RunOutcome:
     Attributes:
       unstable: the criterion fired.
       step: the step it fired at (None if stable).
-      cause: ``"non-finite <key>"`` or ``"eval collapse"`` (None if stable).
+      cause: ``"non-finite <key>"``, ``"eval collapse"`` or ``"budget collapse"`` (None if stable).
       steps_done: training rows (RL steps) the run has written.
       final_eval_accuracy: eval accuracy of the run's last evaluation (NaN: no evaluation yet).
       final_eval_step: the step of that evaluation (None: no evaluation yet).

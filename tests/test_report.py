@@ -168,6 +168,44 @@ def test_criterion_final_eval_counts_only_when_finished():
     assert "0.5 x" in crit.describe() and "0.2" in crit.describe() and "2 consecutive" in crit.describe()
 
 
+def _finished_fracs(fracs, eval_at=()):
+    rows = [{"step": s, "rollout/finished_frac": f, "mismatch/k3": 1e-3} for s, f in enumerate(fracs)]
+    return rows + [{"step": s, "eval/accuracy": 0.5} for s in eval_at]  # Eval-only rows carry no fraction.
+
+
+def test_criterion_flags_a_budget_collapse_at_the_first_step_of_its_streak():
+    crit = outcomes.InstabilityCriterion()  # Below 1/8 (fewer than 2 of 16 rollouts end), 3 steps in a row.
+    assert crit.first_unstable_step(_finished_fracs([1, 0.9, 0.69, 0.0, 0.0625, 0.0, 0.0])) == (3, "budget collapse")
+    # Exactly 2 of 16 (0.125) is not below; a streak broken by one good step starts again.
+    assert crit.first_unstable_step(_finished_fracs([1, 0.125, 0.125, 0.125, 0.0, 0.0, 0.5, 0.0, 0.0])) == (
+        None, None)
+    # Eval-only rows in between neither break nor extend the streak.
+    assert crit.first_unstable_step(_finished_fracs([1, 0, 0, 0], eval_at=(2, 3))) == (1, "budget collapse")
+    assert outcomes.InstabilityCriterion(min_finished=0).first_unstable_step(_finished_fracs([0] * 9)) == (
+        None, None)
+    assert outcomes.InstabilityCriterion(unfinished_steps=1).first_unstable_step(_finished_fracs([1, 0])) == (
+        1, "budget collapse")
+    assert "fewer than 0.125 of the rollouts end" in crit.describe()
+    assert "budget collapse" not in outcomes.InstabilityCriterion(min_finished=0).describe()
+
+
+def test_criterion_reports_the_earliest_rule_that_fires():
+    rows = _finished_fracs([1, 1, 0, 0, 0, 1, 1]) + _evals([0.5, 0.1, 0.1])  # Eval collapse from step 5.
+    assert outcomes.InstabilityCriterion().first_unstable_step(rows) == (2, "budget collapse")
+    assert outcomes.InstabilityCriterion(min_finished=0).first_unstable_step(rows) == (5, "eval collapse")
+    rows[6]["loss/policy"] = math.nan  # Step 6: after both collapses.
+    assert outcomes.InstabilityCriterion().first_unstable_step(rows) == (2, "budget collapse")
+    rows[2]["loss/policy"] = math.nan  # Step 2, the budget collapse's first step: non-finite wins a tie.
+    assert outcomes.InstabilityCriterion().first_unstable_step(rows) == (2, "non-finite loss/policy")
+
+
+def test_criterion_rejects_bad_settings():
+    with pytest.raises(ValueError, match="unfinished_steps"):
+        outcomes.InstabilityCriterion(unfinished_steps=0)
+    with pytest.raises(ValueError, match="min_finished"):
+        outcomes.InstabilityCriterion(min_finished=1.5)
+
+
 def test_run_outcome():
     rows = synthetic_rows(5, eval_acc=[0.3, 0.5, 0.4], nan_k3_at=2)
     o = outcomes.run_outcome(rows, total_steps=STEPS)
