@@ -499,15 +499,23 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``"key: old -> new"`` for every setting that differs, ignoring :data:`RESUMABLE_KEYS`."""
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "", *,
+                       defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs, ignoring :data:`RESUMABLE_KEYS`.
+
+    A setting that ``old`` lacks (a run made before the setting existed) counts as its default,
+    so adding a setting with a default that keeps today's behaviour does not orphan old runs.
+    """
+    if defaults is None:
+        defaults = ExperimentConfig().to_dict() if not prefix else {}
     out = []
     for key in sorted(set(old) | set(new)):
         if f"{prefix}{key}" in RESUMABLE_KEYS:
             continue
-        a, b = old.get(key), new.get(key)
+        default = defaults.get(key) if isinstance(defaults, Mapping) else None
+        a, b = old.get(key, default), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "kwargs":
-            out += config_differences(a, b, f"{prefix}{key}.")
+            out += config_differences(a, b, f"{prefix}{key}.", defaults=default or {})
         elif _jsonable(a) != _jsonable(b):
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out

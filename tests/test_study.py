@@ -130,3 +130,19 @@ def _get(tree, dotted):
     for part in dotted.split("."):
         tree = tree[part]
     return tree
+
+
+def test_a_setting_an_old_run_lacks_counts_as_its_default():
+    # A run made before a setting existed has no such key in its saved config: it matches a new
+    # config that keeps the default, and differs from one that changes it.
+    from rl_mismatch.experiment_config import ExperimentConfig
+
+    new = ExperimentConfig().to_dict()
+    old = {**new, "loss": {k: v for k, v in new["loss"].items() if k != "clip_eps_low"}}
+    del old["seed"]
+    assert config_differences(old, new) == []
+    changed = ExperimentConfig.from_dict({"loss": {"clip_eps_low": 0.1}, "seed": 3}).to_dict()
+    assert config_differences(old, changed) == [f"loss.clip_eps_low: {new['loss']['clip_eps_low']!r} -> 0.1",
+                                                 f"seed: {new['seed']!r} -> 3"]
+    # A setting the new config lacks (one that was removed) is a difference.
+    assert config_differences({**new, "gone": 1}, new) == ["gone: 1 -> None"]
