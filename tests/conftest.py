@@ -57,3 +57,45 @@ def count_compiles():
     compilation cache still shows there).
     """
     return _count_compiles
+
+
+def _lay_out_hf_cache(cache, repo_id, files, *, commit=None, refs=("main",)):
+    """Writes ``files`` ({name: source path}) into ``cache`` as huggingface_hub lays a download out.
+
+    ``models--<org>--<name>/blobs/<etag>`` holds each file once (etag: the SHA-256 of an LFS file
+    such as weights, the git blob SHA-1 of a small one), ``snapshots/<commit>/<name>`` is a
+    relative symlink to its blob, and ``refs/<ref>`` holds the commit hash. Returns the snapshot.
+    """
+    import hashlib
+
+    repo = os.path.join(os.fspath(cache), "models--" + repo_id.replace("/", "--"))
+    commit = commit or hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+    snapshot = os.path.join(repo, "snapshots", commit)
+    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+    os.makedirs(snapshot, exist_ok=True)
+    for name, source in files.items():
+        with open(source, "rb") as f:
+            data = f.read()
+        if name.endswith(".safetensors"):
+            etag = hashlib.sha256(data).hexdigest()
+        else:
+            etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = os.path.join(repo, "blobs", etag)
+        if not os.path.exists(blob):
+            with open(blob, "wb") as f:
+                f.write(data)
+        link = os.path.join(snapshot, name)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    for ref in refs:
+        os.makedirs(os.path.dirname(os.path.join(repo, "refs", ref)), exist_ok=True)
+        with open(os.path.join(repo, "refs", ref), "w") as f:
+            f.write(commit)  # huggingface_hub writes the bare hash, no newline.
+    return snapshot
+
+
+@pytest.fixture
+def hf_cache_layout():
+    """``hf_cache_layout(cache, repo_id, {name: path}, commit=None, refs=("main",)) -> snapshot dir``:
+    a local Hugging Face cache laid out as ``huggingface_hub`` lays out a download."""
+    return _lay_out_hf_cache

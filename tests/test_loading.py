@@ -575,6 +575,77 @@ def test_missing_pieces_and_pickles(tiny_tokenizer, tmp_path):
         load_state_dict(directory)
 
 
+# ----------------------------------------------------------------------------- HF Hub cache
+def _hf_dir_files(directory):
+    return {name: os.path.join(directory, name) for name in sorted(os.listdir(directory))}
+
+
+def test_hub_id_loads_from_the_hf_cache(tiny_tokenizer, tmp_path, monkeypatch, hf_cache_layout):
+    old = _save_hf(_tiny_hf_model("llama", tied=True, seed=1), tmp_path / "old", tiny_tokenizer)
+    new = _save_hf(_tiny_hf_model("llama", tied=True, seed=2), tmp_path / "new", tiny_tokenizer)
+    cache = tmp_path / "home" / "hub"
+    v1 = hf_cache_layout(cache, "org/tiny-llama", _hf_dir_files(old), commit="1" * 40, refs=("v1",))
+    main = hf_cache_layout(cache, "org/tiny-llama", _hf_dir_files(new), commit="2" * 40)
+    assert os.path.islink(os.path.join(main, "model.safetensors"))  # Snapshot files link into blobs/.
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert loading.resolve_source("org/tiny-llama") == main
+    assert loading.resolve_source("org/tiny-llama@v1") == loading.resolve_source("org/tiny-llama", revision="v1") == v1
+    assert loading.resolve_source(f"org/tiny-llama@{'1' * 40}") == v1  # A commit hash names its snapshot.
+    tokens = jnp.asarray(_tokens())
+    for source, revision, directory in [("org/tiny-llama", None, new), ("org/tiny-llama", "v1", old)]:
+        model, tok = load_pretrained(source, revision=revision)
+        reference, ref_tok = load_pretrained(directory)
+        np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(reference(tokens)))
+        assert tok.encode(TEXTS[2]) == ref_tok.encode(TEXTS[2]) and tok.eos_id == ref_tok.eos_id
+    # Found where huggingface_hub finds it without HF_HUB_CACHE: $HF_HOME/hub, then ~/.cache/huggingface/hub.
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert loading.resolve_source("org/tiny-llama") == main
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    os.makedirs(tmp_path / "user" / ".cache" / "huggingface")
+    os.symlink(cache, tmp_path / "user" / ".cache" / "huggingface" / "hub")
+    assert loading.resolve_source("org/tiny-llama") == str(tmp_path / "user" / ".cache" / "huggingface" /
+                                                           os.path.relpath(main, tmp_path / "home"))
+    # huggingface_hub (optional; installed with transformers) resolves the same cache the same way.
+    hub = pytest.importorskip("huggingface_hub")
+    for revision, snapshot in [(None, main), ("v1", v1), ("1" * 40, v1)]:
+        assert hub.snapshot_download("org/tiny-llama", revision=revision, cache_dir=cache,
+                                     local_files_only=True) == snapshot
+    info = hub.scan_cache_dir(cache)
+    assert not info.warnings
+    (repo,) = info.repos
+    assert repo.repo_id == "org/tiny-llama" and {r.commit_hash for r in repo.revisions} == {"1" * 40, "2" * 40}
+
+
+def test_hub_id_not_in_the_cache_says_how_to_download(tiny_tokenizer, tmp_path, monkeypatch, hf_cache_layout):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(FileNotFoundError, match=r"'org/absent' is neither a file or directory nor a Hugging Face "
+                                                r"model in the local HF cache .*hf download org/absent .*"
+                                                r"snapshot_download\('org/absent'\)"):
+        load_pretrained("org/absent")
+    directory = _save_hf(_tiny_hf_model("llama", tied=True), tmp_path / "hf", tiny_tokenizer)
+    snapshot = hf_cache_layout(cache, "org/tiny", _hf_dir_files(directory))
+    with pytest.raises(FileNotFoundError, match=r"holds 'org/tiny' but not its revision 'v2' \(it has: .*main.*\)"
+                                                r".*hf download org/tiny --revision v2"):
+        load_state_dict("org/tiny@v2")
+    # An interrupted download: the weights' blob never arrived (a dangling link).
+    os.remove(os.path.realpath(os.path.join(snapshot, "model.safetensors")))
+    with pytest.raises(FileNotFoundError, match=r"lacks model.safetensors: a partial or interrupted download\? "
+                                                r"Complete it: hf download org/tiny"):
+        load_state_dict("org/tiny")
+    # Not an id (no org/): the message for a missing path, which also mentions ids.
+    with pytest.raises(FileNotFoundError, match=r"No such file or directory: 'tiny'\. .*'org/name'"):
+        load_state_dict("tiny")
+    with pytest.raises(ValueError, match="applies to Hugging Face Hub ids"):
+        load_state_dict(directory, revision="v1")
+    with pytest.raises(ValueError, match="names revision 'v1' but revision='v2'"):
+        load_state_dict("org/tiny@v1", revision="v2")
+
+
 # ----------------------------------------------------------------------------- real SmolLM2
 SMOLLM_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -695,3 +766,23 @@ def test_smollm_logits_match_transformers_and_answer_paris(smollm, smollm_transf
         buffer[0, t] = nxt
         answer.append(nxt)
     assert "Paris" in tok.decode(answer), tok.decode(answer)
+
+
+@pytest.mark.slow
+def test_smollm_from_the_hf_cache(smollm, tmp_path, monkeypatch, hf_cache_layout):
+    """The bundled SmolLM2 as an HF download of HuggingFaceTB/SmolLM2-135M-Instruct: its HF files (the
+    GGUF cache entry the fixture wrote) laid out in an HF cache, loaded by id."""
+    _, (hf_config, sd, tok), cache = smollm
+    (entry,) = os.listdir(cache / "gguf")
+    files = {name: os.path.join(cache, "gguf", entry, name) for name in
+             ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")}
+    snapshot = hf_cache_layout(tmp_path / "hub", "HuggingFaceTB/SmolLM2-135M-Instruct", files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    config, state_dict, tokenizer = load_state_dict("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert loading.resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct") == snapshot
+    assert config == hf_config and sorted(state_dict) == sorted(sd)
+    for name, value in sd.items():
+        np.testing.assert_array_equal(state_dict[name], value, err_msg=name)
+    for messages in CONVERSATIONS:
+        assert tokenizer.apply_chat_template(messages) == tok.apply_chat_template(messages)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)

@@ -131,7 +131,12 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """The HF ``config.json`` fields that describe this model (inverse of ``from_hf_config``)."""
-        model_type = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}.get(self.architecture, "llama")
+        model_type = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                      "MistralForCausalLM": "mistral"}.get(self.architecture, "llama")
+        # Mistral's and Qwen's configs default to (or may carry) a sliding window; this decoder
+        # attends to the whole context, so the config says so.
+        window = {"mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False},
+                  "qwen3": {"use_sliding_window": False}}.get(model_type, {})
         return {
             "architectures": [self.architecture],
             "model_type": model_type,
@@ -148,6 +153,7 @@ class ModelConfig:
             "attention_bias": self.qkv_bias,
             "max_position_embeddings": self.max_seq_len,
             "hidden_act": "silu",
+            **window,
         }
 
 

