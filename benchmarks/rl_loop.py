@@ -106,11 +106,11 @@ def _peak_rss_gb() -> float:
 
 
 def _measure_ours(out: dict) -> None:
-    from rl_mismatch import experiment
+    from rl_mismatch import console, experiment
     from rl_mismatch.metric_writing import read_metrics
 
     cfg = _config(_SAMPLER_DTYPE[_DTYPE.value], _DATA_DIR.value)
-    experiment.quiet_orbax_logs()
+    console.quiet_library_logs()
     rows_per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     with tempfile.TemporaryDirectory(prefix="rl_loop_ours_") as workdir:
         experiment.run(cfg, workdir)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from rl_mismatch import experiment, sampler, tasks
+from rl_mismatch import console, experiment, sampler, tasks
 from rl_mismatch.precision import parse_dtype
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory of experiments.train / experiments.study.")
@@ -38,7 +38,7 @@ def greedy_replies(model, tok, prompts, *, dtype, max_new_tokens: int) -> list[s
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-    experiment.quiet_orbax_logs()
+    console.quiet_library_logs()
     try:
         cfg, trained, tok, step = experiment.load_trained(_WORKDIR.value, _STEP.value)
         _, start, _, _ = experiment.load_trained(_WORKDIR.value, 0)

@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-from rl_mismatch import experiment, study
+from rl_mismatch import console, experiment, study
 from rl_mismatch.workdir_lock import WorkdirBusyError
 
 _STUDY = flags.DEFINE_string("study", None, "Study file, experiments/studies/<name>.py[:arg].")
@@ -30,7 +30,7 @@ flags.mark_flags_as_required(["study", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-    experiment.quiet_orbax_logs()
+    console.quiet_library_logs()
     try:
         spec, path = study.load_study(_STUDY.value)
         try:

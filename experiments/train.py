@@ -5,7 +5,8 @@ r"""Runs an RL experiment: sample -> reward -> rescore -> mismatch metrics -> tr
       --config.steps=20 --config.sampler.dtype=fp16
 
 The config file's ``get_config(arg)`` (``--config=path.py:arg``) gives the settings; any of them
-can be overridden with ``--config.<key>=<value>``. Rerunning the same command on the same
+can be overridden with ``--config.<key>=<value>``; ``--print_config`` prints the resolved settings
+and exits. Rerunning the same command on the same
 ``--workdir`` resumes from the latest checkpoint. Outputs: ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/``, ``config.json``; plot with ``python -m experiments.plot``.
 
@@ -17,6 +18,7 @@ shared file system.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -25,7 +27,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rl_mismatch import experiment
+from rl_mismatch import console, experiment
 from rl_mismatch.experiment_config import ExperimentConfig
 from rl_mismatch.workdir_lock import WorkdirBusyError
 
@@ -37,7 +39,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with the cluster environment's settings.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved settings (the config file, its overrides and every default) as "
+    "JSON and exit; no --workdir needed.")
+flags.mark_flags_as_required(["config"])
 
 
 def _config_file_problem(argv: list[str]) -> str | None:
@@ -96,10 +101,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-    experiment.quiet_orbax_logs()
+    console.quiet_library_logs()
     try:
         # Typed and validated before anything heavy happens: a bad setting fails in a second.
         cfg = ExperimentConfig.from_dict(_CONFIG.value.to_dict())
+        if _PRINT_CONFIG.value:
+            print(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+            return
+        if not _WORKDIR.value:
+            raise ValueError("--workdir is required: the run directory (a run already in it is resumed).")
         if _COORDINATOR.value or _DISTRIBUTED.value:
             jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)

@@ -22,14 +22,17 @@ the k3 trigger on, ``lr/<length|k3>_trigger/{scale,surge_step}``); ``reward/{mea
 overlong_penalty,zero_advantage_groups}``; ``rollout/{response_length_mean,_max,_min,
 finished_frac,prompt_length_mean,prompt_width}``; ``time/step_s`` (host time of the loop body,
 the time per step),
-``time/sample_s`` (the weight sync and generation), ``time/score_s`` (decoding, rewards,
+``time/sample_s`` (the weight sync and generation), ``time/tokens_per_s`` (generated tokens
+over ``time/sample_s``), ``time/score_s`` (decoding, rewards,
 advantages), ``time/train_s`` (the update, waited for) and ``time/compile_s`` (seconds JAX spent
 tracing and compiling during the step: the first step's compile time, and any recompilation
 later; it is part of the phase that compiled).
 With ``eval.every > 0``, every ``eval.every``-th step also carries ``eval/*``, the greedy accuracy
 on the task's eval split (``rl_mismatch.evaluation``) of the policy that samples the step, and
 ``time/eval_s``; after the last update, a row of its own at step ``steps`` holds the trained
-policy's ``eval/*``.
+policy's ``eval/*``. Every ``log.samples_every``-th step writes ``log.samples_per_step`` of its
+rollouts (question, reply, reward) to ``samples.jsonl`` and TensorBoard. The console shows one
+line per step (:mod:`rl_mismatch.console`) and, at the end, a summary of the run.
 
 Determinism and resumption. Every random draw comes from keys derived from ``config.seed``
 (``fold_in(key, step)`` per step), the prompt stream is a pure function of ``(seed, step)``,
@@ -59,7 +62,6 @@ save is on disk.
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import threading
 import time
@@ -74,7 +76,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rl_mismatch import evaluation, losses, sampler, tasks
+from rl_mismatch import console, evaluation, losses, sampler, tasks
 from rl_mismatch import sharding as shd
 from rl_mismatch.checkpointing import Checkpointer, abstract_like
 from rl_mismatch.experiment_config import (
@@ -85,7 +87,7 @@ from rl_mismatch.experiment_config import (
     TaskSettings,
     config_differences,
 )
-from rl_mismatch.metric_writing import MetricWriter, Row, fetch_to_host
+from rl_mismatch.metric_writing import MetricWriter, Row, fetch_to_host, read_metrics
 from rl_mismatch.precision import make_loss_scale, parse_dtype
 from rl_mismatch.workdir_lock import WorkdirLock
 
@@ -104,21 +106,7 @@ _MODEL_INIT, _ROLLOUT, _TRAIN = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------------------
-# Logging and compile time
-
-
-class _QuietOrbax(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
-def quiet_orbax_logs() -> None:
-    """Drops orbax's INFO records (a dozen lines per checkpoint) and keeps its warnings, whichever
-    handler prints them (absl's under ``app.run``, the root logger's in a notebook). The filter
-    sits on the ``absl`` logger, which orbax logs through; calling this again adds nothing."""
-    logger = std_logging.getLogger("absl")
-    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
-        logger.addFilter(_QuietOrbax())
+# Compile time
 
 
 class _CompileClock:
@@ -271,31 +259,6 @@ def _replicated_key(seed: int, stream: int, mesh: jax.sharding.Mesh) -> jax.Arra
 # The run
 
 
-def _progress(cfg: ExperimentConfig):
-    def log_row(row: Row) -> None:
-        step = row["step"]
-        if jax.process_index() != 0:
-            return
-        if step >= cfg.steps:  # The trained policy's evaluation, after the last update.
-            logging.info("after step %d/%d | eval acc %.3f fmt %.3f len %.1f fin %.2f", cfg.steps, cfg.steps,
-                         row.get("eval/accuracy", np.nan), row.get("eval/format", np.nan),
-                         row.get("eval/response_length_mean", np.nan), row.get("eval/finished_frac", np.nan))
-            return
-        if (step + 1) % cfg.log.every and step + 1 != cfg.steps:
-            return
-        logging.info(
-            "step %d/%d | reward %.3f acc %.3f fmt %.3f | len %.1f fin %.2f | k3 %.2e dp_max %.2e | "
-            "lr x%.3f | %.1f s (sample %.1f, train %.1f, compile %.1f)",
-            step + 1, cfg.steps, row.get("reward/mean", np.nan), row.get("reward/accuracy", np.nan),
-            row.get("reward/format", np.nan), row.get("rollout/response_length_mean", np.nan),
-            row.get("rollout/finished_frac", np.nan), row.get("mismatch/k3", np.nan),
-            row.get("mismatch/prob_diff_max", np.nan), row.get("lr/scale", np.nan),
-            row.get("time/step_s", np.nan), row.get("time/sample_s", np.nan), row.get("time/train_s", np.nan),
-            row.get("time/compile_s", np.nan))
-
-    return log_row
-
-
 def _loss_scale(cfg: ExperimentConfig):
     dtype = parse_dtype(cfg.trainer.dtype)
     if dtype == jnp.float16:
@@ -366,6 +329,19 @@ def _write_config(workdir: str, cfg: ExperimentConfig) -> None:
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
+def _sampled_replies(cfg: ExperimentConfig, examples, responses: list[str], rewards_B: np.ndarray,
+                     correct_B: np.ndarray, host: Mapping[str, np.ndarray], row_slice: slice) -> list[dict[str, Any]]:
+    """``cfg.log.samples_per_step`` of this process's rollouts for ``samples.jsonl``: the first
+    reply to each prompt, then the second, ... (rows are grouped by prompt)."""
+    group = cfg.rollout.group_size
+    prompts = len(responses) // group
+    rows = [(i % prompts) * group + i // prompts for i in range(min(cfg.log.samples_per_step, len(responses)))]
+    lengths, finished = host["lengths"][row_slice], host["finished"][row_slice]
+    return [{"question": examples[r]["question"], "answer": examples[r]["answer"], "response": responses[r],
+             "reward": float(rewards_B[r]), "correct": bool(correct_B[r]), "length": int(lengths[r]),
+             "finished": bool(finished[r])} for r in rows]
+
+
 def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
         score_fns: Mapping[str, tasks.rewards.ScoreFn] | None = None,
         on_row: Callable[[Row], None] | None = None) -> Row | None:
@@ -399,9 +375,11 @@ def run(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
         multihost_utils.sync_global_devices("rl_mismatch:workdir")
     workdir = os.path.abspath(os.fspath(workdir))
     with WorkdirLock(workdir, jax.process_index()):
-        if _finished(cfg, workdir):
-            return None
-        return _run(cfg, workdir, score_fns=score_fns, on_row=on_row)
+        row = None if _finished(cfg, workdir) else _run(cfg, workdir, score_fns=score_fns, on_row=on_row)
+    if jax.process_index() == 0:
+        for line in console.summary(workdir, read_metrics(workdir), cfg.steps):
+            logging.info("%s", line)
+    return row
 
 
 class RunIOError(OSError):
@@ -461,6 +439,8 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
     split = tasks.load_split(name, tasks.TRAIN_SPLIT, data_dir)
 
     trainer_dtype, sampler_dtype = parse_dtype(cfg.trainer.dtype), parse_dtype(cfg.sampler.dtype)
+    logging.info("Loading the model %r (trainer %s, sampler %s).", cfg.model.source, cfg.trainer.dtype,
+                 cfg.sampler.dtype)
     model, tok = load_model(cfg.model, dtype=trainer_dtype, key=jax.random.fold_in(root, _MODEL_INIT),
                             remat=cfg.trainer.remat)
     N = cfg.sampler.max_new_tokens
@@ -515,9 +495,11 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
         start = int(meta["data_position"])
         last_k3 = meta.get("last_k3")
         logging.info("Resuming from checkpoint %d in %s.", start, ckpt.directory)
+    if start < cfg.steps:
+        logging.info("Step %d: compiling the sampler and the train step (the first step takes longer).", start)
     if primary:
         _write_config(workdir, cfg)
-    log_row = _progress(cfg)
+    log_row = console.StepLog(cfg.steps, cfg.log.every, logging.info) if primary else (lambda row: None)
 
     def row_written(row: Row) -> None:
         log_row(row)
@@ -610,6 +592,7 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
                 "rollout/prompt_width": rollout.prompt_width,
                 **eval_metrics, **({"time/eval_s": eval_s} if eval_metrics else {}),
                 "time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
+                "time/tokens_per_s": lengths.sum() / max(t1 - t0 - eval_s, 1e-9),
                 "time/step_s": time.perf_counter() - t0, "time/compile_s": _compile_seconds() - c0,
             }
             if cfg.sampler.return_entropy:
@@ -617,6 +600,9 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
             if step == start:
                 logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
                              host_metrics["time/step_s"], host_metrics["time/compile_s"])
+            if cfg.log.samples_every and step % cfg.log.samples_every == 0:
+                writer.write_samples(step, _sampled_replies(cfg, batch.examples, responses, rewards[row_slice],
+                                                            correct[row_slice], host, row_slice))
             writer.hold(step, host_metrics, device_metrics)
             # Only now does a save cover this step: its row is held and `last_k3` is its k3, so
             # the handler below can save it and a resumed run continues exactly.

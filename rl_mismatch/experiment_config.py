@@ -356,13 +356,23 @@ class CheckpointSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LogSettings:
-    """Attributes: every: a progress log line every N steps; tensorboard: write event files."""
+    """Attributes:
+    every: a progress log line every N steps.
+    tensorboard: write event files.
+    samples_every: every N-th step (from step 0) writes some of its rollouts to
+      ``samples.jsonl`` and TensorBoard; 0: never.
+    samples_per_step: how many rollouts (one reply to each prompt first, then a second, ...).
+    """
 
     every: int = 1
     tensorboard: bool = True
+    samples_every: int = 10
+    samples_per_step: int = 4
 
     def __post_init__(self):
         _require(self.every >= 1, "log.every", f"= {self.every} must be >= 1.")
+        _require(self.samples_every >= 0, "log.samples_every", f"= {self.samples_every} must be >= 0 (0: off).")
+        _require(self.samples_per_step >= 1, "log.samples_per_step", f"= {self.samples_per_step} must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,11 @@ Writing. A failed write (a full disk) raises :class:`MetricsWriteError` naming t
 file, and leaves no cut-off line; :meth:`MetricWriter.sync` forces the file to disk before a
 checkpoint that covers its rows.
 
+Sampled replies. :meth:`MetricWriter.write_samples` appends a few of a step's rollouts (prompt,
+reply, reward) to ``<workdir>/samples.jsonl``, one object per reply with its ``step``, and to
+TensorBoard as text (tag ``samples``); a resumed run drops the replies of steps it will run
+again, as it does rows.
+
 Multi-host: every process calls :meth:`write` and :meth:`flush` (fetching may need a
 collective); only the one created with ``enabled=True`` (process 0) writes files.
 """
@@ -38,7 +43,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,6 +51,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 JSONL_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.jsonl"
 GAPS_NAME = "metrics_gaps.json"  # Steps a resumed run found without a row, and malformed lines.
 TENSORBOARD_DIR = "tensorboard"
 
@@ -181,6 +187,30 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _resume_samples(path: str, keep_below: int) -> None:
+    """Rewrites ``path`` with the replies of steps < ``keep_below`` (atomic); a line cut short by a
+    kill is dropped with them (the replies are a sample for reading, not a record to audit)."""
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                if int(json.loads(line)["step"]) < keep_below:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    _write_atomically(path, "".join(kept))
+
+
+def samples_markdown(samples: Sequence[Mapping[str, Any]]) -> str:
+    """Sampled replies as Markdown (TensorBoard's text plugin renders it): per reply its reward,
+    length, the prompt's question and the reply in a code block."""
+    parts = []
+    for i, sample in enumerate(samples):
+        head = ", ".join(f"{k} {sample[k]}" for k in ("reward", "correct", "length", "finished") if k in sample)
+        parts.append(f"**{i}** ({head})\n\n> {sample.get('question', '')}\n\n```\n{sample.get('response', '')}\n```")
+    return "\n\n".join(parts)
+
+
 class MetricsWriteError(OSError):
     """Writing a metrics row failed (a full disk, a read-only file system, ...)."""
 
@@ -210,6 +240,9 @@ class MetricWriter:
             return
         if os.path.exists(self.path):
             _resume_file(self.path, resume_step)
+        self.samples_path = os.path.join(os.fspath(workdir), SAMPLES_NAME)
+        if os.path.exists(self.samples_path):
+            _resume_samples(self.samples_path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # Lazy: only the writing process needs it.
@@ -285,6 +318,32 @@ class MetricWriter:
                 pass
             raise MetricsWriteError(f"Writing step {step}'s metrics to {self.path} failed: "
                                     f"{e.strerror or e}.") from e
+
+    def write_samples(self, step: int, samples: Sequence[Mapping[str, Any]]) -> None:
+        """Appends step ``step``'s sampled replies (JSON-able dicts, e.g. ``question``,
+        ``response``, ``reward``) to ``samples.jsonl`` and to TensorBoard as text.
+
+        Raises:
+          MetricsWriteError: the write failed (the file is left without a cut-off line).
+        """
+        if not self.enabled or not samples:
+            return
+        text = "".join(json.dumps({"step": int(step), **{k: v if isinstance(v, str) else to_json_value(v)
+                                                          for k, v in s.items()}}) + "\n" for s in samples)
+        try:
+            with open(self.samples_path, "a", encoding="utf-8") as f:
+                start = f.tell()
+                try:
+                    f.write(text)
+                    f.flush()
+                except OSError:
+                    f.truncate(start)
+                    raise
+        except OSError as e:
+            raise MetricsWriteError(f"Writing step {step}'s sampled replies to {self.samples_path} failed: "
+                                    f"{e.strerror or e}.") from e
+        if self._tb is not None:
+            self._tb.add_text("samples", samples_markdown(samples), step)
 
     def sync(self) -> None:
         """Writes the held rows and forces the file to disk (before a checkpoint that covers them)."""

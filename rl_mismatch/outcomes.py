@@ -47,9 +47,9 @@ def _sorted(rows: Sequence[Row]) -> list[Row]:
 
 
 def is_training_row(row: Row) -> bool:
-    """True unless the row holds nothing but ``eval/*`` metrics (e.g. a final evaluation logged
-    after the last update); such rows are not RL steps."""
-    return any(k != "step" and not k.startswith("eval/") for k in row)
+    """True unless the row holds nothing but ``eval/*`` metrics and their ``time/eval_s`` (e.g. a
+    final evaluation logged after the last update); such rows are not RL steps."""
+    return any(k not in ("step", "time/eval_s") and not k.startswith("eval/") for k in row)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import importlib
 import json
+import logging
 import math
 import os
 import signal
@@ -167,6 +168,18 @@ def test_a_bad_config_file_is_one_error_line(tmp_path, config, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_print_config_prints_the_resolved_settings_and_runs_nothing(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py", "--config.steps=3",
+           "--print_config"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == json.loads(json.dumps(_tiny(steps=3).to_dict()))
+    # Without --print_config, the workdir is required: one line, no traceback.
+    proc = subprocess.run(cmd[:-1], cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --workdir is required: the run directory (a run already in it is resumed).")
+
+
 # --------------------------------------------------------------------------------------------
 # The tiny run
 
@@ -186,7 +199,7 @@ def test_tiny_end_to_end(tiny_run):
     for key in ("reward/mean", "reward/accuracy", "reward/format", "rollout/response_length_mean",
                 "rollout/finished_frac", "mismatch/k3", "mismatch/prob_diff_max", "is/weight_mean",
                 "opt/grad_norm", "opt/grad_sq_small", "opt/grad_sq_big", "lr/scale", "time/compile_s",
-                "time/step_s"):
+                "time/step_s", "time/tokens_per_s"):
         assert all(key in r and math.isfinite(r[key]) for r in rows), key
     # One step's noise-scale estimate is +inf when its |G|^2 estimate is <= 0 (documented).
     assert all(not math.isnan(r["opt/grad_noise_scale"]) for r in rows)
@@ -456,22 +469,41 @@ def test_gather_rows_packs_mixed_dtypes_into_one_collective(monkeypatch):
     assert experiment._gather_rows(rewards)[0].shape == (6,)
 
 
-def test_eval_rows_and_resume_with_eval(tmp_path):
+def _samples(workdir):
+    with open(workdir / "samples.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eval_rows_and_resume_with_eval(tmp_path, caplog):
     """Greedy eval every 2 steps and after the last update; a run extended from 2 to 4 steps
-    writes exactly the rows of an uninterrupted 4-step run (its old final-eval row is replaced)."""
-    cfg = _tiny(steps=4, **{"eval.every": 2})
+    writes exactly the rows (and sampled replies) of an uninterrupted 4-step run (its old
+    final-eval row is replaced); the run ends with its summary."""
+    caplog.set_level(logging.INFO, logger="absl")
+    cfg = _tiny(steps=4, **{"eval.every": 2, "log.samples_every": 2, "log.samples_per_step": 3})
     experiment.run(cfg, tmp_path / "whole")
     whole = read_metrics(tmp_path / "whole")
+    # Steps 0 and 2, three replies each: one per prompt first (the tiny run has 2 prompts x 4).
+    samples = _samples(tmp_path / "whole")
+    assert [s["step"] for s in samples] == [0, 0, 0, 2, 2, 2]
+    assert samples[0]["question"] != samples[1]["question"] and samples[0]["question"] == samples[2]["question"]
+    assert set(samples[0]) == {"step", "question", "answer", "response", "reward", "correct", "length", "finished"}
+    assert all(0 < s["length"] <= 48 and isinstance(s["response"], str) for s in samples)
+    log = caplog.text
+    assert "Run finished: 4/4 steps" in log and "held-out accuracy:" in log and "after step 3" in log
+    assert "mismatch k3:" in log and "python -m experiments.plot --workdir" in log
+    assert "step 0 (1/4) |" in log and "step 3 (4/4) |" in log and "ETA" in log and "tok/s" in log
     assert [r["step"] for r in whole] == [0, 1, 2, 3, 4]
     assert [r["step"] for r in whole if "eval/accuracy" in r] == [0, 2, 4]
     assert set(whole[4]) == {"step", "eval/accuracy", "eval/format", "eval/response_length_mean",
                              "eval/finished_frac", "time/eval_s"}
     assert all(0 <= r["eval/finished_frac"] <= 1 and 0 < r["eval/response_length_mean"] <= 48
                for r in whole if "eval/accuracy" in r)
-    experiment.run(_tiny(steps=2, **{"eval.every": 2}), tmp_path / "parts")
+    experiment.run(_tiny(steps=2, **{"eval.every": 2, "log.samples_every": 2, "log.samples_per_step": 3}),
+                   tmp_path / "parts")
     assert [r["step"] for r in read_metrics(tmp_path / "parts")] == [0, 1, 2]  # 2 = the final eval
     experiment.run(cfg, tmp_path / "parts")
     assert _comparable(read_metrics(tmp_path / "parts")) == _comparable(whole)
+    assert _samples(tmp_path / "parts") == samples
     # A finished run is left alone: rerunning it changes nothing.
     assert experiment.run(cfg, tmp_path / "parts") is None
     assert _comparable(read_metrics(tmp_path / "parts")) == _comparable(whole)

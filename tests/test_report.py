@@ -199,6 +199,13 @@ def test_criterion_reports_the_earliest_rule_that_fires():
     assert outcomes.InstabilityCriterion().first_unstable_step(rows) == (2, "non-finite loss/policy")
 
 
+def test_a_final_eval_row_is_not_a_training_step():
+    assert not outcomes.is_training_row({"step": 30, "eval/accuracy": 0.5, "time/eval_s": 3.0})
+    assert outcomes.is_training_row({"step": 29, "eval/accuracy": 0.5, "time/eval_s": 3.0, "reward/mean": 0.1})
+    rows = _finished_fracs([1, 1]) + [{"step": 2, "eval/accuracy": 0.5, "time/eval_s": 3.0}]
+    assert outcomes.run_outcome(rows).steps_done == 2
+
+
 def test_criterion_rejects_bad_settings():
     with pytest.raises(ValueError, match="unfinished_steps"):
         outcomes.InstabilityCriterion(unfinished_steps=0)

@@ -102,6 +102,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.every = 1
     c.log.tensorboard = True
+    c.log.samples_every = 10  # Every N-th step writes some rollouts to samples.jsonl; 0: never.
+    c.log.samples_per_step = 4
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # Greedy accuracy on the eval split every N steps (eval/*); 0 = off.

@@ -20,7 +20,8 @@ Every example has the features
   not the on-disk order).
 
 Build with :func:`prepare_reasoning_gym` or :func:`prepare_jsonl` (idempotent: a dataset that is
-already on disk is reused), then read with ``tfds.data_source(name, split=..., data_dir=...)``
+already on disk is reused; each logs one line saying which, in place of tfds' progress bars and
+banners), then read with ``tfds.data_source(name, split=..., data_dir=...)``
 or :func:`rl_mismatch.tasks.pipeline.load_split`. The builders skip tfds' global registry on
 purpose: reading goes through the files alone (``dataset_info.json`` + ArrayRecord shards), so a
 second import of this module (pytest doctests, a re-run notebook cell) cannot collide, and
@@ -33,17 +34,22 @@ renaming a temporary directory, and two concurrent renames of the same dataset r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
 import re
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
+from tensorflow_datasets.core.utils import tqdm_utils
 
 # The feature set shared by every task builder; see the module docstring.
 _FEATURES = {
@@ -297,6 +303,31 @@ class ReasoningGym(_TaskBuilder, skip_registration=True):
             }
 
 
+def _prepare(builder: _TaskBuilder) -> None:
+    """``builder.download_and_prepare()``, saying in one log line what it did.
+
+    tfds' own output for a local dataset of a few hundred examples is noise: progress bars per
+    split, a "downloading and preparing" banner and 250-character shuffling lines. They are
+    swallowed here (the bars switched off, the banners printed to a buffer) and the dataset is
+    named once, with its split sizes.
+    """
+    if builder.is_prepared():
+        builder.download_and_prepare()  # Reads and checks what is on disk.
+        logging.info("Reusing the dataset %s/%s in %s.", builder.name, builder.builder_config.name, builder.data_dir)
+        return
+    t0 = time.perf_counter()
+    bars = getattr(tqdm_utils, "_active", True)  # tfds keeps its switch private; restored below.
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare()
+    finally:
+        tfds.display_progress_bar(bars)
+    sizes = ", ".join(f"{builder.info.splits[s].num_examples} {s}" for s in sorted(builder.info.splits))
+    logging.info("Generated the dataset %s/%s (%s examples) in %s, %.1f s.", builder.name,
+                 builder.builder_config.name, sizes, builder.data_dir, time.perf_counter() - t0)
+
+
 def prepare_reasoning_gym(
     task: str,
     data_dir: str | os.PathLike,
@@ -323,7 +354,7 @@ def prepare_reasoning_gym(
         task, train_size=train_size, eval_size=eval_size, seed=seed, **task_kwargs
     )
     builder = ReasoningGym(config=config, data_dir=os.fspath(data_dir))
-    builder.download_and_prepare()
+    _prepare(builder)
     return f"{ReasoningGym.name}/{config.name}"
 
 
@@ -549,5 +580,5 @@ def prepare_jsonl(
     """
     config = jsonl_config(path, eval_path=eval_path, eval_size=eval_size, seed=seed)
     builder = JsonlQA(config=config, data_dir=os.fspath(data_dir))
-    builder.download_and_prepare()
+    _prepare(builder)
     return f"{JsonlQA.name}/{config.name}"
