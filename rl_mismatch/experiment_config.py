@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import optax
 
-from rl_mismatch import losses, optim
+from rl_mismatch import corrections, losses, optim
 from rl_mismatch.models.decoder import Remat
 from rl_mismatch.precision import parse_dtype
 from rl_mismatch.sampler import SamplingConfig
@@ -315,7 +315,17 @@ class OptimSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-    """Advantages, policy loss and the mismatch correction (``rl_mismatch.losses``)."""
+    """Advantages, policy loss and the mismatch correction (``rl_mismatch.losses``).
+
+    Attributes:
+      correction: a preset name (``none``, ``bypass``, ``token_tis``, ``token_mis``, ``seq_tis``,
+        ``seq_mis``, ``geo_mask``, ``token_k3``, ``seq_k3``) whose thresholds are
+        ``correction_low``/``correction_high``, or a composed correction that carries its own,
+        e.g. ``"seq_is(2) + seq_max_k3(0.1)"`` (grammar, presets and their verl equivalents:
+        ``rl_mismatch.corrections``).
+      dual_clip: dual-clip PPO's bound c > 1 (verl's ``clip_ratio_c``); 0 = off.
+      The other fields are those of :class:`~rl_mismatch.losses.LossConfig`.
+    """
 
     advantage_mode: str = "grpo"
     policy_loss: str = "ppo"
@@ -326,6 +336,7 @@ class LossSettings:
     correction: str = "none"
     correction_low: float | None = None
     correction_high: float | None = None
+    dual_clip: float = 0.0
 
     def __post_init__(self):
         _check_literal(self.advantage_mode, losses.AdvantageMode, "loss.advantage_mode")
@@ -336,10 +347,11 @@ class LossSettings:
 
     def loss_config(self) -> losses.LossConfig:
         """The library's :class:`~rl_mismatch.losses.LossConfig` (validates itself)."""
-        correction = losses.CorrectionConfig(self.correction, low=self.correction_low, high=self.correction_high)
+        correction = corrections.parse_correction(self.correction, low=self.correction_low, high=self.correction_high)
         return losses.LossConfig(policy_loss=self.policy_loss, clip_eps_low=self.clip_eps_low,
                                  clip_eps_high=self.clip_eps_high, aggregation=self.aggregation,
-                                 norm_length=self.norm_length or None, correction=correction)
+                                 norm_length=self.norm_length or None, correction=correction,
+                                 dual_clip=self.dual_clip or None)
 
 
 @dataclasses.dataclass(frozen=True)

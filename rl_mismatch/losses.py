@@ -13,11 +13,13 @@ so π_θ and π_old hold the same parameters and the PPO ratio π_θ/π_old is 1
 gradient is what matters); the samples, though, came from μ, not π_old. So by default:
 
 * the PPO/GSPO ratio is taken against π_old (``old_logp_BT``, detached), and
-* the correction weight is ρ_t = π_old(y_t)/μ(y_t) = exp(old_logp − sampler_logp), which
-  corrects for sampling from μ instead of π_old (truncated/masked as the mode says).
+* the correction weight is built from ρ_t = π_old(y_t)/μ(y_t) = exp(old_logp − sampler_logp),
+  which corrects for sampling from μ instead of π_old: one IS weighting (truncated) and any
+  rejection criteria, `rl_mismatch.corrections`.
 
-In ``'bypass'`` mode μ itself is the old policy: the ratio is π_θ/μ (so PPO clipping bounds the
-sampler/trainer mismatch directly) and there is no separate correction weight (w = 1).
+In bypass mode μ itself is the old policy: the ratio is π_θ/μ (so PPO clipping bounds the
+sampler/trainer mismatch directly) and there is no IS weight; rejection criteria may still
+mask tokens.
 
 Per-token loss, then aggregation (``l_{i,t}`` is masked by ``mask_BT``)::
 
@@ -40,32 +42,16 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from rl_mismatch import corrections
+
 AdvantageMode = Literal["grpo", "dr_grpo"]
 PolicyLoss = Literal["ppo", "reinforce", "gspo"]
 Aggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
-CorrectionMode = Literal[
-    "none", "token_tis", "token_mis", "seq_tis", "seq_mis", "geo_mask", "token_k3", "seq_k3", "bypass"]
-
-# Log-ratios are clamped to ±_MAX_LOG_RATIO before `exp` where the result is used as a value:
-# exp(20) ≈ 4.9e8 is far past any clip range, while exp(89) already overflows float32 and an
-# inf ratio times a zero advantage (or a masked-out token) would give NaN. The clamp only
-# changes tokens whose ratio is beyond 4.9e8 (or below 2e-9); their gradient becomes zero.
-_MAX_LOG_RATIO = 20.0
-
-_SEQUENCE_MODES = ("seq_tis", "seq_mis", "geo_mask", "seq_k3")
-
-# Which of (low, high) each correction mode needs: "req" required, "opt" optional, absent = must be None.
-_THRESHOLDS: dict[str, dict[str, str]] = {
-    "none": {},
-    "bypass": {},
-    "token_tis": {"high": "req"},
-    "seq_tis": {"high": "req"},
-    "token_mis": {"low": "req", "high": "req"},
-    "seq_mis": {"low": "opt", "high": "req"},
-    "geo_mask": {"low": "req", "high": "req"},
-    "token_k3": {"high": "req"},
-    "seq_k3": {"high": "req"},
-}
+# Re-exported: the correction settings live in `rl_mismatch.corrections`.
+CorrectionConfig = corrections.CorrectionConfig
+Correction = corrections.Correction
+CorrectionMode = corrections.CorrectionMode
+_MAX_LOG_RATIO = corrections.MAX_LOG_RATIO  # why ±20: see there
 
 
 def _check_literal(value, literal, name: str):
@@ -129,70 +115,6 @@ def compute_advantages(rewards_B: jax.Array, group_size: int, mode: AdvantageMod
 
 
 @dataclasses.dataclass(frozen=True)
-class CorrectionConfig:
-    """Which sampler/trainer mismatch correction to apply, and its thresholds.
-
-    ρ_t = exp(r_t), r_t = log π_old(y_t) − log μ(y_t); R_i = Σ_t r_t (so Π_t ρ_t = exp(R_i));
-    k3_t = ρ_t − 1 − r_t. Weights w are detached. ``low``/``high`` mean, per mode:
-
-    ============  ======================================================  ==========  ==========
-    mode          weight                                                  low         high
-    ============  ======================================================  ==========  ==========
-    none          w = 1                                                   —           —
-    bypass        w = 1, and μ is the PPO/GSPO old policy                 —           —
-    token_tis     w_t = min(ρ_t, C)                                       —           C
-    token_mis     w_t = ρ_t · 1[L ≤ ρ_t ≤ U]   (IcePop, two-sided)        L           U
-    seq_tis       w_i = min(Π_t ρ_t, C)                                   —           C
-    seq_mis       w_i = Π_t ρ_t · 1[L ≤ Π_t ρ_t ≤ U]                      L (opt., 0)  U
-    geo_mask      w_i = 1[L ≤ exp(mean_t r_t) ≤ U]                        L           U
-    token_k3      w_t = 1[k3_t ≤ δ]                                       —           δ
-    seq_k3        w_i = 1[mean_t k3_t ≤ δ]                                —           δ
-    ============  ======================================================  ==========  ==========
-
-    A threshold a mode does not use must be left ``None`` (so a config never looks as if it
-    set something that has no effect).
-
-    Attributes:
-      mode: one of the modes above.
-      low: lower threshold L (> 0 for geo_mask, >= 0 otherwise).
-      high: upper threshold C, U or δ (> 0, and > low).
-    """
-
-    mode: CorrectionMode = "none"
-    low: float | None = None
-    high: float | None = None
-
-    def __post_init__(self):
-        _check_literal(self.mode, CorrectionMode, "CorrectionConfig.mode")
-        spec = _THRESHOLDS[self.mode]
-        for name in ("low", "high"):
-            value = getattr(self, name)
-            need = spec.get(name)
-            if value is None:
-                if need == "req":
-                    raise ValueError(f"CorrectionConfig(mode={self.mode!r}) needs `{name}`; see the table in the "
-                                     "CorrectionConfig docstring.")
-                continue
-            if need is None:
-                raise ValueError(f"CorrectionConfig(mode={self.mode!r}) does not use `{name}`; leave it None.")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"CorrectionConfig.{name} must be a finite number, got {value!r}.")
-        if self.high is not None and self.high <= 0:
-            raise ValueError(f"CorrectionConfig.high must be > 0, got {self.high}.")
-        if self.low is not None:
-            if self.low < 0 or (self.mode == "geo_mask" and self.low == 0):
-                raise ValueError(f"CorrectionConfig.low must be {'> 0' if self.mode == 'geo_mask' else '>= 0'} "
-                                 f"for mode {self.mode!r}, got {self.low}.")
-            if self.low >= self.high:
-                raise ValueError(f"CorrectionConfig needs low < high, got low={self.low}, high={self.high}.")
-
-    @property
-    def sequence_level(self) -> bool:
-        """True if the weight is one number per sequence."""
-        return self.mode in _SEQUENCE_MODES
-
-
-@dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Policy loss, aggregation and correction. Frozen and hashable: pass it as a jit static arg.
 
@@ -205,7 +127,11 @@ class LossConfig:
       aggregation: how per-token losses become a scalar; see `compute_policy_loss`.
       norm_length: the constant L of ``'seq_mean_token_sum_norm'`` (Dr. GRPO uses the maximum
         generation length); required for that mode and None otherwise.
-      correction: the sampler/trainer mismatch correction.
+      correction: the sampler/trainer mismatch correction: a named preset
+        (`CorrectionConfig`) or a composed `Correction` (`rl_mismatch.corrections`).
+      dual_clip: dual-clip PPO's bound c > 1 (Ye et al. 2020; verl's ``clip_ratio_c``, default
+        3 there): for A < 0 the per-token loss −q·A is capped at −c·A, so a token whose ratio
+        q exceeds c stops pushing. None (default) is off. PPO and GSPO only.
     """
 
     policy_loss: PolicyLoss = "ppo"
@@ -213,7 +139,8 @@ class LossConfig:
     clip_eps_high: float = 0.2
     aggregation: Aggregation = "token_mean"
     norm_length: int | None = None
-    correction: CorrectionConfig = CorrectionConfig()
+    correction: CorrectionConfig | Correction = CorrectionConfig()
+    dual_clip: float | None = None
 
     def __post_init__(self):
         _check_literal(self.policy_loss, PolicyLoss, "LossConfig.policy_loss")
@@ -229,112 +156,21 @@ class LossConfig:
         elif self.norm_length is not None:
             raise ValueError(f"norm_length is only used by aggregation='seq_mean_token_sum_norm', not "
                              f"{self.aggregation!r}; leave it None.")
-        if not isinstance(self.correction, CorrectionConfig):
-            raise ValueError(f"correction must be a CorrectionConfig, got {type(self.correction).__name__}.")
+        if not isinstance(self.correction, (CorrectionConfig, Correction)):
+            raise ValueError("correction must be a CorrectionConfig (a preset) or a Correction, got "
+                             f"{type(self.correction).__name__}; corrections.parse_correction reads a string.")
+        if self.dual_clip is not None:
+            if self.policy_loss == "reinforce":
+                raise ValueError("dual_clip caps the clipped PPO/GSPO surrogate; policy_loss='reinforce' has none. "
+                                 "Leave dual_clip None.")
+            if isinstance(self.dual_clip, bool) or not isinstance(self.dual_clip, (int, float)) or not (
+                    math.isfinite(self.dual_clip) and self.dual_clip > 1):
+                raise ValueError(f"dual_clip must be a finite number > 1 (verl's default is 3), got {self.dual_clip!r}.")
 
 
 # --------------------------------------------------------------------------------------------
 # Pieces
 # --------------------------------------------------------------------------------------------
-
-
-def _masked_stats(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Mean, population std and max of x over `valid` entries (0 for all three if none)."""
-    n = jnp.maximum(valid.sum(), 1)
-    mean = jnp.where(valid, x, 0).sum() / n
-    var = jnp.where(valid, jnp.square(x - mean), 0).sum() / n
-    mx = jnp.where(valid.any(), jnp.where(valid, x, -jnp.inf).max(), 0.0)
-    return mean, jnp.sqrt(var), mx
-
-
-def _k3(r: jax.Array) -> jax.Array:
-    """k3_t = ρ_t − 1 − r_t = e^r − 1 − r ≥ 0, accurate for small r and finite for large r.
-
-    Written naively, float32 cancellation leaves k3 wrong by 3x at r = 1e-4, exactly where a
-    small (e.g. fp16) mismatch lives and where k3 thresholds are set. For |r| < 0.5 we use the
-    Taylor series r²(1/2 + r/6 + … + r⁶/8!) (dropped terms < 1e-7 relative); beyond that
-    expm1(r) − r, with r clamped above at _MAX_LOG_RATIO so exp stays finite: k3 is exact up to
-    r = 20 and > 4.8e8 beyond, so a clamped token is rejected by any sane threshold. r = +inf
-    gives 4.8e8 and r = −inf gives +inf (both rejected), never −inf.
-    """
-    coefs = (1 / 40320, 1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2)
-    poly = jnp.zeros_like(r)
-    for c in coefs:  # Horner
-        poly = poly * r + c
-    big = jnp.minimum(r, _MAX_LOG_RATIO)
-    return jnp.where(jnp.abs(r) < 0.5, r * r * poly, jnp.expm1(big) - big)
-
-
-def _correction_weights(config: CorrectionConfig, log_rho_BT: jax.Array, mask_BT: jax.Array):
-    """Detached correction weights [B, T] and the `is/...` metrics.
-
-    Statistics are over the units the correction acts on: valid tokens for token-level
-    modes, non-empty sequences for sequence-level ones.
-    """
-    mode = config.mode
-    valid_B = mask_BT.any(axis=1)
-    clipped = masked = None
-    if mode in ("none", "bypass"):
-        unit_w, unit_valid = jnp.ones_like(log_rho_BT), mask_BT
-        w_BT = unit_w
-    elif mode in ("token_tis", "token_mis", "token_k3"):
-        unit_valid = mask_BT
-        if mode == "token_tis":
-            log_c = math.log(config.high)
-            clipped = log_rho_BT > log_c
-            unit_w = jnp.exp(jnp.minimum(log_rho_BT, log_c))  # = min(ρ, C); no overflow possible
-        elif mode == "token_mis":
-            # Compare in log space: exact, and exp is only taken where r ≤ log U.
-            keep = (log_rho_BT <= math.log(config.high)) & (
-                log_rho_BT >= (math.log(config.low) if config.low > 0 else -jnp.inf))
-            masked = ~keep
-            unit_w = jnp.where(keep, jnp.exp(jnp.minimum(log_rho_BT, math.log(config.high))), 0.0)
-        else:
-            k3 = _k3(log_rho_BT)
-            masked = ~(k3 <= config.high)
-            unit_w = jnp.where(masked, 0.0, 1.0)
-        w_BT = unit_w
-    else:
-        unit_valid = valid_B
-        n_B = jnp.maximum(mask_BT.sum(axis=1), 1)
-        log_w_B = log_rho_BT.sum(axis=1)  # log Π_t ρ_t; padded positions hold 0
-        if mode == "seq_tis":
-            log_c = math.log(config.high)
-            clipped = log_w_B > log_c
-            unit_w = jnp.exp(jnp.minimum(log_w_B, log_c))
-        elif mode == "seq_mis":
-            low = math.log(config.low) if config.low else -jnp.inf
-            keep = (log_w_B <= math.log(config.high)) & (log_w_B >= low)
-            masked = ~keep
-            unit_w = jnp.where(keep, jnp.exp(jnp.minimum(log_w_B, math.log(config.high))), 0.0)
-        elif mode == "geo_mask":
-            mean_r_B = log_w_B / n_B  # log of the geometric mean of ρ
-            masked = ~((mean_r_B >= math.log(config.low)) & (mean_r_B <= math.log(config.high)))
-            unit_w = jnp.where(masked, 0.0, 1.0)
-        else:  # seq_k3
-            k3_B = jnp.where(mask_BT, _k3(log_rho_BT), 0.0).sum(axis=1) / n_B
-            masked = ~(k3_B <= config.high)
-            unit_w = jnp.where(masked, 0.0, 1.0)
-        w_BT = jnp.broadcast_to(unit_w[:, None], mask_BT.shape)
-
-    n_units = jnp.maximum(unit_valid.sum(), 1)
-    w_mean, w_std, w_max = _masked_stats(unit_w, unit_valid)
-    w2_mean = jnp.where(unit_valid, jnp.square(unit_w), 0).sum() / n_units
-    zeros = jnp.zeros((), jnp.float32)
-    frac = lambda flags: zeros if flags is None else (flags & unit_valid).sum() / n_units  # noqa: E731
-    n_tok = jnp.maximum(mask_BT.sum(), 1)
-    metrics = {
-        "is/weight_mean": w_mean,
-        "is/weight_std": w_std,
-        "is/weight_max": w_max,
-        "is/frac_clipped": frac(clipped),
-        "is/frac_masked": frac(masked),
-        "is/masked_token_frac": zeros if masked is None else (
-            mask_BT & jnp.broadcast_to(masked if masked.ndim == 2 else masked[:, None], mask_BT.shape)).sum() / n_tok,
-        # ESS fraction 1/mean(w̃²), w̃ = w/mean(w)  ⇔  mean(w)²/mean(w²); 0 if every weight is 0.
-        "is/ess": jnp.where(w2_mean > 0, jnp.square(w_mean) / jnp.maximum(w2_mean, 1e-30), 0.0),
-    }
-    return w_BT, metrics
 
 
 def loss_normalizer(mask_BT: jax.Array, config: LossConfig) -> jax.Array:
@@ -352,20 +188,60 @@ def loss_normalizer(mask_BT: jax.Array, config: LossConfig) -> jax.Array:
     return mask_BT.any(axis=1).sum().astype(jnp.float32)
 
 
+def is_batch_mean(old_logp_BT: jax.Array, sampler_logp_BT: jax.Array, mask_BT: jax.Array,
+                  config: LossConfig) -> jax.Array:
+    """The divisor of batch-normalised IS weights over this batch (1.0 if the correction has none).
+
+    When a batch is split into micro-batches, compute this on the whole batch and pass it to
+    every `compute_policy_loss` call, as with `loss_normalizer`.
+    """
+    mask = jnp.asarray(mask_BT).astype(bool)
+    old, samp = (jax.lax.stop_gradient(jnp.where(mask, x.astype(jnp.float32), 0.0))
+                 for x in (old_logp_BT, sampler_logp_BT))
+    return corrections.batch_mean(corrections.resolve(config.correction), old - samp, mask)
+
+
+def _ratio(config: LossConfig, logp: jax.Array, ref: jax.Array, mask: jax.Array, n_B: jax.Array) -> jax.Array:
+    """q_t: π_θ/π_old per token, or GSPO's sequence ratio with per-token gradient."""
+    if config.policy_loss == "gspo":
+        # Mean log-ratio per sequence, clamped before exp (see _MAX_LOG_RATIO).
+        log_s_B = jnp.where(mask, logp - ref, 0.0).sum(axis=1) / jnp.maximum(n_B, 1.0)
+        log_s_B = jnp.clip(jax.lax.stop_gradient(log_s_B), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return jnp.exp(log_s_B[:, None] + logp - jax.lax.stop_gradient(logp))
+    return jnp.exp(jnp.clip(logp - ref, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+
+
+def _surrogate(config: LossConfig, ratio: jax.Array, adv_B1: jax.Array):
+    """Per-token pg_t and the flags of the tokens whose gradient a clip zeroes (clip, dual clip)."""
+    if config.policy_loss == "reinforce":
+        return -ratio * adv_B1, jnp.zeros(ratio.shape, bool), None
+    lo, hi = 1.0 - config.clip_eps_low, 1.0 + config.clip_eps_high
+    pg = -jnp.minimum(ratio * adv_B1, jnp.clip(ratio, lo, hi) * adv_B1)
+    q = jax.lax.stop_gradient(ratio)
+    clipped = ((adv_B1 > 0) & (q > hi)) | ((adv_B1 < 0) & (q < lo))
+    if config.dual_clip is None:
+        return pg, clipped, None
+    # Dual clip: for A < 0 the loss −q·A grows without bound in q; cap it at −c·A.
+    c = config.dual_clip
+    return jnp.where(adv_B1 < 0, jnp.minimum(pg, -c * adv_B1), pg), clipped, (adv_B1 < 0) & (q > c)
+
+
 def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp_BT: jax.Array,
                         advantages_B: jax.Array, mask_BT: jax.Array, config: LossConfig, *,
-                        normalizer: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        normalizer: jax.Array | None = None,
+                        is_batch_mean: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Policy-gradient loss with a sampler/trainer mismatch correction.
 
     With o_t the old policy's log-prob (``old_logp`` by default, ``sampler_logp`` in bypass
-    mode, always detached), A_i the advantage, w the correction weight (`CorrectionConfig`)::
+    mode, always detached), A_i the advantage, w the correction weight (`rl_mismatch.corrections`)::
 
         ppo:        q_t = exp(log π_θ(y_t) − o_t)
                     pg_t = −min(q_t A_i, clip(q_t, 1 − ε_low, 1 + ε_high) A_i)
+                    with dual_clip c, for A_i < 0: pg_t = min(pg_t, −c A_i)
         reinforce:  pg_t = −q_t A_i        (∇ = −A_i ∇log π_θ at π_θ = π_old: REINFORCE)
         gspo:       s_i = exp(mean_t (log π_θ(y_t) − o_t))   (sequence ratio, length-normalised)
                     q_t = sg(s_i) · π_θ(y_t) / sg(π_θ(y_t))   (value s_i, ∇q_t = s_i ∇log π_θ(y_t))
-                    pg_t = −min(q_t A_i, clip(q_t, 1 − ε_low, 1 + ε_high) A_i)
+                    pg_t = −min(q_t A_i, clip(q_t, 1 − ε_low, 1 + ε_high) A_i)   (dual clip as ppo)
         l_t = w_t · pg_t
 
     GSPO is written in its token form (GSPO paper, eq. for GSPO-token with equal token
@@ -385,7 +261,7 @@ def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp
     Args:
       logp_BT: [B, T] log π_θ of the sampled tokens; the only input differentiated.
       old_logp_BT: [B, T] trainer's rescored log-probs (treated as constants); not used in
-        ``'bypass'`` mode.
+        bypass mode (rejection criteria then act on log π_θ − log μ, detached).
       sampler_logp_BT: [B, T] sampler's log-probs (treated as constants).
       advantages_B: [B] advantages (treated as constants).
       mask_BT: [B, T] bool or 0/1, True on response tokens. Other positions may hold any
@@ -393,15 +269,22 @@ def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp
       config: the `LossConfig`.
       normalizer: optional scalar N overriding `loss_normalizer(mask_BT, config)`, for
         micro-batching.
+      is_batch_mean: optional divisor of batch-normalised IS weights overriding this batch's
+        own (`is_batch_mean`), for micro-batching.
 
     Returns:
       ``(loss, metrics)``: float32 scalar and a dict of float32 scalars: ``loss/policy``,
       ``loss/clip_frac`` (fraction of tokens whose gradient the PPO/GSPO clip zeroes),
-      ``loss/ratio_mean``, ``loss/ratio_max`` (q over tokens), and the correction's
-      ``is/weight_mean``, ``is/weight_std``, ``is/weight_max``, ``is/frac_clipped``,
-      ``is/frac_masked``, ``is/masked_token_frac``, ``is/ess``. The ``is/*`` statistics are of
-      the weights w as applied (after truncation or masking; per token or per sequence as the
-      correction works); the ESS of the raw token ratios ρ_t is ``mismatch/ess``.
+      ``loss/ratio_mean``, ``loss/ratio_max`` (q over tokens), with ``dual_clip`` also
+      ``loss/dual_clip_frac`` (tokens whose gradient the dual clip zeroes), and the
+      correction's statistics (`rl_mismatch.corrections.weights`): ``is/weight_mean``,
+      ``is/weight_std``, ``is/weight_max``, ``is/frac_clipped``, ``is/frac_masked``,
+      ``is/masked_token_frac``, ``is/ess`` of the weights w as applied (after truncation,
+      batch normalisation and rejection; per token or per sequence as the correction works);
+      with an IS weighting ``is/raw_ratio_{mean,std,min,max}`` of the ratios before
+      truncation (and ``is/batch_norm_mean`` if batch-normalised); per rejection criterion
+      ``is/reject/<criterion>/{token_frac,seq_frac}`` (and ``seq_touched_frac`` for a token
+      criterion). The ESS of the raw token ratios ρ_t is ``mismatch/ess``.
 
     >>> cfg = LossConfig(correction=CorrectionConfig('token_tis', high=2.0))
     >>> lp = jnp.log(jnp.array([[0.5, 0.25]]))
@@ -409,18 +292,7 @@ def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp
     >>> float(loss), float(m['is/frac_clipped'])   # ρ = 4 is truncated to 2; −(2·1 + 2·1)/2
     (-2.0, 1.0)
     """
-    shape = jnp.shape(logp_BT)
-    if len(shape) != 2:
-        raise ValueError(f"logp_BT must be [B, T], got shape {shape}.")
-    for name, x in (("old_logp_BT", old_logp_BT), ("sampler_logp_BT", sampler_logp_BT), ("mask_BT", mask_BT)):
-        if jnp.shape(x) != shape:
-            raise ValueError(f"{name} has shape {jnp.shape(x)}, expected logp_BT's shape {shape}.")
-    if jnp.shape(advantages_B) != shape[:1]:
-        raise ValueError(f"advantages_B has shape {jnp.shape(advantages_B)}, expected [{shape[0]}] "
-                         "(one advantage per sequence).")
-    if not isinstance(config, LossConfig):
-        raise ValueError(f"config must be a LossConfig, got {type(config).__name__}.")
-
+    _check_loss_args(logp_BT, old_logp_BT, sampler_logp_BT, advantages_B, mask_BT, config)
     mask = jnp.asarray(mask_BT).astype(bool)
     f32 = jnp.float32
     # Loss math in float32 whatever the compute dtype: sums over thousands of tokens and
@@ -433,32 +305,16 @@ def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp
     samp = jax.lax.stop_gradient(jnp.where(mask, sampler_logp_BT.astype(f32), 0.0))
     adv_B1 = jax.lax.stop_gradient(advantages_B.astype(f32))[:, None]
 
-    corr = config.correction
-    if corr.mode == "bypass":
-        ref = samp  # μ is the old policy: the PPO ratio itself is π_θ/μ
-        w_BT, is_metrics = _correction_weights(corr, jnp.zeros_like(old), mask)
-    else:
-        ref = old
-        w_BT, is_metrics = _correction_weights(corr, old - samp, mask)
+    corr = corrections.resolve(config.correction)
+    # Bypass: μ is the old policy, so the PPO ratio itself is π_θ/μ and criteria act on it.
+    ref = samp if corr.bypass else old
+    log_rho = (jax.lax.stop_gradient(logp) if corr.bypass else old) - samp
+    w_BT, is_metrics = corrections.weights(corr, log_rho, mask, norm_mean=is_batch_mean)
     w_BT = jax.lax.stop_gradient(w_BT)  # already constant; explicit so no later edit can leak a gradient
 
     n_B = mask.sum(axis=1).astype(f32)
-    if config.policy_loss == "gspo":
-        # Mean log-ratio per sequence, clamped before exp (see _MAX_LOG_RATIO).
-        log_s_B = jnp.where(mask, logp - ref, 0.0).sum(axis=1) / jnp.maximum(n_B, 1.0)
-        log_s_B = jnp.clip(jax.lax.stop_gradient(log_s_B), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-        ratio = jnp.exp(log_s_B[:, None] + logp - jax.lax.stop_gradient(logp))
-    else:
-        ratio = jnp.exp(jnp.clip(logp - ref, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-
-    if config.policy_loss == "reinforce":
-        pg = -ratio * adv_B1
-        clipped_tok = jnp.zeros_like(mask)
-    else:
-        lo, hi = 1.0 - config.clip_eps_low, 1.0 + config.clip_eps_high
-        pg = -jnp.minimum(ratio * adv_B1, jnp.clip(ratio, lo, hi) * adv_B1)
-        q = jax.lax.stop_gradient(ratio)
-        clipped_tok = ((adv_B1 > 0) & (q > hi)) | ((adv_B1 < 0) & (q < lo))
+    ratio = _ratio(config, logp, ref, mask, n_B)
+    pg, clipped_tok, dual_tok = _surrogate(config, ratio, adv_B1)
 
     l_BT = jnp.where(mask, w_BT * pg, 0.0)
     if config.aggregation == "seq_mean_token_mean":
@@ -478,7 +334,22 @@ def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp
         "loss/clip_frac": (clipped_tok & mask).sum() / n_tok,
         "loss/ratio_mean": jnp.where(mask, q, 0.0).sum() / n_tok,
         "loss/ratio_max": jnp.where(mask.any(), jnp.where(mask, q, -jnp.inf).max(), 0.0),
+        **({} if dual_tok is None else {"loss/dual_clip_frac": (dual_tok & mask).sum() / n_tok}),
         **is_metrics,
     }
-    metrics = {k: jax.lax.stop_gradient(v.astype(f32)) for k, v in metrics.items()}
+    metrics = {k: jax.lax.stop_gradient(jnp.asarray(v).astype(f32)) for k, v in metrics.items()}
     return loss, metrics
+
+
+def _check_loss_args(logp_BT, old_logp_BT, sampler_logp_BT, advantages_B, mask_BT, config):
+    shape = jnp.shape(logp_BT)
+    if len(shape) != 2:
+        raise ValueError(f"logp_BT must be [B, T], got shape {shape}.")
+    for name, x in (("old_logp_BT", old_logp_BT), ("sampler_logp_BT", sampler_logp_BT), ("mask_BT", mask_BT)):
+        if jnp.shape(x) != shape:
+            raise ValueError(f"{name} has shape {jnp.shape(x)}, expected logp_BT's shape {shape}.")
+    if jnp.shape(advantages_B) != shape[:1]:
+        raise ValueError(f"advantages_B has shape {jnp.shape(advantages_B)}, expected [{shape[0]}] "
+                         "(one advantage per sequence).")
+    if not isinstance(config, LossConfig):
+        raise ValueError(f"config must be a LossConfig, got {type(config).__name__}.")

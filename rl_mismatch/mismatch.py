@@ -12,7 +12,8 @@ over the response tokens selected by the mask:
 * KL(μ‖π) estimators: ``k1 = mean(−r)``, ``k2 = mean(r²/2)``, ``k3 = mean(ρ − 1 − r)``.
 * ``|π − μ|`` mean / max / std, Pearson correlation of π and μ.
 * per sequence ``d_s = mean_t log μ_t − mean_t log π_t``: ``mean_s d_s``, ``mean_s |d_s|`` and
-  the perplexity ratio ``mean_s exp(d_s)`` (= PPL_π / PPL_μ).
+  the perplexity ratio ``mean_s exp(d_s)`` (= PPL_π / PPL_μ); the absolute log-perplexities
+  ``mean_s (−mean_t log π_t)`` and ``mean_s (−mean_t log μ_t)`` and perplexities ``mean_s PPL_s``.
 * χ²: token ``E[ρ²] − 1``; sequence ``E_s[(Π_t ρ_t)²] − 1``.
 * effective sample size fraction ``mean(ρ)² / mean(ρ²)`` (= 1 / mean(w̃²), w̃ = ρ / mean ρ).
 * quantiles of ρ (0.1 %, 1 %, 50 %, 99 %, 99.9 %) and the fractions of tokens with ρ outside
@@ -42,6 +43,9 @@ DEFAULT_LOG_RATIO_CLAMP = 20.0
 # log(1 + χ²_seq) is clamped here before the final exp: Π_t ρ_t over a long sequence can be
 # exp(±thousands) even with clamped tokens. exp(80) ≈ 5.5e34 < float32 max ≈ 3.4e38.
 _MAX_LOG_CHI2_SEQ = 80.0
+# A sequence's log-perplexity −mean_t log p_t is clamped here: a −inf log-prob (a token one side
+# rules out) makes it +inf, and a perplexity beyond e^80 ≈ 5.5e34 only says "ruled out" too.
+_MAX_LOG_PPL = 80.0
 # Response-position bins [e_i, e_{i+1}); the last bin is [e_last, ∞). Powers of two: the first
 # tokens after the prompt behave differently from the bulk and deserve their own bins.
 POSITION_BIN_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -54,7 +58,8 @@ _RATIO_QUANTILES = (("p001", 1, 1000), ("p01", 1, 100), ("p50", 1, 2), ("p99", 9
 
 METRIC_KEYS = tuple("mismatch/" + k for k in (
     "k1", "k2", "k3", "prob_diff_mean", "prob_diff_max", "prob_diff_std", "prob_pearson",
-    "log_ppl_diff", "log_ppl_abs_diff", "ppl_ratio", "chi2_token", "chi2_seq", "ess",
+    "log_ppl_diff", "log_ppl_abs_diff", "ppl_ratio", "log_ppl_trainer", "log_ppl_sampler", "ppl_trainer",
+    "ppl_sampler", "chi2_token", "chi2_seq", "ess",
     *(f"ratio_{name}" for name, _, _ in _RATIO_QUANTILES), "frac_out_10pct", "frac_out_2x",
     "n_tokens", "n_seqs", "n_clamped", "n_inf_logp",
     "seq_mean_log_ratio_mean", "seq_mean_log_ratio_min", "seq_mean_log_ratio_max",
@@ -445,7 +450,8 @@ def compute_mismatch_metrics(
     Keys ``mismatch/…`` (scalars unless stated):
       k1, k2, k3, prob_diff_mean, prob_diff_max, prob_diff_std (population std),
       prob_pearson (0 when a variance is 0 or there are < 2 tokens), log_ppl_diff,
-      log_ppl_abs_diff, ppl_ratio, chi2_token, chi2_seq (log(1 + χ²) clamped at 80), ess
+      log_ppl_abs_diff, ppl_ratio, log_ppl_trainer, log_ppl_sampler, ppl_trainer, ppl_sampler
+      (per-sequence log-perplexity clamped at 80), chi2_token, chi2_seq (log(1 + χ²) clamped at 80), ess
       (fraction in [0, 1]), ratio_p001, ratio_p01, ratio_p50, ratio_p99, ratio_p999,
       frac_out_10pct (ρ ∉ [0.9, 1.1]), frac_out_2x (ρ ∉ [0.5, 2]);
       n_tokens, n_seqs (rows with ≥ 1 token), n_clamped (|r| beyond the clamp, −inf
@@ -550,6 +556,11 @@ def compute_mismatch_metrics(
     m["mismatch/log_ppl_diff"] = jnp.sum(d_s) * inv_seq  # empty rows have d_s = 0
     m["mismatch/log_ppl_abs_diff"] = jnp.sum(jnp.abs(d_s)) * inv_seq
     m["mismatch/ppl_ratio"] = jnp.sum(jnp.where(has_s, jnp.exp(d_s), 0.0)) * inv_seq
+    for name, lp_BT in (("trainer", t_BT), ("sampler", s_BT)):  # −inf log-probs: see _MAX_LOG_PPL
+        nll_s = -jnp.sum(jnp.where(mask_BT, lp_BT, 0.0), axis=1) / jnp.maximum(n_s, 1).astype(dtype)
+        nll_s = jnp.where(has_s, jnp.minimum(nll_s, _MAX_LOG_PPL), 0.0)
+        m[f"mismatch/log_ppl_{name}"] = jnp.sum(nll_s) * inv_seq
+        m[f"mismatch/ppl_{name}"] = jnp.sum(jnp.where(has_s, jnp.exp(nll_s), 0.0)) * inv_seq
     for name, x_s in (("seq_mean_log_ratio", mean_s), ("seq_sum_log_ratio", sum_s)):
         m[f"mismatch/{name}_mean"] = jnp.sum(x_s) * inv_seq
         m[f"mismatch/{name}_min"] = jnp.where(n_seq > 0, jnp.min(jnp.where(has_s, x_s, jnp.inf)), 0.0)

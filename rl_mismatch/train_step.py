@@ -8,7 +8,8 @@ One call does, for one rollout batch::
         loss_m = compute_policy_loss(logp, old, μ, A, mask, normalizer=N of the whole batch)
         g_m    = ∇_params S·loss_m                              S = loss scale (1 unless float16)
         G     += g_m                                            Σ_m loss_m is the whole-batch loss
-    G = G / S;  finite = isfinite(|G|²)
+    G = G / S;  finite = isfinite(|G|²)                         (batch-normalised IS weights: G also
+                                                                divided by the batch's mean weight)
     if finite: params, opt_state = optimizer.update(G, opt_state, params, **opt_signals)  (lax.cond)
 
 Precision. The master weights and the optimizer state stay float32. The step hands the float32
@@ -80,7 +81,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rl_mismatch import losses, mismatch, optim, precision
+from rl_mismatch import corrections, losses, mismatch, optim, precision
 from rl_mismatch import sharding as shd
 
 
@@ -493,6 +494,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     def constrain(x, spec):
         return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
+    # Batch-normalised IS weights divide by a mean over the whole batch, which needs every
+    # micro-batch's trainer log-probs. The loss is linear in the weights, so micro-batches use
+    # the unnormalised weights (divisor 1) and the summed gradient is divided by the batch's
+    # mean afterwards (`losses.is_batch_mean`). One micro-batch computes it in the loss itself.
+    is_weight = corrections.resolve(loss_config.correction).weight
+    defer_is_mean = n_micro > 1 and is_weight is not None and is_weight.batch_normalize
+
     def micro_grads(params, ls_state, mb: TrainBatch, normalizer):
         """Scaled float32 gradient of the micro-batch's share of the whole-batch loss, and its log-probs."""
 
@@ -505,7 +513,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             # One update per rollout: π_old is π_θ itself, detached (its value, not its gradient).
             old_BT = jax.lax.stop_gradient(logp_BT)
             loss, _ = losses.compute_policy_loss(logp_BT, old_BT, mb.sampler_logp_BT, mb.advantages_B,
-                                                 mb.response_mask_BT, loss_config, normalizer=normalizer)
+                                                 mb.response_mask_BT, loss_config, normalizer=normalizer,
+                                                 is_batch_mean=1.0 if defer_is_mean else None)
             return loss_scale.scale_loss(ls_state, loss), old_BT
 
         # Differentiated with respect to the float32 parameters: the model's casts to the
@@ -544,6 +553,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
             grads, (logp_nbT, sq_n, seqs_n) = jax.lax.scan(body, acc0, jax.tree.map(split, batch))
             logp_BT = constrain(logp_nbT.swapaxes(0, 1).reshape(B, T), P(shd.DATA))
+            if defer_is_mean:
+                is_mean = losses.is_batch_mean(logp_BT, batch.sampler_logp_BT, mask_BT, loss_config)
+                inv = 1.0 / jnp.where(is_mean > 0, is_mean, 1.0)  # as the loss itself guards a zero mean
+                grads = jax.tree.map(lambda g: g * inv, grads)
+                sq_n = sq_n * jnp.square(inv)
 
         sq_scaled = _sq_norm(grads)
         sq_big = sq_scaled * inv_scale_sq

@@ -109,8 +109,13 @@ def np_reference(s_BT, t_BT, mask_BT, ent_BT=None, clamp=mm.DEFAULT_LOG_RATIO_CL
             out[f"mismatch/{name}_mean"] = (np.mean(x), np.mean(np.abs(x)))
             out[f"mismatch/{name}_min"] = (np.min(x), abs(np.min(x)))
             out[f"mismatch/{name}_max"] = (np.max(x), abs(np.max(x)))
+        for name, lp_BT in (("trainer", t_BT), ("sampler", s_BT)):  # −inf: a log-perplexity of +inf, clamped
+            nll = np.array([min(-np.mean(lp_BT[b][mask_BT[b]]), 80.0) for b in range(len(lp_BT)) if mask_BT[b].any()])
+            out[f"mismatch/log_ppl_{name}"] = (np.mean(nll), np.mean(nll))
+            out[f"mismatch/ppl_{name}"] = (np.mean(np.exp(nll)), np.mean(np.exp(nll)))
     else:
-        for k in ("log_ppl_diff", "log_ppl_abs_diff", "ppl_ratio", "chi2_seq",
+        for k in ("log_ppl_diff", "log_ppl_abs_diff", "ppl_ratio", "chi2_seq", "log_ppl_trainer", "log_ppl_sampler",
+                  "ppl_trainer", "ppl_sampler",
                   *(f"seq_{a}_log_ratio_{b}" for a in ("mean", "sum") for b in ("mean", "min", "max"))):
             out["mismatch/" + k] = zero
     with np.errstate(invalid="ignore"):  # −inf − (−inf); those tokens are excluded via `both`

@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from rl_mismatch import losses, optim, precision
+from rl_mismatch.corrections import parse_correction
 from rl_mismatch import sharding as shd
 from rl_mismatch import train_step as ts
 from rl_mismatch.mismatch import rescore
@@ -268,6 +269,31 @@ def test_microbatches_with_sequence_aggregation_and_correction():
     config = losses.LossConfig(aggregation="seq_mean_token_mean",
                                correction=losses.CorrectionConfig("seq_tis", high=2.0))
     _assert_same_step(_one_step(None, 4, loss_config=config), _one_step(None, 1, loss_config=config))
+
+
+@pytest.mark.parametrize("spec", ["token_is(2, batch_norm) + seq_max_k3(5)",
+                                  "seq_is(20, batch_norm) + token_ratio(0.2, 5) + geo_ratio(0.5, 2)"])
+def test_composed_corrections_through_micro_batches_compile_once(spec, count_compiles):
+    """Batch-normalised IS weights divide by a mean over the whole batch, so 4 micro-batches must
+    give the step of 1; rejection and dual clip act on the whole batch alike. After the first
+    step, a composed correction compiles nothing more."""
+    config = losses.LossConfig(correction=parse_correction(spec), dual_clip=3.0)
+    got, ref = _one_step(None, 4, loss_config=config), _one_step(None, 1, loss_config=config)
+    _assert_same_step(got, ref)
+    metrics, ref_metrics = got[1], ref[1]
+    assert float(ref_metrics["is/batch_norm_mean"]) != 1.0
+    for key in ref_metrics:
+        if key.startswith("is/reject/") or key in ("is/batch_norm_mean", "loss/dual_clip_frac"):
+            np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=_REORDER_RTOL, err_msg=key)
+    assert any(0 < ref_metrics[k] < 1 for k in ref_metrics if k.endswith("/token_frac"))
+    step, _ = _step(None, 4, "f32", config)
+    state = _state()
+    state, _ = step(state, _batch(seed=1))
+    with count_compiles() as compiles:
+        for seed in (2, 3):
+            state, metrics = step(state, _batch(seed=seed))
+        jax.block_until_ready((state, metrics))
+    assert (compiles.traces, compiles.lowerings, compiles.n) == (0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,9 +91,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.loss.clip_eps_high = 0.2
     c.loss.aggregation = "token_mean"
     c.loss.norm_length = 0  # Only for aggregation="seq_mean_token_sum_norm".
-    c.loss.correction = "none"  # none, token_tis, token_mis, seq_tis, seq_mis, geo_mask, ...
+    # A preset (none, bypass, token_tis, token_mis, seq_tis, seq_mis, geo_mask, token_k3, seq_k3)
+    # with correction_low/high, or a composition carrying its thresholds, e.g.
+    # "seq_is(2) + seq_max_k3(0.1)" (rl_mismatch.corrections lists the parts and verl equivalents).
+    c.loss.correction = "none"
     c.loss.correction_low = config_dict.placeholder(float)
     c.loss.correction_high = config_dict.placeholder(float)
+    c.loss.dual_clip = 0.0  # Dual-clip PPO's c > 1 (verl's clip_ratio_c = 3); 0 = off.
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 10
