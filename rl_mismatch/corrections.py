@@ -17,18 +17,18 @@ gives every response token a detached weight
 
 Criteria (``k2_t = r_t²/2``, ``k3_t = ρ_t − 1 − r_t``, n_i the sequence's token count):
 
-==============  =========  ==========================================  ==============
-criterion       level      keeps a unit when                           thresholds
-==============  =========  ==========================================  ==============
-token_ratio     token      L ≤ ρ_t ≤ U                                 [L,] U
-seq_ratio       sequence   L ≤ Π_t ρ_t ≤ U                             [L,] U
-geo_ratio       sequence   L ≤ exp(Σ_t r_t / n_i) ≤ U  (geometric mean) [L,] U
-token_k2        token      k2_t ≤ δ                                    δ
-token_k3        token      k3_t ≤ δ                                    δ
-seq_sum_k2/k3   sequence   Σ_t k_t ≤ δ                                 δ
-seq_mean_k2/k3  sequence   Σ_t k_t / n_i ≤ δ                           δ
-seq_max_k2/k3   sequence   max_t k_t ≤ δ                               δ
-==============  =========  ==========================================  ==============
+==============  =========  =============================================  ==========
+criterion       level      keeps a unit when                              thresholds
+==============  =========  =============================================  ==========
+token_ratio     token      L ≤ ρ_t ≤ U                                    [L,] U
+seq_ratio       sequence   L ≤ Π_t ρ_t ≤ U                                [L,] U
+geo_ratio       sequence   L ≤ exp(Σ_t r_t / n_i) ≤ U   (geometric mean)  [L,] U
+token_k2        token      k2_t ≤ δ                                       δ
+token_k3        token      k3_t ≤ δ                                       δ
+seq_sum_k2/k3   sequence   Σ_t k_t ≤ δ                                    δ
+seq_mean_k2/k3  sequence   Σ_t k_t / n_i ≤ δ                              δ
+seq_max_k2/k3   sequence   max_t k_t ≤ δ                                  δ
+==============  =========  =============================================  ==========
 
 A ratio criterion without L (or with L = 0) has no lower bound. Comparisons are made in log
 space, and k3 is computed accurately for tiny r (`_k3`), so thresholds of 1e-8 mean what

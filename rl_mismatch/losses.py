@@ -284,7 +284,8 @@ def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp
       with an IS weighting ``is/raw_ratio_{mean,std,min,max}`` of the ratios before
       truncation (and ``is/batch_norm_mean`` if batch-normalised); per rejection criterion
       ``is/reject/<criterion>/{token_frac,seq_frac}`` (and ``seq_touched_frac`` for a token
-      criterion). The ESS of the raw token ratios ρ_t is ``mismatch/ess``.
+      criterion). The ESS of the raw token ratios ρ_t is ``mismatch/ess``. docs/metrics.md
+      gives every key's formula and its nearest verl, Tunix and TRL key.
 
     >>> cfg = LossConfig(correction=CorrectionConfig('token_tis', high=2.0))
     >>> lp = jnp.log(jnp.array([[0.5, 0.25]]))
