@@ -61,6 +61,7 @@ save is on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -76,7 +77,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rl_mismatch import console, evaluation, losses, sampler, tasks
+from rl_mismatch import console, evaluation, losses, sampler, tasks, train_step
 from rl_mismatch import sharding as shd
 from rl_mismatch.checkpointing import Checkpointer, abstract_like
 from rl_mismatch.experiment_config import (
@@ -281,8 +282,6 @@ def load_trained(workdir: str | os.PathLike, step: int | None = None):
     Raises:
       ValueError: no run in ``workdir``, or no such checkpoint.
     """
-    from rl_mismatch import train_step
-
     workdir = os.fspath(workdir)
     try:
         with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
@@ -329,16 +328,17 @@ def _write_config(workdir: str, cfg: ExperimentConfig) -> None:
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
-def _sampled_replies(cfg: ExperimentConfig, examples, responses: list[str], rewards_B: np.ndarray,
-                     correct_B: np.ndarray, host: Mapping[str, np.ndarray], row_slice: slice) -> list[dict[str, Any]]:
+def _sampled_replies(cfg: ExperimentConfig, examples, scores: Mapping[str, Any], host: Mapping[str, np.ndarray],
+                     row_slice: slice) -> list[dict[str, Any]]:
     """``cfg.log.samples_per_step`` of this process's rollouts for ``samples.jsonl``: the first
     reply to each prompt, then the second, ... (rows are grouped by prompt)."""
-    group = cfg.rollout.group_size
+    group, responses = cfg.rollout.group_size, scores["responses"]
     prompts = len(responses) // group
     rows = [(i % prompts) * group + i // prompts for i in range(min(cfg.log.samples_per_step, len(responses)))]
+    rewards, correct = scores["rewards"][row_slice], scores["correct"][row_slice]
     lengths, finished = host["lengths"][row_slice], host["finished"][row_slice]
     return [{"question": examples[r]["question"], "answer": examples[r]["answer"], "response": responses[r],
-             "reward": float(rewards_B[r]), "correct": bool(correct_B[r]), "length": int(lengths[r]),
+             "reward": float(rewards[r]), "correct": bool(correct[r]), "length": int(lengths[r]),
              "finished": bool(finished[r])} for r in rows]
 
 
@@ -418,30 +418,47 @@ def _finished(cfg: ExperimentConfig, workdir: str) -> bool:
 def _run(cfg: ExperimentConfig, workdir: str, *,
          score_fns: Mapping[str, tasks.rewards.ScoreFn] | None, on_row: Callable[[Row], None] | None) -> Row | None:
     """`run`'s body, in a locked workdir."""
-    from rl_mismatch import train_step  # Imported here: the experiment's one heavy dependency.
+    return _Run(cfg, workdir, score_fns=score_fns, on_row=on_row).run()
 
-    primary = jax.process_index() == 0
+
+@dataclasses.dataclass
+class _Parts:
+    """What a run builds before its first step (:func:`_build`)."""
+
+    mesh: jax.sharding.Mesh
+    tok: Any
+    batches: tasks.PromptBatches
+    sampling: sampler.SamplingConfig
+    evaluator: evaluation.Evaluator | None
+    graphdef: Any
+    step_fn: Callable
+    loop: dict[str, Any]  # The train state and the rollout key: what a checkpoint holds.
+
+
+def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
+    """The data (first: a bad task fails in seconds), the model, the sampler's settings, the
+    evaluator, the train state and the compiled-on-first-use train step."""
     n_proc = jax.process_count()
-    root = jax.random.key(cfg.seed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
     rows_per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if rows_per_step % mesh.shape[shd.DATA]:
         raise ValueError(f"rollout.prompts_per_step * group_size = {rows_per_step} rows must be a multiple of "
                          f"the mesh's data axis ({mesh.shape[shd.DATA]}).")
 
-    # Data before the model: a bad task fails in seconds. Process 0 builds it, the others then
-    # reuse it (two concurrent builds of one dataset would race on tfds' final rename).
+    # Process 0 builds the dataset, the others then reuse it (two concurrent builds of one
+    # dataset would race on tfds' final rename).
     data_dir = cfg.task.data_dir or os.path.join(workdir, "data")
-    name = prepare_task(cfg.task, data_dir) if primary else None
+    name = prepare_task(cfg.task, data_dir) if jax.process_index() == 0 else None
     if n_proc > 1:
         multihost_utils.sync_global_devices("rl_mismatch:data")
         name = name or prepare_task(cfg.task, data_dir)
     split = tasks.load_split(name, tasks.TRAIN_SPLIT, data_dir)
 
-    trainer_dtype, sampler_dtype = parse_dtype(cfg.trainer.dtype), parse_dtype(cfg.sampler.dtype)
+    trainer_dtype = parse_dtype(cfg.trainer.dtype)
     logging.info("Loading the model %r (trainer %s, sampler %s).", cfg.model.source, cfg.trainer.dtype,
                  cfg.sampler.dtype)
-    model, tok = load_model(cfg.model, dtype=trainer_dtype, key=jax.random.fold_in(root, _MODEL_INIT),
+    model, tok = load_model(cfg.model, dtype=trainer_dtype, key=jax.random.fold_in(jax.random.key(cfg.seed),
+                                                                                  _MODEL_INIT),
                             remat=cfg.trainer.remat)
     N = cfg.sampler.max_new_tokens
     context = model.config.max_seq_len
@@ -475,186 +492,239 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
         graphdef, optimizer, cfg.loss.loss_config(), compute_dtype=trainer_dtype,
         n_microbatches=cfg.trainer.n_microbatches, mesh=mesh, loss_scale=loss_scale,
         temperature=cfg.sampler.temperature, keep_logits=cfg.trainer.keep_logits)
-
-    # Everything a resumed run needs that the config does not already determine.
     loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}
-    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=cfg.checkpoint.max_to_keep)
-    start = 0
-    # The k3 signal is the previous step's (the current one is computed inside the step); NaN
-    # before the first step, which the detector ignores. Checkpointed with the data position.
-    last_k3: Any = None
-    if ckpt.latest_step() is not None:
+    return _Parts(mesh, tok, batches, sampling, evaluator, graphdef, step_fn, loop)
+
+
+class _Run:
+    """One run's loop (:meth:`run`), its state between steps, and what it does when it stops
+    on an error (:meth:`_stop`)."""
+
+    def __init__(self, cfg: ExperimentConfig, workdir: str, *, score_fns, on_row):
+        self.cfg, self.workdir, self.score_fns = cfg, workdir, score_fns
+        self.primary = jax.process_index() == 0
+        self.parts = _build(cfg, workdir, score_fns)
+        self.sampler_dtype = parse_dtype(cfg.sampler.dtype)
+        self.ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=cfg.checkpoint.max_to_keep)
+        self.loop = self.parts.loop
+        # The k3 signal is the previous step's (the current one is computed inside the step); None
+        # before the first step, which the detector ignores. Checkpointed with the data position.
+        self.last_k3: Any = None
+        try:
+            self.start = self._restore()
+        except BaseException:
+            self.ckpt.close()
+            raise
+        self.completed = self.start  # Steps whose update is in `self.loop`.
+        self.state_intact = True  # False while a step holds the donated state.
+        if self.primary:
+            _write_config(workdir, cfg)
+        log_row = console.StepLog(cfg.steps, cfg.log.every, logging.info) if self.primary else None
+
+        def row_written(row: Row) -> None:
+            for callback in (log_row, on_row):
+                if callback is not None:
+                    callback(row)
+
+        self.writer = MetricWriter(workdir, resume_step=self.start, enabled=self.primary,
+                                   tensorboard=cfg.log.tensorboard, on_row=row_written)
+        local_rows = self.parts.batches.local_batch_size * cfg.rollout.group_size
+        self.row_slice = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+
+    def _restore(self) -> int:
+        """Restores the newest checkpoint into ``self.loop``; returns the first step to run."""
+        if self.ckpt.latest_step() is None:
+            return 0
         # One process falls back past an unreadable checkpoint on its own; several processes
         # restore the newest, or all fail (a fallback by one alone would split the run).
-        loop, meta = ckpt.restore(abstract_like(loop), step=None if n_proc == 1 else ckpt.latest_step())
-        changed = config_differences(meta["config"], cfg.to_dict())
+        newest = None if jax.process_count() == 1 else self.ckpt.latest_step()
+        self.loop, meta = self.ckpt.restore(abstract_like(self.loop), step=newest)
+        changed = config_differences(meta["config"], self.cfg.to_dict())
         if changed:
             raise ValueError(
-                f"The workdir {workdir!r} holds a run (checkpoint {meta['data_position']}) with other settings: "
-                f"{'; '.join(changed)}. Use a new --workdir, or the settings the run was started with.")
-        start = int(meta["data_position"])
-        last_k3 = meta.get("last_k3")
-        logging.info("Resuming from checkpoint %d in %s.", start, ckpt.directory)
-    if start < cfg.steps:
-        logging.info("Step %d: compiling the sampler and the train step (the first step takes longer).", start)
-    if primary:
-        _write_config(workdir, cfg)
-    log_row = console.StepLog(cfg.steps, cfg.log.every, logging.info) if primary else (lambda row: None)
+                f"The workdir {self.workdir!r} holds a run (checkpoint {meta['data_position']}) with other "
+                f"settings: {'; '.join(changed)}. Use a new --workdir, or the settings the run was started with.")
+        self.last_k3 = meta.get("last_k3")
+        logging.info("Resuming from checkpoint %d in %s.", int(meta["data_position"]), self.ckpt.directory)
+        return int(meta["data_position"])
 
-    def row_written(row: Row) -> None:
-        log_row(row)
-        if on_row is not None:
-            on_row(row)
-
-    writer = MetricWriter(workdir, resume_step=start, enabled=primary, tensorboard=cfg.log.tensorboard,
-                          on_row=row_written)
-    local_rows = batches.local_batch_size * cfg.rollout.group_size
-    row_slice = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
-    completed = start
-    state_intact = True
-    use_k3 = cfg.optim.k3_trigger_threshold > 0
-
-    def k3_signal() -> float | None:
-        # Fetched only when needed, so the host does not wait for the step just dispatched.
-        nonlocal last_k3
-        if last_k3 is not None and not isinstance(last_k3, float):
-            last_k3 = float(fetch_to_host(last_k3))
-        return None if last_k3 is None or np.isnan(last_k3) else last_k3
-
-    def save(done: int) -> None:
-        ckpt.save(done, loop, {"data_position": done, "last_k3": k3_signal(), "config": cfg.to_dict()})
-
-    step = start
-    try:
-        for step in range(start, cfg.steps):
-            ckpt.check()  # A failed background save stops the run now, not at the next save.
-            t0, c0 = time.perf_counter(), _compile_seconds()
-            batch = batches[step]
-            prompts = _gather_rows(batch.tokens_BP, batch.valid_BP)
-            train = loop["train"]
-            # The weight sync: float32 master -> sampler dtype and layout.
-            sampler_model = sampler.sync_weights(nnx.merge(graphdef, train.params), sampler_dtype, mesh)
-            eval_metrics, eval_s = {}, 0.0
-            if evaluator is not None and step % cfg.eval.every == 0:
-                # The policy that samples this step, before its update: eval/* of step 0 is the start.
-                eval_metrics = evaluator(sampler_model, mesh=mesh)
-                eval_s = time.perf_counter() - t0
-            rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(loop["rollout_key"], step),
-                                       sampling, mesh=mesh)
-            del sampler_model  # Its buffers may alias the master weights the step donates.
-            host = fetch_to_host({"tokens": rollout.tokens_BT, "mask": rollout.response_mask_BT,
-                                  "lengths": rollout.response_lengths_B, "finished": rollout.finished_B,
-                                  "prompt_lengths": rollout.prompt_lengths_B,
-                                  **({"entropy": rollout.entropy_BT} if cfg.sampler.return_entropy else {})})
-            t1 = time.perf_counter()
-
-            responses = [tok.decode(t[m]) for t, m in zip(host["tokens"][row_slice], host["mask"][row_slice])]
-            scored = tasks.score(responses, batch.examples, format_weight=cfg.task.format_weight,
-                                 score_fns=score_fns)
-            penalty = overlong_penalty(host["lengths"][row_slice], N, cfg.task.overlong_buffer,
-                                       cfg.task.overlong_weight)
-            rewards, correct, formatted, penalties = _gather_rows(
-                scored["rewards"] + penalty, scored["correct"], scored["formatted"], penalty)
-            if not np.all(np.isfinite(rewards)):
-                bad = np.flatnonzero(~np.isfinite(rewards)).tolist()
-                raise ValueError(f"Non-finite rewards at step {step}, rows {bad}; the reward function must "
-                                 "return finite numbers.")
-            advantages = np.asarray(losses.compute_advantages(jnp.asarray(rewards), cfg.rollout.group_size,
-                                                              cfg.loss.advantage_mode))
-            # The step lays the batch out over the mesh's data axis itself.
-            train_batch = train_step.TrainBatch.from_rollout(
-                rollout, advantages, truncated=cfg.sampler.logp == "truncated",
-                with_entropy=cfg.sampler.return_entropy)
-            lengths = host["lengths"].astype(np.float64)
-            t2 = time.perf_counter()
-            signals = {"response_length": jnp.float32(lengths.mean())}
-            if use_k3:  # The previous step's k3: a device scalar (no host wait), or from the checkpoint.
-                signals["k3"] = last_k3 if isinstance(last_k3, jax.Array) else np.float32(
-                    np.nan if last_k3 is None else last_k3)
-            state_intact = False  # The step donates the state it is given.
-            train, device_metrics = step_fn(train, train_batch, **signals)
-            # Waited for here, not inside the next sampling call (which needs the new weights
-            # anyway): time/train_s is then the update's own time, time/sample_s the sampler's.
-            jax.block_until_ready(train)
-            t3 = time.perf_counter()
-            loop = {**loop, "train": train}
-            last_k3 = device_metrics["mismatch/k3"]
-
-            groups = rewards.reshape(-1, cfg.rollout.group_size)
-            host_metrics = {
-                "reward/mean": rewards.mean(), "reward/std": rewards.std(),
-                "reward/accuracy": correct.mean(), "reward/format": formatted.mean(),
-                "reward/overlong_penalty": penalties.mean(),
-                "reward/zero_advantage_groups": np.mean(groups.max(1) == groups.min(1)),
-                "rollout/response_length_mean": lengths.mean(), "rollout/response_length_max": lengths.max(),
-                "rollout/response_length_min": lengths.min(), "rollout/finished_frac": host["finished"].mean(),
-                "rollout/prompt_length_mean": host["prompt_lengths"].mean(),
-                "rollout/prompt_width": rollout.prompt_width,
-                **eval_metrics, **({"time/eval_s": eval_s} if eval_metrics else {}),
-                "time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
-                "time/tokens_per_s": lengths.sum() / max(t1 - t0 - eval_s, 1e-9),
-                "time/step_s": time.perf_counter() - t0, "time/compile_s": _compile_seconds() - c0,
-            }
-            if cfg.sampler.return_entropy:
-                host_metrics["rollout/entropy_mean"] = (host["entropy"] * host["mask"]).sum() / max(host["mask"].sum(), 1)
-            if step == start:
-                logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
-                             host_metrics["time/step_s"], host_metrics["time/compile_s"])
-            if cfg.log.samples_every and step % cfg.log.samples_every == 0:
-                writer.write_samples(step, _sampled_replies(cfg, batch.examples, responses, rewards[row_slice],
-                                                            correct[row_slice], host, row_slice))
-            writer.hold(step, host_metrics, device_metrics)
-            # Only now does a save cover this step: its row is held and `last_k3` is its k3, so
-            # the handler below can save it and a resumed run continues exactly.
-            state_intact, completed = True, step + 1
-            writer.flush(keep_newest=True)  # The previous step's row.
-            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
-                writer.sync()  # The file holds every step the checkpoint covers, on disk.
-                save(step + 1)
-        if evaluator is not None:
-            # The trained policy: a row of its own at step `steps` (no update follows it). A
-            # rerun that extends the run drops it with the other rows from its start on.
-            t0 = time.perf_counter()
-            final = evaluator(sampler.sync_weights(nnx.merge(graphdef, loop["train"].params), sampler_dtype, mesh),
-                              mesh=mesh)
-            writer.hold(cfg.steps, {**final, "time/eval_s": time.perf_counter() - t0})
-        row = writer.flush()
-        writer.close()
-        ckpt.wait()  # The last save is on disk (or its failure raised) before the run says it is done.
-        return row
-    except BaseException as e:
-        # Nothing lost: finished steps' metrics are written, and an intact state newer than the
-        # last checkpoint is saved, so a rerun continues from the step that failed. (With several
-        # processes the others may be blocked in a collective; only a lone process saves.)
+    def run(self) -> Row | None:
+        cfg = self.cfg
+        if self.start < cfg.steps:
+            logging.info("Step %d: compiling the sampler and the train step (the first step takes longer).",
+                         self.start)
+        step = self.start
         try:
-            writer.close()
+            for step in range(self.start, cfg.steps):
+                self.ckpt.check()  # A failed background save stops the run now, not at the next save.
+                self.writer.hold(step, *self._step(step))
+                # Only now does a save cover this step: its row is held and `last_k3` is its k3, so
+                # a save after an error here continues exactly.
+                self.state_intact, self.completed = True, step + 1
+                self.writer.flush(keep_newest=True)  # The previous step's row.
+                if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
+                    self.writer.sync()  # The file holds every step the checkpoint covers, on disk.
+                    self._save(step + 1)
+            if self.parts.evaluator is not None:
+                # The trained policy: a row of its own at step `steps` (no update follows it). A
+                # rerun that extends the run drops it with the other rows from its start on.
+                t0 = time.perf_counter()
+                final = self.parts.evaluator(self._sampler_model(), mesh=self.parts.mesh)
+                self.writer.hold(cfg.steps, {**final, "time/eval_s": time.perf_counter() - t0})
+            row = self.writer.flush()
+            self.writer.close()
+            self.ckpt.wait()  # The last save is on disk (or its failure raised) before the run says it is done.
+            return row
+        except BaseException as e:
+            self._stop(e, step)
+        finally:
+            try:
+                self.ckpt.close()
+            except Exception as e:  # Raised by wait() already on success; after an error, secondary.
+                logging.error("%s", e)
+
+    def _sampler_model(self):
+        """The weight sync: the float32 master weights in the sampler's dtype and layout."""
+        return sampler.sync_weights(nnx.merge(self.parts.graphdef, self.loop["train"].params), self.sampler_dtype,
+                                    self.parts.mesh)
+
+    def _step(self, step: int) -> tuple[dict[str, Any], Any]:
+        """One RL step: sample, reward, advantages, update. Returns its host and device metrics."""
+        cfg, parts = self.cfg, self.parts
+        t0, c0 = time.perf_counter(), _compile_seconds()
+        batch = parts.batches[step]
+        prompts = _gather_rows(batch.tokens_BP, batch.valid_BP)
+        sampler_model = self._sampler_model()
+        eval_metrics, eval_s = {}, 0.0
+        if parts.evaluator is not None and step % cfg.eval.every == 0:
+            # The policy that samples this step, before its update: eval/* of step 0 is the start.
+            eval_metrics = parts.evaluator(sampler_model, mesh=parts.mesh)
+            eval_s = time.perf_counter() - t0
+        rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(self.loop["rollout_key"], step),
+                                   parts.sampling, mesh=parts.mesh)
+        del sampler_model  # Its buffers may alias the master weights the step donates.
+        host = fetch_to_host({"tokens": rollout.tokens_BT, "mask": rollout.response_mask_BT,
+                              "lengths": rollout.response_lengths_B, "finished": rollout.finished_B,
+                              "prompt_lengths": rollout.prompt_lengths_B,
+                              **({"entropy": rollout.entropy_BT} if cfg.sampler.return_entropy else {})})
+        t1 = time.perf_counter()
+
+        scores = self._score(step, batch, host)
+        advantages = np.asarray(losses.compute_advantages(jnp.asarray(scores["rewards"]), cfg.rollout.group_size,
+                                                          cfg.loss.advantage_mode))
+        # The step lays the batch out over the mesh's data axis itself.
+        train_batch = train_step.TrainBatch.from_rollout(
+            rollout, advantages, truncated=cfg.sampler.logp == "truncated", with_entropy=cfg.sampler.return_entropy)
+        t2 = time.perf_counter()
+
+        device_metrics = self._update(train_batch, host["lengths"].astype(np.float64).mean())
+        t3 = time.perf_counter()
+
+        times = {"time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
+                 **({"time/eval_s": eval_s} if eval_metrics else {})}
+        host_metrics = {**_host_metrics(cfg, scores, host, rollout.prompt_width), **eval_metrics, **times,
+                        "time/tokens_per_s": host["lengths"].sum() / max(times["time/sample_s"], 1e-9),
+                        "time/step_s": time.perf_counter() - t0, "time/compile_s": _compile_seconds() - c0}
+        if step == self.start:
+            logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
+                         host_metrics["time/step_s"], host_metrics["time/compile_s"])
+        if cfg.log.samples_every and step % cfg.log.samples_every == 0:
+            self.writer.write_samples(step, _sampled_replies(cfg, batch.examples, scores, host, self.row_slice))
+        return host_metrics, device_metrics
+
+    def _score(self, step: int, batch, host: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """This process's replies decoded and scored; the rewards of the global batch."""
+        cfg, rows = self.cfg, self.row_slice
+        responses = [self.parts.tok.decode(t[m]) for t, m in zip(host["tokens"][rows], host["mask"][rows])]
+        scored = tasks.score(responses, batch.examples, format_weight=cfg.task.format_weight,
+                             score_fns=self.score_fns)
+        penalty = overlong_penalty(host["lengths"][rows], cfg.sampler.max_new_tokens, cfg.task.overlong_buffer,
+                                   cfg.task.overlong_weight)
+        rewards, correct, formatted, penalties = _gather_rows(
+            scored["rewards"] + penalty, scored["correct"], scored["formatted"], penalty)
+        if not np.all(np.isfinite(rewards)):
+            bad = np.flatnonzero(~np.isfinite(rewards)).tolist()
+            raise ValueError(f"Non-finite rewards at step {step}, rows {bad}; the reward function must "
+                             "return finite numbers.")
+        return {"responses": responses, "rewards": rewards, "correct": correct, "formatted": formatted,
+                "penalties": penalties}
+
+    def _update(self, train_batch, mean_length: float) -> dict[str, jax.Array]:
+        """The train step on ``train_batch``, waited for; the new state goes into ``self.loop``.
+        Returns the step's device metrics."""
+        signals = {"response_length": jnp.float32(mean_length)}
+        if self.cfg.optim.k3_trigger_threshold > 0:
+            # The previous step's k3: a device scalar (no host wait), or from the checkpoint.
+            signals["k3"] = self.last_k3 if isinstance(self.last_k3, jax.Array) else np.float32(
+                np.nan if self.last_k3 is None else self.last_k3)
+        self.state_intact = False  # The step donates the state it is given.
+        train, device_metrics = self.parts.step_fn(self.loop["train"], train_batch, **signals)
+        # Waited for here, not inside the next sampling call (which needs the new weights
+        # anyway): time/train_s is then the update's own time, time/sample_s the sampler's.
+        jax.block_until_ready(train)
+        self.loop = {**self.loop, "train": train}
+        self.last_k3 = device_metrics["mismatch/k3"]
+        return device_metrics
+
+    def _k3_signal(self) -> float | None:
+        # Fetched only when needed, so the host does not wait for the step just dispatched.
+        if self.last_k3 is not None and not isinstance(self.last_k3, float):
+            self.last_k3 = float(fetch_to_host(self.last_k3))
+        return None if self.last_k3 is None or np.isnan(self.last_k3) else self.last_k3
+
+    def _save(self, done: int) -> None:
+        self.ckpt.save(done, self.loop, {"data_position": done, "last_k3": self._k3_signal(),
+                                         "config": self.cfg.to_dict()})
+
+    def _stop(self, error: BaseException, step: int) -> None:
+        """After an error at ``step``: nothing lost. Finished steps' metrics are written, and an
+        intact state newer than the last checkpoint is saved, so a rerun continues from the step
+        that failed (with several processes the others may be blocked in a collective; only a
+        lone process saves). Re-raises ``error``; an ``OSError`` as :class:`RunIOError`."""
+        ckpt = self.ckpt
+        try:
+            self.writer.close()
         except Exception as write_error:  # A failed device computation fails its metrics too.
             logging.error("Could not write the last step's metrics: %s", write_error)
-            state_intact = False
+            self.state_intact = False
         try:
             ckpt.wait()  # A pending save: on disk, or it failed (then the state is saved below).
         except Exception as save_error:
             logging.error("%s", save_error)
         on_disk = ckpt.latest_step() or 0
-        if state_intact and n_proc == 1 and completed > on_disk:
+        if self.state_intact and jax.process_count() == 1 and self.completed > on_disk:
             try:
-                save(completed)
+                self._save(self.completed)
                 ckpt.wait()
             except Exception as save_error:
                 logging.error("Could not save the state after step %d (%s); the newest checkpoint in %s is %s.",
-                              completed, save_error, ckpt.directory, ckpt.latest_step())
+                              self.completed, save_error, ckpt.directory, ckpt.latest_step())
             else:
-                logging.error("Saved the state after step %d in %s before stopping.", completed, ckpt.directory)
-        if isinstance(e, OSError):  # A full disk, a read-only file system: say where and when.
+                logging.error("Saved the state after step %d in %s before stopping.", self.completed, ckpt.directory)
+        if isinstance(error, OSError):  # A full disk, a read-only file system: say where and when.
             latest = ckpt.latest_step()
             then = ("there is no checkpoint yet, so the same command starts the run again" if latest is None else
                     f"the same command resumes from checkpoint {latest} in {ckpt.directory}")
-            cause = str(e).rstrip()
+            cause = str(error).rstrip()
             raise RunIOError(f"Step {step}: {cause}{'' if cause.endswith('.') else '.'} Once the cause is fixed, "
-                             f"{then}.") from e
-        raise
-    finally:
-        try:
-            ckpt.close()
-        except Exception as e:  # Raised by wait() already on success; after an error, secondary.
-            logging.error("%s", e)
+                             f"{then}.") from error
+        raise error
+
+
+def _host_metrics(cfg: ExperimentConfig, scores: Mapping[str, Any], host: Mapping[str, np.ndarray],
+                  prompt_width: int) -> dict[str, Any]:
+    """``reward/*`` and ``rollout/*`` of one step, from the global batch's scores and rollout."""
+    rewards, lengths = scores["rewards"], host["lengths"].astype(np.float64)
+    groups = rewards.reshape(-1, cfg.rollout.group_size)
+    metrics = {
+        "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+        "reward/accuracy": scores["correct"].mean(), "reward/format": scores["formatted"].mean(),
+        "reward/overlong_penalty": scores["penalties"].mean(),
+        "reward/zero_advantage_groups": np.mean(groups.max(1) == groups.min(1)),
+        "rollout/response_length_mean": lengths.mean(), "rollout/response_length_max": lengths.max(),
+        "rollout/response_length_min": lengths.min(), "rollout/finished_frac": host["finished"].mean(),
+        "rollout/prompt_length_mean": host["prompt_lengths"].mean(), "rollout/prompt_width": prompt_width,
+    }
+    if cfg.sampler.return_entropy:
+        metrics["rollout/entropy_mean"] = (host["entropy"] * host["mask"]).sum() / max(host["mask"].sum(), 1)
+    return metrics

@@ -420,24 +420,17 @@ def test_interrupt_while_writing_metrics_loses_no_row_and_saves_the_k3_signal(tm
     reference, reference_k3 = read_metrics(tmp_path / "reference"), dict(seen)
     seen.clear()
 
-    real_progress = experiment._progress
+    interrupted = []
 
-    def progress_interrupted_at_row_2(c):
-        log_row, interrupted = real_progress(c), []
+    def on_row(row):  # Called as each row is written: row 2 inside the loop's flush after step 3.
+        if row["step"] == 2 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
 
-        def on_row(row):
-            if row["step"] == 2 and not interrupted:  # written inside writer.write(3, ...)
-                interrupted.append(True)
-                raise KeyboardInterrupt
-            log_row(row)
-        return on_row
-
-    monkeypatch.setattr(experiment, "_progress", progress_interrupted_at_row_2)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run(cfg, tmp_path / "run")
+        experiment.run(cfg, tmp_path / "run", on_row=on_row)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
     assert sorted(int(p) for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit()) == [2, 4]
-    monkeypatch.setattr(experiment, "_progress", real_progress)
     seen.clear()
     experiment.run(cfg, tmp_path / "run")
     assert seen[0] == (4, reference_k3[4])  # step 3's k3, restored from the checkpoint
