@@ -56,7 +56,8 @@ class ModelSettings:
     Attributes:
       source: ``"tiny"`` (random :func:`~rl_mismatch.models.config.tiny_config` decoder with a
         byte-level ChatML tokenizer built in code), a known name such as
-        ``"smollm2-135m-instruct"``, a ``.gguf`` file or an HF model directory.
+        ``"smollm2-135m-instruct"``, a ``.gguf`` file, an HF model directory, or a Hugging Face
+        Hub id (``"org/name"`` or ``"org/name@revision"``) already in the local HF cache.
       tiny_max_seq_len: context length of the tiny model (ignored otherwise).
       cache_dir: where dequantized GGUF files are cached ("" = ``~/.cache/rl_mismatch``).
     """

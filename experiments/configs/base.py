@@ -17,7 +17,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.steps = 10  # RL steps in total; a resumed run continues up to this.
 
     c.model = ml_collections.ConfigDict()
-    c.model.source = "smollm2-135m-instruct"  # "tiny", a known name, a .gguf file or an HF dir.
+    c.model.source = "smollm2-135m-instruct"  # "tiny", a known name, a .gguf file, an HF dir or a cached Hub id.
     c.model.tiny_max_seq_len = 256  # Context of the tiny model.
     c.model.cache_dir = ""  # GGUF dequantization cache ("" = ~/.cache/rl_mismatch).
 
