@@ -59,6 +59,7 @@ PANELS = (
     ("eval/accuracy", "eval accuracy (greedy, eval split)", False),
     ("reward/mean", "reward (mean)", False),
     ("rollout/response_length_mean", "response length (tokens)", False),
+    ("rollout/finished_frac", "replies that end within the budget", False),
     ("mismatch/k3", "k3 KL(mu || pi)", True),
     ("mismatch/prob_diff_max", "max |pi - mu|", False),
     (NOISE_KEY, f"gradient noise scale B_noise ({NOISE_WINDOW}-step estimate)", True),
@@ -67,7 +68,7 @@ PANELS = (
 )
 # Metrics aggregated into aggregates.csv besides those of PANELS.
 EXTRA_METRICS = ("eval/response_length_mean", "eval/finished_frac", "eval/format", "reward/accuracy",
-                 "rollout/finished_frac", "opt/grad_norm")
+                 "opt/grad_norm")
 # Columns of the eval-step tables: (metric key, column title).
 EVAL_COLUMNS = (
     ("eval/accuracy", "eval accuracy"),
@@ -357,7 +358,7 @@ def _drawable(values: np.ndarray, log: bool) -> np.ndarray:
     return np.where(values > 0, values, np.nan) if log else values
 
 
-def draw_study(study: StudyRuns, aggs: Mapping[tuple[str, str], Mapping[str, np.ndarray]], columns: int = 4) -> Figure:
+def draw_study(study: StudyRuns, aggs: Mapping[tuple[str, str], Mapping[str, np.ndarray]], columns: int = 3) -> Figure:
     """study.png: one panel per metric of :data:`PANELS`; per arm the median over seeds and the
     min-max band, one color per arm."""
     n_rows = math.ceil(len(PANELS) / columns)

@@ -200,17 +200,6 @@ def prepare_task(settings: TaskSettings, data_dir: str) -> str:
                                        eval_size=settings.eval_size, seed=settings.seed, **settings.kwargs)
 
 
-def make_mesh(data: int, model: int) -> jax.sharding.Mesh:
-    """A ``(data, model)`` mesh over the first ``data * model`` devices (all with ``data=-1``)."""
-    devices = jax.devices()
-    if data == -1:
-        return shd.make_mesh(-1, model, devices=devices)
-    if data * model > len(devices):
-        raise ValueError(f"config.mesh ({data}, {model}) needs {data * model} devices; "
-                         f"{len(devices)} are available.")
-    return shd.make_mesh(data, model, devices=devices[: data * model])
-
-
 def overlong_penalty(lengths_B: np.ndarray, max_new_tokens: int, buffer: int, weight: float) -> np.ndarray:
     """DAPO's soft overlong punishment: ``−weight · clip((|y| − (N − L)) / L, 0, 1)``.
 
@@ -288,7 +277,7 @@ def load_trained(workdir: str | os.PathLike, step: int | None = None):
             cfg = ExperimentConfig.from_dict(json.load(f))
     except FileNotFoundError:
         raise ValueError(f"{workdir!r} holds no run ({CONFIG_FILE} is missing); pass a run directory.") from None
-    mesh = make_mesh(1, 1)
+    mesh = shd.make_mesh(1, 1)
     model, tok = load_model(cfg.model, dtype=parse_dtype(cfg.trainer.dtype),
                             key=jax.random.fold_in(jax.random.key(cfg.seed), _MODEL_INIT))
     if step == 0:
@@ -439,7 +428,7 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
     """The data (first: a bad task fails in seconds), the model, the sampler's settings, the
     evaluator, the train state and the compiled-on-first-use train step."""
     n_proc = jax.process_count()
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
+    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.model)
     rows_per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if rows_per_step % mesh.shape[shd.DATA]:
         raise ValueError(f"rollout.prompts_per_step * group_size = {rows_per_step} rows must be a multiple of "

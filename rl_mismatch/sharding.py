@@ -33,21 +33,23 @@ TRAINER_RULES: Mapping[str, str | None] = {**SAMPLER_RULES, "embed": DATA}
 
 
 def make_mesh(data: int = -1, model: int = 1, *, devices=None) -> jax.sharding.Mesh:
-    """A ``(data, model)`` mesh. ``data=-1`` takes every device not used by ``model``.
+    """A ``(data, model)`` mesh over the first ``data * model`` of ``devices`` (default: all).
 
-    Axis types are Auto: shardings are given explicitly at jit boundaries and XLA propagates
-    them inside, which is what the step functions here are written for. (``jax.make_mesh``
-    now defaults to Explicit axes, under which every intermediate's sharding must be typed.)
+    ``data=-1`` takes every device not used by ``model``. Axis types are Auto: shardings are
+    given explicitly at jit boundaries and XLA propagates them inside, which is what the step
+    functions here are written for. (``jax.make_mesh`` now defaults to Explicit axes, under
+    which every intermediate's sharding must be typed.)
     """
     devices = list(jax.devices() if devices is None else devices)
-    if model <= 0 or len(devices) % model:
-        raise ValueError(f"model axis size {model} must be positive and divide the {len(devices)} devices.")
+    if model <= 0 or (data == -1 and len(devices) % model):
+        raise ValueError(f"The mesh's model axis ({model}) must be positive and divide the {len(devices)} devices.")
     if data == -1:
         data = len(devices) // model
-    if data * model != len(devices):
-        raise ValueError(f"mesh ({data}, {model}) needs {data * model} devices; {len(devices)} are available.")
+    if data <= 0 or data * model > len(devices):
+        raise ValueError(f"A ({data}, {model}) mesh needs {data * model} devices; {len(devices)} are available. "
+                         "Lower mesh.data or mesh.model (data=-1 takes every device).")
     return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=devices)
+                         devices=devices[: data * model])
 
 
 def logical_to_spec(axes, rules: Mapping[str, str | None]) -> P:
