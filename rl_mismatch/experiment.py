@@ -20,13 +20,15 @@ Metrics per step (``metrics.jsonl`` and TensorBoard): the train step's ``loss/*`
 ``mismatch/*``, ``opt/*`` and ``lr/*`` (``lr/scale``; the length detector's ``lr/surge_step``, or with
 the k3 trigger on, ``lr/<length|k3>_trigger/{scale,surge_step}``); ``reward/{mean,std,accuracy,format,
 overlong_penalty,zero_advantage_groups}``; ``rollout/{response_length_mean,_max,_min,
-finished_frac,prompt_length_mean,prompt_width}``; ``time/step_s`` (host time of the loop body,
-the time per step),
-``time/sample_s`` (the weight sync and generation), ``time/tokens_per_s`` (generated tokens
-over ``time/sample_s``), ``time/score_s`` (decoding, rewards,
-advantages), ``time/train_s`` (the update, waited for) and ``time/compile_s`` (seconds JAX spent
-tracing and compiling during the step: the first step's compile time, and any recompilation
-later; it is part of the phase that compiled).
+finished_frac,prompt_length_mean,prompt_width}``. Timings: ``time/step_s`` (the wall time of
+one pass of the loop) is the sum of ``time/eval_s`` (below), ``time/sample_s`` (the weight sync
+and generation), ``time/score_s`` (decoding, rewards, advantages), ``time/train_s`` (the
+update, waited for), ``time/write_s`` (writing the previous step's metrics row and sampled
+replies) and ``time/checkpoint_s`` (saving the state after the previous step when a checkpoint
+is due: the metrics file's fsync and the save's synchronous part); ``time/tokens_per_s`` is the generated tokens over
+``time/sample_s``, and ``time/compile_s`` the seconds JAX spent tracing and compiling during the
+step (the first step's compile time, and any recompilation later; it is part of the phase that
+compiled).
 With ``eval.every > 0``, every ``eval.every``-th step also carries ``eval/*``, the greedy accuracy
 on the task's eval split (``rl_mismatch.evaluation``) of the policy that samples the step, and
 ``time/eval_s``; after the last update, a row of its own at step ``steps`` holds the trained
@@ -546,14 +548,24 @@ class _Run:
         try:
             for step in range(self.start, cfg.steps):
                 self.ckpt.check()  # A failed background save stops the run now, not at the next save.
-                self.writer.hold(step, *self._step(step))
+                t0, c0 = time.perf_counter(), _compile_seconds()
+                self._save_if_due(step)  # The state after the previous step.
+                t1 = time.perf_counter()
+                host_metrics, device_metrics, samples = self._step(step)
+                self.writer.hold(step, {**host_metrics, "time/checkpoint_s": t1 - t0}, device_metrics)
                 # Only now does a save cover this step: its row is held and `last_k3` is its k3, so
                 # a save after an error here continues exactly.
                 self.state_intact, self.completed = True, step + 1
+                t2 = time.perf_counter()
+                self.writer.write_samples(step, samples)
                 self.writer.flush(keep_newest=True)  # The previous step's row.
-                if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
-                    self.writer.sync()  # The file holds every step the checkpoint covers, on disk.
-                    self._save(step + 1)
+                t3 = time.perf_counter()
+                times = {"time/write_s": t3 - t2, "time/step_s": t3 - t0, "time/compile_s": _compile_seconds() - c0}
+                self.writer.amend(step, times)
+                if step == self.start:
+                    logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
+                                 times["time/step_s"], times["time/compile_s"])
+            self._save_if_due(cfg.steps)
             if self.parts.evaluator is not None:
                 # The trained policy: a row of its own at step `steps` (no update follows it). A
                 # rerun that extends the run drops it with the other rows from its start on.
@@ -577,10 +589,11 @@ class _Run:
         return sampler.sync_weights(nnx.merge(self.parts.graphdef, self.loop["train"].params), self.sampler_dtype,
                                     self.parts.mesh)
 
-    def _step(self, step: int) -> tuple[dict[str, Any], Any]:
-        """One RL step: sample, reward, advantages, update. Returns its host and device metrics."""
+    def _step(self, step: int) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+        """One RL step: sample, reward, advantages, update. Returns its host and device metrics
+        (the timings of the loop's writing come later) and the replies for ``samples.jsonl``."""
         cfg, parts = self.cfg, self.parts
-        t0, c0 = time.perf_counter(), _compile_seconds()
+        t0 = time.perf_counter()
         batch = parts.batches[step]
         prompts = _gather_rows(batch.tokens_BP, batch.valid_BP)
         sampler_model = self._sampler_model()
@@ -612,14 +625,10 @@ class _Run:
         times = {"time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
                  **({"time/eval_s": eval_s} if eval_metrics else {})}
         host_metrics = {**_host_metrics(cfg, scores, host, rollout.prompt_width), **eval_metrics, **times,
-                        "time/tokens_per_s": host["lengths"].sum() / max(times["time/sample_s"], 1e-9),
-                        "time/step_s": time.perf_counter() - t0, "time/compile_s": _compile_seconds() - c0}
-        if step == self.start:
-            logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
-                         host_metrics["time/step_s"], host_metrics["time/compile_s"])
-        if cfg.log.samples_every and step % cfg.log.samples_every == 0:
-            self.writer.write_samples(step, _sampled_replies(cfg, batch.examples, scores, host, self.row_slice))
-        return host_metrics, device_metrics
+                        "time/tokens_per_s": host["lengths"].sum() / max(times["time/sample_s"], 1e-9)}
+        due = cfg.log.samples_every and step % cfg.log.samples_every == 0
+        samples = _sampled_replies(cfg, batch.examples, scores, host, self.row_slice) if due else []
+        return host_metrics, device_metrics, samples
 
     def _score(self, step: int, batch, host: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """This process's replies decoded and scored; the rewards of the global batch."""
@@ -660,6 +669,16 @@ class _Run:
         if self.last_k3 is not None and not isinstance(self.last_k3, float):
             self.last_k3 = float(fetch_to_host(self.last_k3))
         return None if self.last_k3 is None or np.isnan(self.last_k3) else self.last_k3
+
+    def _save_if_due(self, done: int) -> None:
+        """Saves the state after ``done`` steps if a checkpoint is due then (every
+        ``checkpoint.every`` steps and after the last), once the metrics file holds every step the
+        checkpoint covers. Called at the start of the next step, so its time is that step's
+        ``time/checkpoint_s``."""
+        every = self.cfg.checkpoint.every
+        if done > self.start and (done % every == 0 or done == self.cfg.steps):
+            self.writer.sync()  # The rows of every step the checkpoint covers, on disk.
+            self._save(done)
 
     def _save(self, done: int) -> None:
         self.ckpt.save(done, self.loop, {"data_position": done, "last_k3": self._k3_signal(),

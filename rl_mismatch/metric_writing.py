@@ -273,6 +273,19 @@ class MetricWriter:
         """
         self._held.append((int(step), dict(host_metrics), device_metrics))
 
+    def amend(self, step: int, host_metrics: Mapping[str, Any]) -> None:
+        """Adds host values to step ``step``'s row while it is still held (e.g. timings of work
+        done after the row was held).
+
+        Raises:
+          KeyError: no row of that step is held (it was written already, or never held).
+        """
+        for held_step, host, _ in self._held:
+            if held_step == step:
+                host.update(host_metrics)
+                return
+        raise KeyError(f"No row of step {step} is held; amend it before the flush that writes it.")
+
     def flush(self, keep_newest: bool = False) -> Row | None:
         """Fetches and writes the held rows, oldest first; returns the last written (or None).
 

@@ -201,6 +201,12 @@ def test_tiny_end_to_end(tiny_run):
                 "opt/grad_norm", "opt/grad_sq_small", "opt/grad_sq_big", "lr/scale", "time/compile_s",
                 "time/step_s", "time/tokens_per_s"):
         assert all(key in r and math.isfinite(r[key]) for r in rows), key
+    # The timed phases add up to the step's wall time (what is left is a few dict and numpy
+    # operations between them: well under 5% even of a 0.1 s tiny step).
+    parts = ("time/eval_s", "time/sample_s", "time/score_s", "time/train_s", "time/write_s", "time/checkpoint_s")
+    for r in rows:
+        assert abs(sum(r.get(k, 0.0) for k in parts) - r["time/step_s"]) <= 0.05 * r["time/step_s"], r
+    assert max(r["time/checkpoint_s"] for r in rows) > 10 * rows[0]["time/checkpoint_s"]  # Step 0 saves nothing.
     # One step's noise-scale estimate is +inf when its |G|^2 estimate is <= 0 (documented).
     assert all(not math.isnan(r["opt/grad_noise_scale"]) for r in rows)
     # The first step compiles; later steps reuse the programs (one prompt width for the run).

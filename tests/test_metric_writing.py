@@ -126,3 +126,27 @@ def test_a_failed_write_names_the_step_and_leaves_no_cut_line(tmp_path):
     writer.flush()  # the row is still held: written once the disk has room again
     writer.close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+
+
+def test_amend_adds_to_the_held_row_only(tmp_path):
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.hold(0, {"a": 1.0})
+    writer.amend(0, {"time/step_s": 2.0})
+    writer.flush()
+    with pytest.raises(KeyError, match="No row of step 0 is held"):
+        writer.amend(0, {"late": 1.0})
+    writer.close()
+    assert read_metrics(tmp_path) == [{"step": 0, "a": 1.0, "time/step_s": 2.0}]
+
+
+def test_sampled_replies_are_appended_and_dropped_on_resume(tmp_path):
+    writer = MetricWriter(tmp_path, tensorboard=True)
+    for step in (0, 2, 4):
+        writer.write_samples(step, [{"question": "q", "response": f"r{step}", "reward": 1.0}])
+    writer.close()
+    with open(tmp_path / "samples.jsonl", "a") as f:
+        f.write('{"step": 6, "resp')  # Cut short by a kill.
+    MetricWriter(tmp_path, resume_step=3, tensorboard=False).close()
+    with open(tmp_path / "samples.jsonl") as f:
+        assert [json.loads(line)["response"] for line in f] == ["r0", "r2"]
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.*"))
