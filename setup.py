@@ -30,6 +30,10 @@ CORE = [
 # torch / transformers pins below. In "test" too: the benchmark test runs the peer.
 BENCH = ["trl==1.16.0", "accelerate==1.16.0", "datasets==5.2.0"]
 
+# What `python -m experiments.notebooks` executes the colab/ notebooks with (a Jupyter kernel and its
+# client). In "test" too: the tests execute the notebooks' set-up path and check the saved outputs.
+NOTEBOOKS = ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"]
+
 setuptools.setup(
     name="rl_mismatch",
     version="0.1.0",
@@ -39,8 +43,9 @@ setuptools.setup(
     install_requires=CORE,
     extras_require={
         # torch is pinned exactly: any other version pulls gigabytes of CUDA wheels.
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "transformers==5.23.0", *BENCH],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "transformers==5.23.0", *BENCH,
+                 *NOTEBOOKS],
         "bench": ["torch==2.13.0", "transformers==5.23.0", *BENCH],
-        "colab": ["nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],
+        "notebooks": NOTEBOOKS,
     },
 )
