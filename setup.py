@@ -9,7 +9,6 @@ CORE = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
-    "chex==0.1.92",
     "numpy>=2.0,<3",
     "absl-py==2.5.1",
     "ml_collections==1.1.0",
