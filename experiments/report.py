@@ -18,8 +18,8 @@ r"""Report of a study (arms x seeds of RL runs): outcome tables, per-step aggreg
   ``outcomes.png`` (final eval accuracy vs k3 area, one point per run).
 
 report.md depends only on the metric rows and study.json, so running this command on its own
-output folder rebuilds it byte for byte. Unfinished runs are included and marked; runs with no
-metrics yet are listed as missing.
+output folder rebuilds it byte for byte. Unfinished runs are included and marked (or, with
+``--finished_only``, left out like runs with no metrics yet, which are listed as missing).
 """
 
 from __future__ import annotations
@@ -120,8 +120,11 @@ def _run_path(workdir: str, label: str, seed: int) -> str:
     return os.path.join(workdir, label, f"seed{seed}", JSONL_NAME)
 
 
-def load_study(workdir: str) -> StudyRuns:
+def load_study(workdir: str, finished_only: bool = False) -> StudyRuns:
     """The study in ``workdir``: run directories if it has any, else the bundle ``metrics.jsonl.gz``.
+
+    ``finished_only``: leave out runs that have fewer training rows than the study's steps (runs
+    in progress while the report is written), as if they had not started.
 
     Raises:
       ValueError: no study.json in ``workdir``.
@@ -150,6 +153,10 @@ def load_study(workdir: str) -> StudyRuns:
     for by_seed in runs.values():
         for seed, rows in by_seed.items():
             by_seed[seed] = sorted(rows, key=lambda r: int(r["step"]))
+    if finished_only:
+        steps = int(spec["steps"])
+        runs = {label: {seed: rows if sum(map(outcomes.is_training_row, rows)) >= steps else []
+                        for seed, rows in by_seed.items()} for label, by_seed in runs.items()}
     return StudyRuns(spec=spec, runs=runs)
 
 
@@ -421,15 +428,17 @@ def draw_outcomes(study: StudyRuns, results: Mapping[str, Mapping[int, outcomes.
 # --------------------------------------------------------------------------------------- driver
 
 def write_report(workdir: str, out: str | None = None,
-                 criterion: outcomes.InstabilityCriterion = outcomes.InstabilityCriterion()) -> dict[str, str]:
-    """Reads the study in ``workdir`` (see :func:`load_study`) and writes the report files into
-    ``out`` (default ``workdir``). Returns ``{file name: path}`` of what was written.
+                 criterion: outcomes.InstabilityCriterion = outcomes.InstabilityCriterion(),
+                 finished_only: bool = False) -> dict[str, str]:
+    """Reads the study in ``workdir`` (see :func:`load_study`, also for ``finished_only``) and
+    writes the report files into ``out`` (default ``workdir``). Returns ``{file name: path}`` of
+    what was written.
 
     Raises:
       ValueError: ``workdir`` holds no study.json.
     """
     out = workdir if out is None else out
-    study = load_study(workdir)  # Everything is read before anything is written (out may be workdir).
+    study = load_study(workdir, finished_only)  # Everything is read before anything is written (out may be workdir).
     os.makedirs(out, exist_ok=True)
     paths = {name: os.path.join(out, name)
              for name in (BUNDLE, STUDY_JSON, REPORT_MD, AGGREGATES_CSV, STUDY_PNG, OUTCOMES_PNG)}
@@ -455,10 +464,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="StudyRuns workdir, or a folder written by this command.")
     parser.add_argument("--out", default=None, help="Output folder (default: --workdir).")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="Leave out runs still in progress (fewer rows than the study's steps).")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # Files, no window: also on hosts without a display.
     try:
-        paths = write_report(args.workdir, args.out)
+        paths = write_report(args.workdir, args.out, finished_only=args.finished_only)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     print(f"wrote {', '.join(paths.values())}")

@@ -316,3 +316,12 @@ def test_the_readme_quotes_the_main_study_report():
         readme = f.read()
     assert "docs/results/main/study.png" in readme
     assert _section_table(readme, "### Replication study") == _section_table(committed_md, "## Arms: outcomes")
+
+
+def test_finished_only_leaves_out_runs_in_progress(study_dir, tmp_path):
+    report.main([f"--workdir={study_dir}", f"--out={tmp_path / 'all'}"])
+    report.main([f"--workdir={study_dir}", f"--out={tmp_path / 'done'}", "--finished_only"])
+    seeds = lambda out: {(r["arm"], r["seed"]) for r in map(json.loads, gzip.open(out / "metrics.jsonl.gz", "rt"))}
+    assert seeds(tmp_path / "all") - seeds(tmp_path / "done") == {("a_fp32", 2)}  # 8 of STEPS steps.
+    text = (tmp_path / "done" / "report.md").read_text()
+    assert "Unfinished runs" not in text and "`a_fp32` seed 2" in text  # Listed as missing.
