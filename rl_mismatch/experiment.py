@@ -11,7 +11,8 @@
   rollout   = generate(sampler, prompts, fold_in(rollout_key, s))
   rewards   = tasks.score(decode(rollout)) [+ overlong penalty]
   A         = compute_advantages(rewards, G)     group baseline over the global batch
-  state, m  = train_step(state, TrainBatch(rollout, A), response_length=mean |y|)
+  state, m  = train_step(state, TrainBatch(rollout, A), response_length=mean |y|
+                         [, k3=the previous step's mismatch/k3, with the k3 trigger on])
               (the step rescores with the trainer and reports mismatch/*, is/*, opt/*, lr/scale)
   metrics   = reward/*, rollout/*, time/* on the host + m, written one step late
   checkpoint every ``checkpoint.every`` steps and after the last

@@ -288,8 +288,10 @@ class OptimSettings:
 
         Its ``update`` needs ``response_length=`` (the batch's mean response length) and, with
         ``k3_trigger_threshold > 0``, ``k3=`` (the previous step's ``mismatch/k3``). The
-        multipliers scale the whole Adam update, i.e. they multiply the learning rate; each
-        detector is logged as ``lr/<name>/scale`` and ``lr/<name>/surge_step`` by its chain name.
+        multipliers scale the whole Adam update, i.e. they multiply the learning rate. With one
+        detector the step logs ``lr/scale`` and ``lr/surge_step``; with both, ``lr/scale`` (their
+        product) and each detector's ``lr/<name>/scale`` and ``lr/<name>/surge_step`` by its chain
+        name (``rl_mismatch.train_step``).
         """
         constant = self.lr_schedule == "constant"
         window = dict(warmup=self.trigger_warmup, baseline_window=self.trigger_baseline_window,

@@ -69,10 +69,10 @@ def compute_advantages(rewards_B: jax.Array, group_size: int, mode: AdvantageMod
                        eps: float = 1e-6) -> jax.Array:
     """Group-baseline advantages; groups are consecutive runs of ``group_size`` responses.
 
-    For response i of group g with rewards r_{g,1..G}::
+    For response i of group g with rewards R_{g,1..G} (R, not r: r is the log-ratio elsewhere)::
 
-        grpo:     A_i = (r_i − mean_g r) / (std_g r + eps)    std with ddof=1 (as TRL, verl, Tunix)
-        dr_grpo:  A_i =  r_i − mean_g r                       (Dr. GRPO drops the std, arXiv 2503.20783)
+        grpo:     A_i = (R_i − mean_g R) / (std_g R + eps)    std with ddof=1 (as TRL, verl, Tunix)
+        dr_grpo:  A_i =  R_i − mean_g R                       (Dr. GRPO drops the std, arXiv 2503.20783)
 
     Args:
       rewards_B: [B] rewards, B = n_prompts · group_size, the G responses of a prompt adjacent.
