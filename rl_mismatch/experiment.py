@@ -18,8 +18,9 @@
   checkpoint every ``checkpoint.every`` steps and after the last
 
 Metrics per step (``metrics.jsonl`` and TensorBoard): the train step's ``loss/*``, ``is/*``,
-``mismatch/*``, ``opt/*`` and ``lr/*`` (``lr/scale``; the length detector's ``lr/surge_step``, or with
-the k3 trigger on, ``lr/<length|k3>_trigger/{scale,surge_step}``); ``reward/{mean,std,accuracy,format,
+``mismatch/*``, ``opt/*`` and ``lr/*`` (``lr/scale``, the multiplier in force; ``lr/value``, the
+learning rate in force, ``optim.learning_rate`` x ``lr/scale``; and per detector
+``lr/<length|k3>_trigger/{scale,surge_step}``); ``reward/{mean,std,accuracy,format,
 overlong_penalty,zero_advantage_groups}``; ``rollout/{response_length_mean,_max,_min,
 finished_frac,prompt_length_mean,prompt_width}``. Timings: ``time/step_s`` (the wall time of
 one pass of the loop) is the sum of ``time/eval_s`` (below), ``time/sample_s`` (the weight sync
@@ -663,6 +664,9 @@ class _Run:
         jax.block_until_ready(train)
         self.loop = {**self.loop, "train": train}
         self.last_k3 = device_metrics["mismatch/k3"]
+        if "lr/scale" in device_metrics:  # The learning rate in force (a device op: no host wait).
+            device_metrics = {**device_metrics,
+                              "lr/value": device_metrics["lr/scale"] * self.cfg.optim.learning_rate}
         return device_metrics
 
     def _k3_signal(self) -> float | None:

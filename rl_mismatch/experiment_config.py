@@ -288,10 +288,10 @@ class OptimSettings:
 
         Its ``update`` needs ``response_length=`` (the batch's mean response length) and, with
         ``k3_trigger_threshold > 0``, ``k3=`` (the previous step's ``mismatch/k3``). The
-        multipliers scale the whole Adam update, i.e. they multiply the learning rate. With one
-        detector the step logs ``lr/scale`` and ``lr/surge_step``; with both, ``lr/scale`` (their
-        product) and each detector's ``lr/<name>/scale`` and ``lr/<name>/surge_step`` by its chain
-        name (``rl_mismatch.train_step``).
+        multipliers scale the whole Adam update, i.e. they multiply the learning rate. The step logs
+        ``lr/scale`` (their product) and each detector's ``lr/<name>/scale`` and
+        ``lr/<name>/surge_step`` by its chain name, ``length_trigger`` or ``k3_trigger``
+        (``rl_mismatch.train_step``); the experiment adds ``lr/value``.
         """
         constant = self.lr_schedule == "constant"
         window = dict(warmup=self.trigger_warmup, baseline_window=self.trigger_baseline_window,

@@ -466,11 +466,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       * ``opt/loss_scale``, ``opt/skipped_steps`` (after this step's adjustment),
         ``opt/step_skipped`` (1.0 if this step's update was skipped).
       * ``lr/scale``: the LR multiplier of the `rl_mismatch.optim` triggered decays in the
-        optimizer (after this update), present only if it contains one. With one, also
-        ``lr/surge_step``: the step at which its surge fired, -1 before (a decay whose
-        multiplier is pinned at 1 still reports it). With several, ``lr/<path>/scale`` and
-        ``lr/<path>/surge_step`` for each (``<path>`` from its place in the optimizer state,
-        e.g. its ``optax.named_chain`` name).
+        optimizer (after this update; their product), present only if it contains one; and
+        for each decay ``lr/<path>/scale``, its own multiplier, and ``lr/<path>/surge_step``,
+        the step at which its surge fired, -1 before (a decay whose multiplier is pinned at 1
+        still reports it). ``<path>`` is its place in the optimizer state, e.g. its
+        ``optax.named_chain`` name (``length_trigger``, ``k3_trigger`` in the experiments).
 
     Raises:
       ValueError: bad arguments (here), or (at call time) a batch whose shapes disagree or
@@ -621,13 +621,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         detectors = optim.triggered_decay_states(opt_state)  # static: the state's structure
         if detectors:
             metrics["lr/scale"] = optim.lr_scale(opt_state)
-        if len(detectors) == 1:  # where the surge fired (or would have, under a pinned multiplier)
-            metrics["lr/surge_step"] = next(iter(detectors.values())).surge_step
-        elif len(detectors) > 1:  # which detector moved the LR, when several are chained
-            for path, det in detectors.items():
-                name = re.sub(r"\W+", "_", path).strip("_")
-                metrics[f"lr/{name}/scale"] = det.multiplier
-                metrics[f"lr/{name}/surge_step"] = det.surge_step
+        for path, det in detectors.items():  # Each detector's multiplier and surge step.
+            name = re.sub(r"\W+", "_", path).strip("_")
+            metrics[f"lr/{name}/scale"] = det.multiplier
+            metrics[f"lr/{name}/surge_step"] = det.surge_step
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                loss_scale=new_ls, key=state.key)
         return new_state, metrics

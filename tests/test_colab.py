@@ -69,7 +69,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         assert 190 < ns["baseline"] < 210  # The trace's flat part: 200 tokens +- 5% noise.
         const, decayed = ns["rows"]["constant"], ns["rows"]["length_triggered"]
         assert [r["step"] for r in const] == [r["step"] for r in decayed] == list(range(8))
-        assert ns["rl_surge"] == int(const[-1]["lr/surge_step"]) == 3 and ns["lowered"] == 6
+        assert ns["rl_surge"] == int(const[-1]["lr/length_trigger/surge_step"]) == 3 and ns["lowered"] == 6
         assert all(r["lr/scale"] == 1 for r in const) and decayed[6]["lr/scale"] == 0.5
         # Same seed: the runs agree until the first update taken with a smaller LR, which is that
         # update halved (the multiplier scales Adam's update; the gradients are still the same).

@@ -198,7 +198,8 @@ def test_tiny_end_to_end(tiny_run):
     assert [r["step"] for r in rows] == list(range(cfg.steps))
     for key in ("reward/mean", "reward/accuracy", "reward/format", "rollout/response_length_mean",
                 "rollout/finished_frac", "mismatch/k3", "mismatch/prob_diff_max", "is/weight_mean",
-                "opt/grad_norm", "opt/grad_sq_small", "opt/grad_sq_big", "lr/scale", "time/compile_s",
+                "opt/grad_norm", "opt/grad_sq_small", "opt/grad_sq_big", "lr/scale", "lr/value",
+                "lr/length_trigger/scale", "lr/length_trigger/surge_step", "time/compile_s",
                 "time/step_s", "time/tokens_per_s"):
         assert all(key in r and math.isfinite(r[key]) for r in rows), key
     # The timed phases add up to the step's wall time (what is left is a few dict and numpy

@@ -15,9 +15,8 @@ from rl_mismatch.metric_writing import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOSSARY = os.path.join(REPO, "docs", "metrics.md")
-TAGS = ("always", "eval", "entropy", "1 LR rule", "2 LR rules", "IS weight", "batch_norm", "criterion",
-        "token criterion", "dual_clip")
-LR_RULES = ("length_trigger", "k3_trigger")  # OptimSettings.optimizer's chain names
+TAGS = ("always", "eval", "entropy", "k3 LR rule", "IS weight", "batch_norm", "criterion", "token criterion",
+        "dual_clip")
 # Everything optional at once: eval, sampler entropy, the k3 LR rule, an IS weighting with batch
 # normalisation, a token and a sequence criterion, dual clip.
 EVERYTHING = {"eval.every": 1, "sampler.return_entropy": True, "optim.k3_trigger_threshold": 2.0,
@@ -54,7 +53,7 @@ def _keys(items: list[str]) -> list[str]:
 
 
 def _expected(tags: set[str], correction: corrections.Correction) -> set[str]:
-    names = {"<s>": mismatch.BINNED_KEYS, "<rule>": LR_RULES}
+    names = {"<s>": mismatch.BINNED_KEYS}
     out = set()
     for keys, tag in _rows():
         if tag not in tags:
@@ -96,7 +95,7 @@ def test_every_row_is_well_formed():
 def test_glossary_lists_exactly_the_keys_a_tiny_run_logs(tmp_path, settings):
     overrides = EVERYTHING if settings == "everything" else {}
     logged, cfg = _logged_keys(tmp_path, **overrides)
-    tags = {"always", "1 LR rule"} if settings == "defaults" else set(TAGS) - {"1 LR rule"}
+    tags = {"always"} if settings == "defaults" else set(TAGS)
     expected = _expected(tags, corrections.resolve(cfg.loss.loss_config().correction))
     assert logged - expected == set(), "logged but not in docs/metrics.md"
     assert expected - logged == set(), "in docs/metrics.md but not logged"

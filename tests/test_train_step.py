@@ -116,7 +116,8 @@ def _assert_same_step(got, ref):
 @pytest.mark.parametrize("mesh_shape,n_micro,dtype", [(None, 1, "f32"), ((4, 2), 2, "fp16")])
 def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype, count_compiles):
     mesh = None if mesh_shape is None else shd.make_mesh(*mesh_shape)
-    opt = optax.chain(optax.adamw(1e-3), optim.length_triggered_decay(warmup=0, baseline_window=2))
+    opt = optax.named_chain(("adamw", optax.adamw(1e-3)),
+                            ("length_trigger", optim.length_triggered_decay(warmup=0, baseline_window=2)))
     graphdef, state = ts.init_train_state(_model(), opt, compute_dtype=dtype, key=jax.random.key(0), mesh=mesh)
     step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype, n_microbatches=n_micro,
                               mesh=mesh, loss_scale=precision.make_loss_scale(dtype, initial_scale=2.0**8)
@@ -133,7 +134,7 @@ def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype, count_co
         jax.block_until_ready((state, metrics))
     assert (compiles.traces, compiles.lowerings, compiles.n) == (0, 0, 0)
     assert int(state.step) == 5
-    assert float(metrics["lr/scale"]) == 1.0 and int(metrics["lr/surge_step"]) == -1
+    assert float(metrics["lr/scale"]) == 1.0 and int(metrics["lr/length_trigger/surge_step"]) == -1
 
 
 def test_each_chained_detector_is_logged():
@@ -151,7 +152,7 @@ def test_each_chained_detector_is_logged():
     assert int(metrics["lr/length/surge_step"]) == -1 and float(metrics["lr/length/scale"]) == 1.0
     assert int(metrics["lr/k3/surge_step"]) == 1
     assert float(metrics["lr/scale"]) == float(metrics["lr/k3/scale"]) < 1.0
-    assert "lr/surge_step" not in metrics  # Ambiguous with two detectors: each has its own.
+    assert "lr/surge_step" not in metrics  # One scheme: each detector under its own name.
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ the surge step s on, the LR multiplier halves
 every round(1.0 * s) steps (floor 0.1). Measured (2026-11-30, 2-core AMD Zen 5 CPU, the first
 16 steps of a 30-step run): the mean length grows from 28-30
 tokens over steps 2-5 to 46 at step 7 and the 48-token budget from step 9; the surge fires at
-step 7 (``lr/surge_step``; steps count from 0, as in the log line) and lr/scale is 0.5
+step 7 (``lr/length_trigger/surge_step``; steps count from 0, as in the log line) and lr/scale is 0.5
 from step 9 (0.25 from step 16). Other revisions of the code, whose float32 sums ran in another
 order, drew other tokens: one gave the same surge step, one no surge at all (the responses
 shrank to 8-11 tokens). The trajectory depends on the machine and the XLA version.
