@@ -429,6 +429,98 @@ def _binned_metrics(prefix, bin_N, edges, mask_N, token_stats, dp_N, rho_N):
     return out
 
 
+def _token_metrics(r_BT, s_BT, t_BT, mask_BT, log_ratio_clamp):
+    """The token-level metrics of :func:`compute_mismatch_metrics` and its counts; also the
+    per-token terms the binned views reuse: ``(metrics, token_stats, dp_BT, rho_BT)``."""
+    dtype = r_BT.dtype
+    n_tok = jnp.sum(mask_BT, dtype=jnp.int32)
+    inv_n = 1.0 / jnp.maximum(n_tok, 1).astype(dtype)  # empty mask: sums are 0, so means are 0
+    s_inf, t_inf = s_BT == -jnp.inf, t_BT == -jnp.inf
+    raw_abs = jnp.abs(jnp.where(s_inf & t_inf, 0.0, t_BT - s_BT))
+    n_clamped = jnp.sum(mask_BT & (raw_abs > log_ratio_clamp), dtype=jnp.int32)
+    n_inf = jnp.sum(mask_BT & (s_inf | t_inf), dtype=jnp.int32)
+
+    # Per-token terms, exactly 0 off the mask (r is 0 there; the rest go through where()).
+    rho_BT = jnp.exp(r_BT)
+    mu_BT = jnp.where(mask_BT, jnp.exp(s_BT), 0.0)
+    pi_BT = jnp.where(mask_BT, jnp.exp(t_BT), 0.0)
+    dp_BT = jnp.abs(pi_BT - mu_BT)
+    # ρ − 1 and ρ² − 1 via expm1: exact 0 for equal inputs and no cancellation near ρ = 1.
+    token_stats = {
+        "k1": -r_BT,
+        "k2": 0.5 * r_BT * r_BT,
+        "k3": _expm1_minus_x(r_BT),
+        "prob_diff_mean": dp_BT,
+        "chi2_token": jnp.expm1(2.0 * r_BT),
+        "frac_out_10pct": (mask_BT & ((rho_BT < 0.9) | (rho_BT > 1.1))).astype(dtype),
+        "frac_out_2x": (mask_BT & ((rho_BT < 0.5) | (rho_BT > 2.0))).astype(dtype),
+    }
+    m = {f"mismatch/{k}": jnp.sum(v) * inv_n for k, v in token_stats.items()}
+    m["mismatch/prob_diff_max"] = jnp.max(dp_BT)  # dp ≥ 0 and 0 off the mask
+    dp_c = jnp.where(mask_BT, dp_BT - m["mismatch/prob_diff_mean"], 0.0)
+    m["mismatch/prob_diff_std"] = jnp.sqrt(jnp.sum(dp_c * dp_c) * inv_n)  # two-pass: no cancellation
+
+    pi_c = jnp.where(mask_BT, pi_BT - jnp.sum(pi_BT) * inv_n, 0.0)
+    mu_c = jnp.where(mask_BT, mu_BT - jnp.sum(mu_BT) * inv_n, 0.0)
+    # sqrt(var_π·var_μ) rather than sqrt(var_π)·sqrt(var_μ): equal inputs then give exactly 1.
+    denom = jnp.sqrt(jnp.sum(pi_c * pi_c) * jnp.sum(mu_c * mu_c))
+    pearson = jnp.sum(pi_c * mu_c) / jnp.where(denom > 0, denom, 1.0)
+    m["mismatch/prob_pearson"] = jnp.where(denom > 0, jnp.clip(pearson, -1.0, 1.0), 0.0)
+
+    # ESS = mean(ρ)² / mean(ρ²) = (1 + mean(ρ − 1))² / (1 + χ²_token); clipped to ≤ 1, which
+    # Cauchy-Schwarz guarantees exactly and rounding can exceed by an ulp.
+    a1 = jnp.sum(jnp.expm1(r_BT)) * inv_n
+    ess = jnp.clip((1.0 + a1) ** 2 / (1.0 + m["mismatch/chi2_token"]), 0.0, 1.0)
+    m["mismatch/ess"] = jnp.where(n_tok > 0, ess, 0.0)
+
+    # Quantiles of ρ itself (not exp of quantiles of r: the interpolation would differ).
+    q_1Q = _masked_quantiles(rho_BT.reshape(-1), mask_BT.reshape(-1), None, 1, n_tok[None])
+    m.update({f"mismatch/ratio_{name}": q_1Q[0, i] for i, (name, _, _) in enumerate(_RATIO_QUANTILES)})
+
+    m["mismatch/n_tokens"] = n_tok
+    m["mismatch/n_clamped"] = n_clamped
+    m["mismatch/n_inf_logp"] = n_inf
+
+    return m, token_stats, dp_BT, rho_BT
+
+
+def _sequence_metrics(r_BT, s_BT, t_BT, mask_BT) -> dict[str, jax.Array]:
+    """The per-sequence metrics of :func:`compute_mismatch_metrics` (empty rows left out)."""
+    dtype = r_BT.dtype
+    m = {}
+    # Per sequence: ℓ_s = Σ_t r_t = log Π ρ_t, mean r_s = ℓ_s / n_s, d_s = −mean r_s.
+    n_s = jnp.sum(mask_BT, axis=1, dtype=jnp.int32)
+    has_s = n_s > 0
+    n_seq = jnp.sum(has_s, dtype=jnp.int32)
+    inv_seq = 1.0 / jnp.maximum(n_seq, 1).astype(dtype)
+    sum_s = jnp.sum(r_BT, axis=1)
+    mean_s = sum_s / jnp.maximum(n_s, 1).astype(dtype)
+    d_s = -mean_s
+    m["mismatch/log_ppl_diff"] = jnp.sum(d_s) * inv_seq  # empty rows have d_s = 0
+    m["mismatch/log_ppl_abs_diff"] = jnp.sum(jnp.abs(d_s)) * inv_seq
+    m["mismatch/ppl_ratio"] = jnp.sum(jnp.where(has_s, jnp.exp(d_s), 0.0)) * inv_seq
+    for name, lp_BT in (("trainer", t_BT), ("sampler", s_BT)):  # −inf log-probs: see _MAX_LOG_PPL
+        nll_s = -jnp.sum(jnp.where(mask_BT, lp_BT, 0.0), axis=1) / jnp.maximum(n_s, 1).astype(dtype)
+        nll_s = jnp.where(has_s, jnp.minimum(nll_s, _MAX_LOG_PPL), 0.0)
+        m[f"mismatch/log_ppl_{name}"] = jnp.sum(nll_s) * inv_seq
+        m[f"mismatch/ppl_{name}"] = jnp.sum(jnp.where(has_s, jnp.exp(nll_s), 0.0)) * inv_seq
+    for name, x_s in (("seq_mean_log_ratio", mean_s), ("seq_sum_log_ratio", sum_s)):
+        m[f"mismatch/{name}_mean"] = jnp.sum(x_s) * inv_seq
+        m[f"mismatch/{name}_min"] = jnp.where(n_seq > 0, jnp.min(jnp.where(has_s, x_s, jnp.inf)), 0.0)
+        m[f"mismatch/{name}_max"] = jnp.where(n_seq > 0, jnp.max(jnp.where(has_s, x_s, -jnp.inf)), 0.0)
+    # χ²_seq = mean_s exp(2ℓ_s) − 1 in log space: with M = max_s 2ℓ_s,
+    # log(1 + χ²) = M + log1p(mean_s expm1(2ℓ_s − M)); expm1/log1p keep it exact near 0, the
+    # shift keeps exp from overflowing, and the result is clamped (see _MAX_LOG_CHI2_SEQ).
+    two_l = jnp.where(has_s, 2.0 * sum_s, -jnp.inf)
+    big_m = jnp.where(n_seq > 0, jnp.max(two_l), 0.0)
+    a_seq = jnp.sum(jnp.where(has_s, jnp.expm1(jnp.where(has_s, two_l - big_m, 0.0)), 0.0)) * inv_seq
+    log1p_chi2 = jnp.minimum(big_m + jnp.log1p(a_seq), _MAX_LOG_CHI2_SEQ)
+    m["mismatch/chi2_seq"] = jnp.where(n_seq > 0, jnp.expm1(log1p_chi2), 0.0)
+
+    m["mismatch/n_seqs"] = n_seq
+    return m
+
+
 def compute_mismatch_metrics(
     sampler_logp_BT: jax.Array,
     trainer_logp_BT: jax.Array,
@@ -499,85 +591,8 @@ def compute_mismatch_metrics(
     s_BT = sampler_logp_BT.astype(dtype)
     t_BT = trainer_logp_BT.astype(dtype)
     r_BT = compute_log_ratio(s_BT, t_BT, mask_BT, log_ratio_clamp=log_ratio_clamp)
-    B, T = r_BT.shape
-
-    n_tok = jnp.sum(mask_BT, dtype=jnp.int32)
-    inv_n = 1.0 / jnp.maximum(n_tok, 1).astype(dtype)  # empty mask: sums are 0, so means are 0
-    s_inf, t_inf = s_BT == -jnp.inf, t_BT == -jnp.inf
-    raw_abs = jnp.abs(jnp.where(s_inf & t_inf, 0.0, t_BT - s_BT))
-    n_clamped = jnp.sum(mask_BT & (raw_abs > log_ratio_clamp), dtype=jnp.int32)
-    n_inf = jnp.sum(mask_BT & (s_inf | t_inf), dtype=jnp.int32)
-
-    # Per-token terms, exactly 0 off the mask (r is 0 there; the rest go through where()).
-    rho_BT = jnp.exp(r_BT)
-    mu_BT = jnp.where(mask_BT, jnp.exp(s_BT), 0.0)
-    pi_BT = jnp.where(mask_BT, jnp.exp(t_BT), 0.0)
-    dp_BT = jnp.abs(pi_BT - mu_BT)
-    # ρ − 1 and ρ² − 1 via expm1: exact 0 for equal inputs and no cancellation near ρ = 1.
-    token_stats = {
-        "k1": -r_BT,
-        "k2": 0.5 * r_BT * r_BT,
-        "k3": _expm1_minus_x(r_BT),
-        "prob_diff_mean": dp_BT,
-        "chi2_token": jnp.expm1(2.0 * r_BT),
-        "frac_out_10pct": (mask_BT & ((rho_BT < 0.9) | (rho_BT > 1.1))).astype(dtype),
-        "frac_out_2x": (mask_BT & ((rho_BT < 0.5) | (rho_BT > 2.0))).astype(dtype),
-    }
-    m = {f"mismatch/{k}": jnp.sum(v) * inv_n for k, v in token_stats.items()}
-    m["mismatch/prob_diff_max"] = jnp.max(dp_BT)  # dp ≥ 0 and 0 off the mask
-    dp_c = jnp.where(mask_BT, dp_BT - m["mismatch/prob_diff_mean"], 0.0)
-    m["mismatch/prob_diff_std"] = jnp.sqrt(jnp.sum(dp_c * dp_c) * inv_n)  # two-pass: no cancellation
-
-    pi_c = jnp.where(mask_BT, pi_BT - jnp.sum(pi_BT) * inv_n, 0.0)
-    mu_c = jnp.where(mask_BT, mu_BT - jnp.sum(mu_BT) * inv_n, 0.0)
-    # sqrt(var_π·var_μ) rather than sqrt(var_π)·sqrt(var_μ): equal inputs then give exactly 1.
-    denom = jnp.sqrt(jnp.sum(pi_c * pi_c) * jnp.sum(mu_c * mu_c))
-    pearson = jnp.sum(pi_c * mu_c) / jnp.where(denom > 0, denom, 1.0)
-    m["mismatch/prob_pearson"] = jnp.where(denom > 0, jnp.clip(pearson, -1.0, 1.0), 0.0)
-
-    # ESS = mean(ρ)² / mean(ρ²) = (1 + mean(ρ − 1))² / (1 + χ²_token); clipped to ≤ 1, which
-    # Cauchy-Schwarz guarantees exactly and rounding can exceed by an ulp.
-    a1 = jnp.sum(jnp.expm1(r_BT)) * inv_n
-    ess = jnp.clip((1.0 + a1) ** 2 / (1.0 + m["mismatch/chi2_token"]), 0.0, 1.0)
-    m["mismatch/ess"] = jnp.where(n_tok > 0, ess, 0.0)
-
-    # Quantiles of ρ itself (not exp of quantiles of r: the interpolation would differ).
-    q_1Q = _masked_quantiles(rho_BT.reshape(-1), mask_BT.reshape(-1), None, 1, n_tok[None])
-    m.update({f"mismatch/ratio_{name}": q_1Q[0, i] for i, (name, _, _) in enumerate(_RATIO_QUANTILES)})
-
-    # Per sequence: ℓ_s = Σ_t r_t = log Π ρ_t, mean r_s = ℓ_s / n_s, d_s = −mean r_s.
-    n_s = jnp.sum(mask_BT, axis=1, dtype=jnp.int32)
-    has_s = n_s > 0
-    n_seq = jnp.sum(has_s, dtype=jnp.int32)
-    inv_seq = 1.0 / jnp.maximum(n_seq, 1).astype(dtype)
-    sum_s = jnp.sum(r_BT, axis=1)
-    mean_s = sum_s / jnp.maximum(n_s, 1).astype(dtype)
-    d_s = -mean_s
-    m["mismatch/log_ppl_diff"] = jnp.sum(d_s) * inv_seq  # empty rows have d_s = 0
-    m["mismatch/log_ppl_abs_diff"] = jnp.sum(jnp.abs(d_s)) * inv_seq
-    m["mismatch/ppl_ratio"] = jnp.sum(jnp.where(has_s, jnp.exp(d_s), 0.0)) * inv_seq
-    for name, lp_BT in (("trainer", t_BT), ("sampler", s_BT)):  # −inf log-probs: see _MAX_LOG_PPL
-        nll_s = -jnp.sum(jnp.where(mask_BT, lp_BT, 0.0), axis=1) / jnp.maximum(n_s, 1).astype(dtype)
-        nll_s = jnp.where(has_s, jnp.minimum(nll_s, _MAX_LOG_PPL), 0.0)
-        m[f"mismatch/log_ppl_{name}"] = jnp.sum(nll_s) * inv_seq
-        m[f"mismatch/ppl_{name}"] = jnp.sum(jnp.where(has_s, jnp.exp(nll_s), 0.0)) * inv_seq
-    for name, x_s in (("seq_mean_log_ratio", mean_s), ("seq_sum_log_ratio", sum_s)):
-        m[f"mismatch/{name}_mean"] = jnp.sum(x_s) * inv_seq
-        m[f"mismatch/{name}_min"] = jnp.where(n_seq > 0, jnp.min(jnp.where(has_s, x_s, jnp.inf)), 0.0)
-        m[f"mismatch/{name}_max"] = jnp.where(n_seq > 0, jnp.max(jnp.where(has_s, x_s, -jnp.inf)), 0.0)
-    # χ²_seq = mean_s exp(2ℓ_s) − 1 in log space: with M = max_s 2ℓ_s,
-    # log(1 + χ²) = M + log1p(mean_s expm1(2ℓ_s − M)); expm1/log1p keep it exact near 0, the
-    # shift keeps exp from overflowing, and the result is clamped (see _MAX_LOG_CHI2_SEQ).
-    two_l = jnp.where(has_s, 2.0 * sum_s, -jnp.inf)
-    big_m = jnp.where(n_seq > 0, jnp.max(two_l), 0.0)
-    a_seq = jnp.sum(jnp.where(has_s, jnp.expm1(jnp.where(has_s, two_l - big_m, 0.0)), 0.0)) * inv_seq
-    log1p_chi2 = jnp.minimum(big_m + jnp.log1p(a_seq), _MAX_LOG_CHI2_SEQ)
-    m["mismatch/chi2_seq"] = jnp.where(n_seq > 0, jnp.expm1(log1p_chi2), 0.0)
-
-    m["mismatch/n_tokens"] = n_tok
-    m["mismatch/n_seqs"] = n_seq
-    m["mismatch/n_clamped"] = n_clamped
-    m["mismatch/n_inf_logp"] = n_inf
+    m, token_stats, dp_BT, rho_BT = _token_metrics(r_BT, s_BT, t_BT, mask_BT, log_ratio_clamp)
+    m.update(_sequence_metrics(r_BT, s_BT, t_BT, mask_BT))
 
     flat = {k: v.reshape(-1) for k, v in token_stats.items()}
     mask_N, dp_N, rho_N = mask_BT.reshape(-1), dp_BT.reshape(-1), rho_BT.reshape(-1)
