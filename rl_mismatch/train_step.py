@@ -414,6 +414,44 @@ def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
             f"{n_micro} × {data_size}; pad the batch (all-False masks) or change n_microbatches.")
 
 
+def _noise_metrics(sq_big, mask_BT, sq_n=None, seqs_n=None) -> dict[str, jax.Array]:
+    """The step's ``opt/grad_sq_*``, ``opt/noise_*`` and ``opt/grad_noise_scale`` (see
+    `make_train_step`) from |G|² and, with micro-batches, their |G_m|² (``sq_n``) and sequence
+    counts (``seqs_n``); without them, placeholders."""
+    if sq_n is None:  # No small batch: placeholders (see the metrics in make_train_step).
+        sq_small, trace, b_noise = sq_big, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+        b_small = b_big = _n_sequences(mask_BT)
+    else:
+        # Micro-batches without loss tokens have no gradient of their own: left out. Batch
+        # sizes count the sequences that have loss tokens; with unequal micro-batches,
+        # E mean_m |G_m|² = |G|² + tr(Σ) mean_m 1/b_m, so B_small is their harmonic mean.
+        used_n = seqs_n > 0
+        n_used = jnp.sum(used_n)
+        sq_small = jnp.sum(sq_n) / jnp.maximum(n_used, 1)
+        b_big = jnp.sum(seqs_n)
+        b_small = jnp.maximum(n_used, 1) / jnp.sum(jnp.where(used_n, 1.0 / jnp.maximum(seqs_n, 1), 0.0))
+        # Fewer than two micro-batches with loss tokens: no second batch size, no estimate.
+        estimable = n_used >= 2
+        _, trace = noise_statistics(sq_small, sq_big, b_small, b_big)
+        b_noise = gradient_noise_scale(sq_small, sq_big, b_small, b_big)
+        trace, b_noise = (jnp.where(estimable, x, jnp.nan) for x in (trace, b_noise))
+    return {"opt/grad_sq_small": sq_small, "opt/grad_sq_big": sq_big, "opt/noise_trace": trace,
+            "opt/grad_noise_scale": b_noise, "opt/noise_b_small": b_small, "opt/noise_b_big": b_big}
+
+
+def _lr_metrics(opt_state) -> dict[str, jax.Array]:
+    """``lr/scale`` and each triggered decay's ``lr/<path>/{scale,surge_step}`` (see
+    `make_train_step`); empty for an optimizer without one. The detectors are found in the
+    state's structure, which is static under jit."""
+    detectors = optim.triggered_decay_states(opt_state)
+    metrics = {"lr/scale": optim.lr_scale(opt_state)} if detectors else {}
+    for path, det in detectors.items():
+        name = re.sub(r"\W+", "_", path).strip("_")
+        metrics[f"lr/{name}/scale"] = det.multiplier
+        metrics[f"lr/{name}/surge_step"] = det.surge_step
+    return metrics
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     loss_config: losses.LossConfig, *, compute_dtype: Any, n_microbatches: int = 1,
                     mesh: jax.sharding.Mesh | None = None, loss_scale: precision.LossScale | None = None,
@@ -561,23 +599,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         sq_scaled = _sq_norm(grads)
         sq_big = sq_scaled * inv_scale_sq
-        if n_micro == 1:  # no small batch: placeholders (see the metrics in the docstring)
-            sq_small, trace, b_noise = sq_big, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-            b_small = b_big = _n_sequences(mask_BT)
-        else:
-            # Micro-batches without loss tokens have no gradient of their own: left out. Batch
-            # sizes count the sequences that have loss tokens; with unequal micro-batches,
-            # E mean_m |G_m|² = |G|² + tr(Σ) mean_m 1/b_m, so B_small is their harmonic mean.
-            used_n = seqs_n > 0
-            n_used = jnp.sum(used_n)
-            sq_small = jnp.sum(sq_n) / jnp.maximum(n_used, 1)
-            b_big = jnp.sum(seqs_n)
-            b_small = jnp.maximum(n_used, 1) / jnp.sum(jnp.where(used_n, 1.0 / jnp.maximum(seqs_n, 1), 0.0))
-            # Fewer than two micro-batches with loss tokens: no second batch size, no estimate.
-            estimable = n_used >= 2
-            _, trace = noise_statistics(sq_small, sq_big, b_small, b_big)
-            b_noise = gradient_noise_scale(sq_small, sq_big, b_small, b_big)
-            trace, b_noise = (jnp.where(estimable, x, jnp.nan) for x in (trace, b_noise))
+        noise = _noise_metrics(sq_big, mask_BT, *((sq_n, seqs_n) if n_micro > 1 else ()))
 
         # Σ g² is finite iff every element is (an overflow of the sum itself would need |g| ≳ 1e19,
         # beyond any usable gradient): one reduction serves the norm and the skip decision.
@@ -609,22 +631,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             "opt/grad_norm": jnp.sqrt(sq_big),
             "opt/update_norm": jnp.sqrt(update_sq),
             "opt/param_norm": jnp.sqrt(_sq_norm(params)),
-            "opt/grad_sq_small": sq_small,
-            "opt/grad_sq_big": sq_big,
-            "opt/noise_trace": trace,
-            "opt/grad_noise_scale": b_noise,
-            "opt/noise_b_small": b_small,
-            "opt/noise_b_big": b_big,
+            **noise,
             "opt/step_skipped": (~finite).astype(jnp.float32),
             **precision.loss_scale_metrics(new_ls),
         })
-        detectors = optim.triggered_decay_states(opt_state)  # static: the state's structure
-        if detectors:
-            metrics["lr/scale"] = optim.lr_scale(opt_state)
-        for path, det in detectors.items():  # Each detector's multiplier and surge step.
-            name = re.sub(r"\W+", "_", path).strip("_")
-            metrics[f"lr/{name}/scale"] = det.multiplier
-            metrics[f"lr/{name}/surge_step"] = det.surge_step
+        metrics.update(_lr_metrics(opt_state))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                loss_scale=new_ls, key=state.key)
         return new_state, metrics
