@@ -503,26 +503,30 @@ class _Run:
         # The k3 signal is the previous step's (the current one is computed inside the step); None
         # before the first step, which the detector ignores. Checkpointed with the data position.
         self.last_k3: Any = None
-        try:
+        try:  # A refused checkpoint or an unwritable file leaves no checkpointer open.
             self.start = self._restore()
+            if self.primary:
+                _write_config(workdir, cfg)
+            self.writer = MetricWriter(workdir, resume_step=self.start, enabled=self.primary,
+                                       tensorboard=cfg.log.tensorboard, on_row=self._row_callback(on_row))
         except BaseException:
             self.ckpt.close()
             raise
         self.completed = self.start  # Steps whose update is in `self.loop`.
         self.state_intact = True  # False while a step holds the donated state.
-        if self.primary:
-            _write_config(workdir, cfg)
-        log_row = console.StepLog(cfg.steps, cfg.log.every, logging.info) if self.primary else None
+        local_rows = self.parts.batches.local_batch_size * cfg.rollout.group_size
+        self.row_slice = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+
+    def _row_callback(self, on_row: Callable[[Row], None] | None) -> Callable[[Row], None]:
+        """What runs as each metrics row is written: the step line (process 0), then ``on_row``."""
+        log_row = console.StepLog(self.cfg.steps, self.cfg.log.every, logging.info) if self.primary else None
 
         def row_written(row: Row) -> None:
             for callback in (log_row, on_row):
                 if callback is not None:
                     callback(row)
 
-        self.writer = MetricWriter(workdir, resume_step=self.start, enabled=self.primary,
-                                   tensorboard=cfg.log.tensorboard, on_row=row_written)
-        local_rows = self.parts.batches.local_batch_size * cfg.rollout.group_size
-        self.row_slice = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+        return row_written
 
     def _restore(self) -> int:
         """Restores the newest checkpoint into ``self.loop``; returns the first step to run."""
