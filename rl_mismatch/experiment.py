@@ -99,12 +99,6 @@ from rl_mismatch.workdir_lock import WorkdirLock
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
-# ChatML, the template of SmolLM2 and Qwen, for the tiny byte-level tokenizer.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 # Streams of the root key: fold_in(root, stream). Fixed numbers, so adding a stream later does
 # not change the draws of the existing ones.
 _MODEL_INIT, _ROLLOUT, _TRAIN = 0, 1, 2
@@ -163,28 +157,10 @@ def prepare_workdir(workdir: str | os.PathLike) -> str:
     return path
 
 
-def tiny_chat_tokenizer():
-    """A byte-level tokenizer (one token per byte, no merges) with ChatML special tokens.
-
-    Ids 0-255 are the bytes, then ``<|im_start|>``, ``<|im_end|>`` (EOS) and ``<pad>``.
-    """
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from rl_mismatch.models.tokenizer import Tokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<|im_start|>", "<|im_end|>", "<pad>"])
-    return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<pad>", chat_template=CHATML_TEMPLATE)
-
-
 def load_model(settings: ModelSettings, *, dtype: Any, key: jax.Array, remat: str = "layer"):
     """The trainer's model (float32 master weights computing in ``dtype``, ``Decoder(remat=)``)
     and its tokenizer."""
-    from rl_mismatch.models import Decoder, load_pretrained, tiny_config
+    from rl_mismatch.models import Decoder, load_pretrained, tiny_chat_tokenizer, tiny_config
 
     if settings.source == TINY_MODEL:
         tok = tiny_chat_tokenizer()

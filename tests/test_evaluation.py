@@ -7,8 +7,7 @@ import pytest
 from flax import nnx
 
 from rl_mismatch import evaluation, sampler, tasks
-from rl_mismatch.experiment import tiny_chat_tokenizer
-from rl_mismatch.models import Decoder, tiny_config
+from rl_mismatch.models import Decoder, tiny_chat_tokenizer, tiny_config
 
 N_NEW = 12
 

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from experiments.export import export_run  # noqa: E402
 from rl_mismatch import experiment  # noqa: E402
 from rl_mismatch.experiment_config import ExperimentConfig  # noqa: E402
-from rl_mismatch.models import ModelConfig, loading, tiny_config  # noqa: E402
+from rl_mismatch.models import ModelConfig, loading, tiny_chat_tokenizer, tiny_config  # noqa: E402
 from rl_mismatch.models.decoder import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +96,7 @@ def test_an_uncached_hub_id_fails_before_the_workdir_is_touched(tmp_path):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_save_pretrained_round_trip_and_transformers_parity(arch, tmp_path):
-    tok = experiment.tiny_chat_tokenizer()
+    tok = tiny_chat_tokenizer()
     fields = dict(vocab_size=264, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96,
                   rope_theta=5000.0, rms_eps=1e-5, max_seq_len=128, architecture=arch)
     config = tiny_config(**{**fields, **ARCHS[arch]})
@@ -135,7 +135,7 @@ def test_save_pretrained_round_trip_and_transformers_parity(arch, tmp_path):
 
 
 def test_save_pretrained_refuses_a_used_directory_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    tok = experiment.tiny_chat_tokenizer()
+    tok = tiny_chat_tokenizer()
     model = from_hf_state_dict(tiny_config(vocab_size=264), _random_state_dict(tiny_config(vocab_size=264)))
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("mine")

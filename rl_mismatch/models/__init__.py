@@ -8,7 +8,7 @@
 from rl_mismatch.models.config import ModelConfig, tiny_config
 from rl_mismatch.models.decoder import Decoder, KVCache, from_hf_state_dict, grow_cache, init_cache, to_hf_state_dict
 from rl_mismatch.models.loading import load_pretrained, load_state_dict, save_pretrained
-from rl_mismatch.models.tokenizer import Tokenizer
+from rl_mismatch.models.tokenizer import Tokenizer, tiny_chat_tokenizer
 
 __all__ = [
     "Decoder",
@@ -21,6 +21,7 @@ __all__ = [
     "load_pretrained",
     "load_state_dict",
     "save_pretrained",
+    "tiny_chat_tokenizer",
     "tiny_config",
     "to_hf_state_dict",
 ]

@@ -47,6 +47,12 @@ _GGUF_PRE_SPLITS = {
 
 _CONTROL, _USER_DEFINED = 3, 4
 
+# ChatML, the template of SmolLM2 and Qwen, for the tiny byte-level tokenizer.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 class Tokenizer:
     """Text <-> token ids, special ids, and chat-template rendering.
@@ -245,6 +251,24 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
                 f"pad={self.pad_token!r}, chat_template={'yes' if self.chat_template else 'no'})")
+
+
+def tiny_chat_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer (one token per byte, no merges) with ChatML special tokens.
+
+    Ids 0-255 are the bytes, then ``<|im_start|>``, ``<|im_end|>`` (EOS) and ``<pad>``: the
+    tokenizer of the random ``tiny`` model of the experiments and tests.
+
+    >>> tok = tiny_chat_tokenizer()
+    >>> tok.vocab_size, tok.eos_id
+    (259, 257)
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>", "<pad>"])
+    return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<pad>", chat_template=CHATML_TEMPLATE)
 
 
 @functools.lru_cache(maxsize=16)
