@@ -4,7 +4,8 @@ r"""Where does the sampler/trainer mismatch come from? Samples once, rescores ev
     python -m experiments.precision_study --model=tiny --num_prompts=8 --max_new_tokens=16 --out=/tmp/ps
 
 Writes results.json, results.md and log_ratios.png into --out. The computation is
-``rl_mismatch.precision_study`` (read its docstring for what each row compares).
+``rl_mismatch.precision_study`` (read its docstring for what each row compares), the tables and
+the plot ``experiments.precision_report``.
 ``--model=tiny`` uses a random tiny decoder and random prompts (a smoke test of the pipeline).
 """
 
@@ -16,6 +17,7 @@ from absl import app, flags
 from flax import nnx
 from tqdm import tqdm
 
+from experiments import precision_report
 from rl_mismatch import precision_study as ps
 from rl_mismatch.models import Decoder, load_pretrained, tiny_config
 
@@ -62,8 +64,8 @@ def main(argv):
     results["task"] = None if _MODEL.value == "tiny" else _TASK.value
     results["xla_allow_excess_precision"] = _EXCESS_PRECISION.value
     results["wall_s"] = round(time.perf_counter() - start, 1)
-    paths = ps.write_report(results, _OUT.value)
-    print(ps.markdown_table(results))
+    paths = precision_report.write_report(results, _OUT.value)
+    print(precision_report.markdown_table(results))
     print(f"wrote {', '.join(paths.values())} in {results['wall_s']} s")
 
 

@@ -1,4 +1,5 @@
-"""Tests for rl_mismatch.precision_study and experiments/precision_study.py on a tiny random model."""
+"""Tests for rl_mismatch.precision_study, experiments/precision_report.py and experiments/precision_study.py
+on a tiny random model."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments import precision_report
 from rl_mismatch import precision_study as ps
 from rl_mismatch import sampler as smp
 from rl_mismatch.models import Decoder, tiny_config
@@ -30,7 +32,7 @@ def study(model, tmp_path_factory):
     stages = []
     results = ps.run_study(model, ps.random_prompts(6, 256), jax.random.key(0), cfg, progress=stages.append)
     out = tmp_path_factory.mktemp("study")
-    return results, ps.write_report(results, str(out)), stages, cfg
+    return results, precision_report.write_report(results, str(out)), stages, cfg
 
 
 def _row(results, name):
