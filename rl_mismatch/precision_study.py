@@ -222,6 +222,168 @@ def _compare(variant_BT, baseline_BT, mask_BT) -> dict[str, Any]:
     return out
 
 
+class _Stages:
+    """Seconds per stage (since the previous one) and the caller's progress callback."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self._progress = progress or (lambda name: None)
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 3)
+        self._clock = now
+        self._progress(name)
+
+    def check(self, expected: list[str]) -> None:
+        """Keeps :func:`study_stages` honest: the progress bar's total is the real count."""
+        missing = [s for s in expected if s not in self.timings]
+        if missing:
+            raise AssertionError(f"stages not run: {missing}")
+
+
+class _Rows:
+    """The compared pairs: one metrics row each, and its per-token log-ratios for the plot."""
+
+    def __init__(self):
+        self.rows: list[dict[str, Any]] = []
+        self.log_ratios: dict[str, np.ndarray] = {}
+
+    def add(self, group, name, variant, base, mask_BT, **info) -> None:
+        metrics = _compare(variant, base, mask_BT)
+        self.rows.append({"group": group, "name": name, **info, "metrics": metrics})
+        sel = np.asarray(mask_BT, bool)
+        self.log_ratios[f"{group}: {name}"] = (np.asarray(base, np.float64)[sel]
+                                               - np.asarray(variant, np.float64)[sel])
+
+
+@dataclasses.dataclass
+class _Scores:
+    """Log-probs of the float32 sample set's tokens, per dtype (numpy, ``[B, T]``).
+
+    Attributes:
+      decode: sampler side, KV-cache decode with the weights synced to the dtype.
+      forward: trainer side, full forward of the master weights computing in the dtype.
+      rounded: full forward in float32 of the weights rounded to the dtype (not for float32).
+    """
+
+    decode: dict[str, np.ndarray]
+    forward: dict[str, np.ndarray]
+    rounded: dict[str, np.ndarray]
+
+
+def _check_master(model: Decoder) -> None:
+    if any(np.dtype(x.dtype) != np.float32 for x in jax.tree.leaves(nnx.state(model))
+           if jnp.issubdtype(x.dtype, jnp.floating)):
+        raise ValueError("run_study needs the float32 master model (param_dtype=float32).")
+
+
+def _score_all(master: Decoder, rollout: sampler_lib.Rollout, cfg: StudyConfig, stages: _Stages) -> _Scores:
+    """Scores the rollout's tokens in every dtype of ``cfg``: decode, forward, rounded weights."""
+    tokens, valid, mask, P = rollout.tokens_BT, rollout.valid_BT, rollout.response_mask_BT, rollout.prompt_width
+    scores = _Scores({}, {}, {})
+    for d in cfg.dtypes:
+        scores.decode[d] = np.asarray(decode_log_probs(
+            sampler_lib.sync_weights(master, d), tokens, valid, mask, prompt_width=P,
+            temperature=cfg.temperature, cache_segment=cfg.sampling().cache_segment))
+        stages.done(f"decode {SHORT.get(d, d)}")
+    for d in cfg.dtypes:
+        scores.forward[d] = np.asarray(rescore_log_probs(trainer_view(master, d), tokens, valid, mask,
+                                                         temperature=cfg.temperature, score_from=P))
+        stages.done(f"rescore {SHORT.get(d, d)}")
+    for d in cfg.dtypes:
+        if d != "float32":
+            scores.rounded[d] = np.asarray(rescore_log_probs(rounded_weights_view(master, d), tokens, valid,
+                                                             mask, temperature=cfg.temperature, score_from=P))
+            stages.done(f"rescore fp32 w/ {SHORT.get(d, d)} weights")
+    return scores
+
+
+def _reproduction(decode_fp32_BT: np.ndarray, rollout: sampler_lib.Rollout) -> dict[str, float]:
+    """How closely the float32 decode reproduces the rollout's own log-probs."""
+    m = np.asarray(rollout.response_mask_BT, bool)
+    repro = np.abs(decode_fp32_BT[m] - np.asarray(rollout.logp_BT)[m])
+    return {"max_abs_diff": float(repro.max(initial=0.0)),
+            "frac_exact": float(np.mean(repro == 0)) if repro.size else 1.0}
+
+
+def _add_grid_rows(rows: _Rows, scores: _Scores, mask_BT, dtypes: tuple[str, ...]) -> None:
+    """Every sampler dtype (decode) against every trainer dtype (forward)."""
+    for ds in dtypes:
+        for dt in dtypes:
+            rows.add("grid", f"sampler {SHORT.get(ds, ds)} x trainer {SHORT.get(dt, dt)}", scores.decode[ds],
+                     scores.forward[dt], mask_BT, sampler_dtype=ds, trainer_dtype=dt)
+
+
+def _add_attribution_rows(rows: _Rows, scores: _Scores, mask_BT, dtypes: tuple[str, ...]) -> None:
+    """Per dtype: weight rounding, activations, both, decode vs forward, and all factors at once."""
+    ref = scores.forward["float32"]
+    for d in dtypes:
+        s = SHORT.get(d, d)
+        fwd = scores.forward[d]
+        if d != "float32":
+            rounded = scores.rounded[d]
+            rows.add("attribution", f"weight rounding to {s} (fp32 compute) vs fp32 ref", rounded, ref, mask_BT,
+                     factor="weights", dtype=d, baseline="fp32 full forward")
+            rows.add("attribution", f"{s} activations+KV vs fp32 compute, same {s} weights", fwd, rounded,
+                     mask_BT, factor="activations", dtype=d, baseline=f"fp32 compute, {s}-rounded weights")
+            rows.add("attribution", f"{s} weights+activations (full forward) vs fp32 ref", fwd, ref, mask_BT,
+                     factor="weights+activations", dtype=d, baseline="fp32 full forward")
+        rows.add("attribution", f"{s} KV-cache decode vs {s} full forward", scores.decode[d], fwd, mask_BT,
+                 factor="decode", dtype=d, baseline=f"{s} full forward")
+        if d != "float32":
+            rows.add("attribution", f"{s} sampler (all factors) vs fp32 ref", scores.decode[d], ref, mask_BT,
+                     factor="all", dtype=d, baseline="fp32 full forward")
+
+
+def _add_batch_rows(rows: _Rows, master: Decoder, rollout: sampler_lib.Rollout, scores: _Scores,
+                    cfg: StudyConfig, stages: _Stages) -> None:
+    """Batch shape: each of the first rows rescored alone against the same row inside the batch."""
+    tokens, valid, mask, P = rollout.tokens_BT, rollout.valid_BT, rollout.response_mask_BT, rollout.prompt_width
+    batch = tokens.shape[0]
+    n1 = _batch1_rows(cfg, batch)
+    if not n1:
+        return
+    for d in cfg.batch1_dtypes:
+        view = trainer_view(master, d)
+        alone = np.concatenate([np.asarray(rescore_log_probs(view, tokens[i:i + 1], valid[i:i + 1], mask[i:i + 1],
+                                                             temperature=cfg.temperature, score_from=P))
+                                for i in range(n1)])
+        s = SHORT.get(d, d)
+        rows.add("attribution", f"{s} batch 1 vs batch {batch} (first {n1} rows)", alone,
+                 scores.forward[d][:n1], mask[:n1], factor="batch", dtype=d, baseline=f"{s} batch {batch}")
+        stages.done(f"batch-1 rescore {s}")
+
+
+def _add_top_p_rows(rows: _Rows, sampler32: Decoder, master: Decoder, prompts, key: jax.Array,
+                    cfg: StudyConfig, stages: _Stages) -> None:
+    """Top-p truncation: a second float32 sample set; its truncated log-probs, as is and corrected."""
+    roll_p = sampler_lib.generate(sampler32, prompts, jax.random.fold_in(key, 1), cfg.sampling(cfg.top_p))
+    jax.block_until_ready(roll_p.logp_BT)
+    stages.done(f"sample fp32 top-p {cfg.top_p}")
+    trainer_p = np.asarray(rescore_log_probs(master, roll_p.tokens_BT, roll_p.valid_BT, roll_p.response_mask_BT,
+                                             temperature=cfg.temperature, score_from=roll_p.prompt_width))
+    stages.done("rescore top-p set fp32")
+    mp = roll_p.response_mask_BT
+    trunc = np.asarray(roll_p.logp_truncated_BT)
+    kept = np.asarray(roll_p.log_kept_mass_BT)
+    rows.add("attribution", f"top-p {cfg.top_p} ignored: logp_truncated vs fp32 trainer", trunc, trainer_p, mp,
+             factor="top_p", dtype="float32", baseline="fp32 full forward (top-p set)")
+    rows.add("attribution", f"top-p {cfg.top_p} corrected: logp_truncated + log_kept_mass vs fp32 trainer",
+             trunc + kept, trainer_p, mp, factor="top_p_corrected", dtype="float32",
+             baseline="fp32 full forward (top-p set)")
+
+
+def _shapes(rollout: sampler_lib.Rollout) -> dict[str, Any]:
+    tokens = rollout.tokens_BT
+    return {"batch": int(tokens.shape[0]), "prompt_width": int(rollout.prompt_width),
+            "columns": int(tokens.shape[1]),
+            "response_tokens": int(np.asarray(rollout.response_mask_BT, bool).sum()),
+            "mean_response_length": float(np.asarray(rollout.response_lengths_B).mean()),
+            "finished_frac": float(np.asarray(rollout.finished_B).mean())}
+
+
 def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Samples once, scores the tokens every way, returns the results (JSON-able, plus the
@@ -234,131 +396,37 @@ def run_study(model: Decoder, prompts, key: jax.Array, cfg: StudyConfig, *,
       cfg: study settings.
       progress: called with a short stage name after each stage (e.g. a tqdm update).
     """
-    tick = progress or (lambda name: None)
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def done(name):
-        now = time.perf_counter()
-        timings[name] = round(now - clock[0], 3)
-        clock[0] = now
-        tick(name)
-
-    if any(np.dtype(x.dtype) != np.float32 for x in jax.tree.leaves(nnx.state(model))
-           if jnp.issubdtype(x.dtype, jnp.floating)):
-        raise ValueError("run_study needs the float32 master model (param_dtype=float32).")
+    stages = _Stages(progress)
+    _check_master(model)
     master = trainer_view(model, jnp.float32)
-    temperature = cfg.temperature
 
     # 1. One sample set, float32 sampler.
     sampler32 = sampler_lib.sync_weights(master, jnp.float32)
     rollout = sampler_lib.generate(sampler32, prompts, key, cfg.sampling())
     jax.block_until_ready(rollout.logp_BT)
-    done("sample fp32")
-    tokens, valid, mask, P = rollout.tokens_BT, rollout.valid_BT, rollout.response_mask_BT, rollout.prompt_width
+    stages.done("sample fp32")
 
-    # 2. Sampler-side scores: KV-cache decode in each dtype.
-    dec = {}
-    for d in cfg.dtypes:
-        dec[d] = np.asarray(decode_log_probs(sampler_lib.sync_weights(master, d), tokens, valid, mask,
-                                             prompt_width=P, temperature=temperature,
-                                             cache_segment=cfg.sampling().cache_segment))
-        done(f"decode {SHORT.get(d, d)}")
-    m = np.asarray(mask, bool)
-    repro = np.abs(dec["float32"][m] - np.asarray(rollout.logp_BT)[m])
-    reproduction = {"max_abs_diff": float(repro.max(initial=0.0)), "frac_exact": float(np.mean(repro == 0))
-                    if repro.size else 1.0}
+    # 2. Sampler-side (decode) and trainer-side (forward) scores of those tokens in each dtype.
+    scores = _score_all(master, rollout, cfg, stages)
 
-    # 3. Trainer-side scores: full forward of the master weights computing in each dtype.
-    fwd = {}
-    for d in cfg.dtypes:
-        fwd[d] = np.asarray(rescore_log_probs(trainer_view(master, d), tokens, valid, mask,
-                                              temperature=temperature, score_from=P))
-        done(f"rescore {SHORT.get(d, d)}")
-    rounded = {}
-    for d in cfg.dtypes:
-        if d != "float32":
-            rounded[d] = np.asarray(rescore_log_probs(rounded_weights_view(master, d), tokens, valid, mask,
-                                                      temperature=temperature, score_from=P))
-            done(f"rescore fp32 w/ {SHORT.get(d, d)} weights")
-
-    rows, log_ratios = [], {}
-
-    def add(group, name, variant, base, mask_BT, **info):
-        metrics = _compare(variant, base, mask_BT)
-        rows.append({"group": group, "name": name, **info, "metrics": metrics})
-        sel = np.asarray(mask_BT, bool)
-        log_ratios[f"{group}: {name}"] = (np.asarray(base, np.float64)[sel]
-                                          - np.asarray(variant, np.float64)[sel])
-
-    for ds in cfg.dtypes:
-        for dt in cfg.dtypes:
-            add("grid", f"sampler {SHORT.get(ds, ds)} x trainer {SHORT.get(dt, dt)}", dec[ds], fwd[dt], mask,
-                sampler_dtype=ds, trainer_dtype=dt)
-    ref = fwd["float32"]
-    for d in cfg.dtypes:
-        s = SHORT.get(d, d)
-        if d != "float32":
-            add("attribution", f"weight rounding to {s} (fp32 compute) vs fp32 ref", rounded[d], ref, mask,
-                factor="weights", dtype=d, baseline="fp32 full forward")
-            add("attribution", f"{s} activations+KV vs fp32 compute, same {s} weights", fwd[d], rounded[d], mask,
-                factor="activations", dtype=d, baseline=f"fp32 compute, {s}-rounded weights")
-            add("attribution", f"{s} weights+activations (full forward) vs fp32 ref", fwd[d], ref, mask,
-                factor="weights+activations", dtype=d, baseline="fp32 full forward")
-        add("attribution", f"{s} KV-cache decode vs {s} full forward", dec[d], fwd[d], mask,
-            factor="decode", dtype=d, baseline=f"{s} full forward")
-        if d != "float32":
-            add("attribution", f"{s} sampler (all factors) vs fp32 ref", dec[d], ref, mask,
-                factor="all", dtype=d, baseline="fp32 full forward")
-
-    # 4. Batch shape: the first rows alone.
-    n1 = _batch1_rows(cfg, tokens.shape[0])
-    if n1:
-        for d in cfg.batch1_dtypes:
-            view = trainer_view(master, d)
-            alone = np.concatenate([np.asarray(rescore_log_probs(view, tokens[i:i + 1], valid[i:i + 1],
-                                                                 mask[i:i + 1], temperature=temperature,
-                                                                 score_from=P))
-                                    for i in range(n1)])
-            s = SHORT.get(d, d)
-            add("attribution", f"{s} batch 1 vs batch {tokens.shape[0]} (first {n1} rows)", alone,
-                fwd[d][:n1], mask[:n1], factor="batch", dtype=d, baseline=f"{s} batch {tokens.shape[0]}")
-            done(f"batch-1 rescore {s}")
-
-    # 5. Top-p truncation, a second float32 sample set.
+    # 3. The comparisons: the grid, the per-factor attribution, batch shape, top-p truncation.
+    rows = _Rows()
+    _add_grid_rows(rows, scores, rollout.response_mask_BT, cfg.dtypes)
+    _add_attribution_rows(rows, scores, rollout.response_mask_BT, cfg.dtypes)
+    _add_batch_rows(rows, master, rollout, scores, cfg, stages)
     if cfg.top_p < 1.0:
-        roll_p = sampler_lib.generate(sampler32, prompts, jax.random.fold_in(key, 1), cfg.sampling(cfg.top_p))
-        jax.block_until_ready(roll_p.logp_BT)
-        done(f"sample fp32 top-p {cfg.top_p}")
-        trainer_p = np.asarray(rescore_log_probs(master, roll_p.tokens_BT, roll_p.valid_BT,
-                                                 roll_p.response_mask_BT, temperature=temperature,
-                                                 score_from=roll_p.prompt_width))
-        done("rescore top-p set fp32")
-        mp = roll_p.response_mask_BT
-        trunc = np.asarray(roll_p.logp_truncated_BT)
-        kept = np.asarray(roll_p.log_kept_mass_BT)
-        add("attribution", f"top-p {cfg.top_p} ignored: logp_truncated vs fp32 trainer", trunc, trainer_p, mp,
-            factor="top_p", dtype="float32", baseline="fp32 full forward (top-p set)")
-        add("attribution", f"top-p {cfg.top_p} corrected: logp_truncated + log_kept_mass vs fp32 trainer",
-            trunc + kept, trainer_p, mp, factor="top_p_corrected", dtype="float32",
-            baseline="fp32 full forward (top-p set)")
+        _add_top_p_rows(rows, sampler32, master, prompts, key, cfg, stages)
 
-    missing = [s for s in study_stages(cfg, int(tokens.shape[0])) if s not in timings]
-    if missing:  # keeps study_stages() honest: the progress bar's total is the real count
-        raise AssertionError(f"stages not run: {missing}")
-    grid = {(r["sampler_dtype"], r["trainer_dtype"]): r["metrics"] for r in rows if r["group"] == "grid"}
-    summary = _summary(grid, cfg.dtypes)
+    stages.check(study_stages(cfg, int(rollout.tokens_BT.shape[0])))
+    grid = {(r["sampler_dtype"], r["trainer_dtype"]): r["metrics"] for r in rows.rows if r["group"] == "grid"}
     return {
         "config": dataclasses.asdict(cfg),
-        "shapes": {"batch": int(tokens.shape[0]), "prompt_width": int(P), "columns": int(tokens.shape[1]),
-                   "response_tokens": int(m.sum()),
-                   "mean_response_length": float(np.asarray(rollout.response_lengths_B).mean()),
-                   "finished_frac": float(np.asarray(rollout.finished_B).mean())},
-        "reproduction_fp32_decode_vs_rollout": reproduction,
-        "summary": summary,
-        "rows": rows,
-        "timings_s": timings,
-        "_log_ratios": log_ratios,
+        "shapes": _shapes(rollout),
+        "reproduction_fp32_decode_vs_rollout": _reproduction(scores.decode["float32"], rollout),
+        "summary": _summary(grid, cfg.dtypes),
+        "rows": rows.rows,
+        "timings_s": stages.timings,
+        "_log_ratios": rows.log_ratios,
     }
 
 
