@@ -4,33 +4,27 @@ The scripts run as ``python benchmarks/<name>.py``, which puts this directory on
 """
 
 import os
-import platform
+import sys
 import time
 
 import numpy as np
 
+# experiments/ runs from the checkout (it is not installed), and `python benchmarks/<name>.py` puts
+# only benchmarks/ on sys.path: the repository root is added for experiments.host.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+from experiments.host import cpu_line  # noqa: E402
+
 
 def machine() -> str:
-    """One line naming the CPU the figures come from: model, cores, and the instruction-set
-    extensions that decide bf16 speed (AVX512-BF16, AMX). Recorded with every benchmark because
-    the ratios depend on them: the same code measured 0.73x HF on a Sapphire Rapids host (AMX)
-    and 1.68x on a Zen 5 host (AVX512-BF16, no AMX) in the fp32 train step.
+    """One line naming the CPU the figures come from (:func:`experiments.host.cpu_line`: model,
+    cores, AVX-512 and the bf16 instructions). Recorded with every benchmark because the ratios
+    depend on it: the same code measured 0.73x HF on a Sapphire Rapids host (AMX) and 1.68x on a
+    Zen 5 host (AVX512-BF16, no AMX) in the fp32 train step.
     """
-    model, fields = platform.processor() or platform.machine(), {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:  # the first processor's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-                if key.strip() == "flags":
-                    break
-    except OSError:  # not Linux: the platform module's name is all there is
-        pass
-    if "model name" in fields:  # a VM's model name can be as vague as "AMD EPYC": add the generation
-        model = f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
-    flags = set(fields.get("flags", "").split())
-    extensions = [name for name in ("avx512f", "avx512_bf16", "amx_bf16") if name in flags]
-    return f"{model}, {os.cpu_count()} cores" + (f", {' '.join(extensions)}" if extensions else "")
+    return cpu_line()
 
 
 def cpu_data_mesh(n: int):

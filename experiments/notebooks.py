@@ -11,8 +11,8 @@ it was.
 
 What would make a rerun differ without a real change is left out: no execution timestamps
 (nbclient's and the Jupyter front ends'), no front-end metadata, cell ids fixed by position
-where a notebook has none. The notebooks print the host they ran on (:func:`host`) and their own
-run time, so those travel with the outputs.
+where a notebook has none. The notebooks print the host they ran on (``host``, that is
+:func:`experiments.host.cpu_line`) and their own run time, so those travel with the outputs.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import sys
 import time
 from collections.abc import Sequence
+
+from experiments.host import cpu_line as host  # the notebooks import it from here
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "colab"
@@ -31,34 +32,6 @@ NOTEBOOK_DIR = REPO / "colab"
 # Cell metadata that records when or where a cell ran rather than what it is: nbclient's and
 # JupyterLab's timing ("execution"), the ExecuteTime extension's, Colab's output bookkeeping.
 VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "colab", "outputId")
-
-
-
-def host() -> str:
-    """One line naming the CPU a notebook ran on: model (with family and model number, since a
-    VM's model name can be as vague as "AMD EPYC"), the cores this process may use, and whether
-    it has the instructions that make bf16 fast on a CPU (AVX512-BF16, AMX), which decide how long
-    the bf16 sampler takes."""
-    name, fields = platform.processor() or platform.machine(), {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:  # the first processor's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-                if key.strip() == "flags":
-                    break
-    except OSError:  # not Linux: the platform module's name is all there is
-        pass
-    if "model name" in fields:
-        name = f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    flag_set = set(fields.get("flags", "").split())
-    bf16 = [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flag_set]
-    if "flags" in fields:
-        native = ", ".join(bf16) if bf16 else "no AVX512-BF16 (bf16 emulated)"
-    else:
-        native = "bf16 support unknown"
-    return f"{name}, {cores} cores, {native}"
 
 
 def notebook_paths(only: list[str] | None = None) -> list[pathlib.Path]:
