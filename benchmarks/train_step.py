@@ -147,8 +147,7 @@ def main(argv):
     import jax
     import torch
 
-    from rl_mismatch.models import Decoder, load_pretrained
-    from rl_mismatch.models.decoder import to_hf_state_dict
+    from rl_mismatch.models import Decoder, load_pretrained, to_hf_state_dict
 
     mesh = cpu_data_mesh(_CPU_DEVICES.value)  # first: before any JAX computation
     if _THREADS.value:

@@ -11,7 +11,8 @@ from flax import nnx
 
 from rl_mismatch.models import decoder
 from rl_mismatch.models.config import ModelConfig, tiny_config
-from rl_mismatch.models.decoder import Decoder, from_hf_state_dict, grow_cache, init_cache, to_hf_state_dict
+from rl_mismatch.models.decoder import Decoder, grow_cache, init_cache
+from rl_mismatch.models.loading import from_hf_state_dict, to_hf_state_dict
 
 VARIANTS = {
     "llama_tied": dict(),

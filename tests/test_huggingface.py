@@ -24,7 +24,7 @@ from experiments.export import export_run  # noqa: E402
 from rl_mismatch import experiment  # noqa: E402
 from rl_mismatch.experiment_config import ExperimentConfig  # noqa: E402
 from rl_mismatch.models import ModelConfig, loading, tiny_chat_tokenizer, tiny_config  # noqa: E402
-from rl_mismatch.models.decoder import from_hf_state_dict, to_hf_state_dict  # noqa: E402
+from rl_mismatch.models.loading import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -6,8 +6,14 @@
 """
 
 from rl_mismatch.models.config import ModelConfig, tiny_config
-from rl_mismatch.models.decoder import Decoder, KVCache, from_hf_state_dict, grow_cache, init_cache, to_hf_state_dict
-from rl_mismatch.models.loading import load_pretrained, load_state_dict, save_pretrained
+from rl_mismatch.models.decoder import Decoder, KVCache, grow_cache, init_cache
+from rl_mismatch.models.loading import (
+    from_hf_state_dict,
+    load_pretrained,
+    load_state_dict,
+    save_pretrained,
+    to_hf_state_dict,
+)
 from rl_mismatch.models.tokenizer import Tokenizer, tiny_chat_tokenizer
 
 __all__ = [

@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -728,118 +726,3 @@ class Decoder(nnx.Module):
         if last_only:
             x = x[:, -1:]
         return self.logits(self._final_norm(x)), new_cache
-
-
-# ----------------------------------------------------------------------------------------------
-# HF state dict <-> NNX parameters.
-
-_HF_BLOCK = {  # our name -> (HF suffix, transform from the torch [out, in] layout)
-    "attn_norm": ("input_layernorm.weight", "vector"),
-    "mlp_norm": ("post_attention_layernorm.weight", "vector"),
-    "q": ("self_attn.q_proj.weight", "in_heads_q"),
-    "k": ("self_attn.k_proj.weight", "in_heads_kv"),
-    "v": ("self_attn.v_proj.weight", "in_heads_kv"),
-    "o": ("self_attn.o_proj.weight", "heads_out"),
-    "q_bias": ("self_attn.q_proj.bias", "bias_q"),
-    "k_bias": ("self_attn.k_proj.bias", "bias_kv"),
-    "v_bias": ("self_attn.v_proj.bias", "bias_kv"),
-    "q_norm": ("self_attn.q_norm.weight", "vector"),
-    "k_norm": ("self_attn.k_norm.weight", "vector"),
-    "gate": ("mlp.gate_proj.weight", "transpose"),
-    "up": ("mlp.up_proj.weight", "transpose"),
-    "down": ("mlp.down_proj.weight", "transpose"),
-}
-
-
-def _from_torch(w: np.ndarray, how: str, c: ModelConfig) -> np.ndarray:
-    N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
-    if how == "vector":
-        return w
-    if how == "transpose":
-        return w.T
-    if how == "in_heads_q":
-        return w.T.reshape(c.d_model, N, H)
-    if how == "in_heads_kv":
-        return w.T.reshape(c.d_model, K, H)
-    if how == "heads_out":
-        return w.T.reshape(N, H, c.d_model)
-    if how == "bias_q":
-        return w.reshape(N, H)
-    if how == "bias_kv":
-        return w.reshape(K, H)
-    raise AssertionError(how)
-
-
-def _expected_torch_shape(how: str, c: ModelConfig) -> tuple[int, ...] | None:
-    D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-    return {
-        "in_heads_q": (N * H, D), "in_heads_kv": (K * H, D), "heads_out": (D, N * H),
-        "bias_q": (N * H,), "bias_kv": (K * H,),
-    }.get(how)
-
-
-def from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *,
-                       dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "layer") -> Decoder:
-    """Builds a ``Decoder`` (``dtype``, ``param_dtype``, ``remat`` as in its constructor) from
-    HF-named tensors in torch's ``[out, in]`` layout.
-
-    Raises:
-      ValueError: a tensor is missing, or its shape disagrees with ``config``.
-    """
-    c = config
-    param_dtype = _dtype(param_dtype)
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in state_dict:
-            raise ValueError(f"Checkpoint lacks tensor {name!r} required by {c.architecture}.")
-        w = np.asarray(state_dict[name])
-        if tuple(w.shape) != tuple(shape):
-            raise ValueError(f"Tensor {name!r} has shape {tuple(w.shape)} but the config implies "
-                             f"{tuple(shape)}; the checkpoint and config.json disagree.")
-        return w
-
-    model = nnx.eval_shape(lambda: Decoder(c, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)))
-    D, V = c.d_model, c.vocab_size
-    values = {"embed": get("model.embed_tokens.weight", (V, D)),
-              "final_norm": get("model.norm.weight", (D,))}
-    if not c.tie_embeddings:
-        values["lm_head"] = get("lm_head.weight", (V, D)).T
-    blocks = {}
-    for ours, (suffix, how) in _HF_BLOCK.items():
-        if not hasattr(model.blocks, ours):
-            continue
-        target = getattr(model.blocks, ours).shape[1:]
-        shape = _expected_torch_shape(how, c) or (target if how == "vector" else target[::-1])
-        layers = [_from_torch(get(f"model.layers.{i}.{suffix}", shape), how, c) for i in range(c.n_layers)]
-        blocks[ours] = np.stack(layers)
-    # Replace the abstract parameters with concrete ones of the requested storage dtype.
-    for name, value in values.items():
-        getattr(model, name).set_value(jnp.asarray(value, param_dtype))
-    for name, value in blocks.items():
-        getattr(model.blocks, name).set_value(jnp.asarray(value, param_dtype))
-    return model
-
-
-def to_hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
-    """Inverse of ``from_hf_state_dict``: HF-named float32 numpy tensors in torch layout."""
-    c = model.config
-    out = {"model.embed_tokens.weight": np.asarray(model.embed[...], np.float32),
-           "model.norm.weight": np.asarray(model.final_norm[...], np.float32)}
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = np.asarray(model.lm_head[...], np.float32).T
-    for ours, (suffix, how) in _HF_BLOCK.items():
-        if not hasattr(model.blocks, ours):
-            continue
-        stacked = np.asarray(getattr(model.blocks, ours)[...], np.float32)
-        for i in range(c.n_layers):
-            w = stacked[i]
-            if how in ("in_heads_q", "in_heads_kv"):
-                w = w.reshape(c.d_model, -1).T
-            elif how == "heads_out":
-                w = w.reshape(-1, c.d_model).T
-            elif how == "transpose":
-                w = w.T
-            elif how.startswith("bias"):
-                w = w.reshape(-1)
-            out[f"model.layers.{i}.{suffix}"] = w
-    return out

@@ -7,11 +7,12 @@ Two layers:
   dict, HF-named NumPy tensors in torch's ``[out, in]`` layout, and a :class:`Tokenizer`,
   validated against each other. No JAX arrays; the sampler and tests reuse it.
 * :func:`load_pretrained` -> ``(Decoder, Tokenizer)``: the above, then
-  :func:`~rl_mismatch.models.decoder.from_hf_state_dict`.
+  :func:`from_hf_state_dict`, which turns HF-named torch-layout tensors into a ``Decoder``'s
+  stacked parameters.
 
 And back: :func:`save_pretrained` writes a ``Decoder`` and its tokenizer as an HF model directory
-(:func:`~rl_mismatch.models.decoder.to_hf_state_dict`, the inverse conversion) that
-``transformers`` loads: the files that vLLM, SGLang and llama.cpp's converter read.
+(:func:`to_hf_state_dict`, the inverse conversion) that ``transformers`` loads: the files that
+vLLM, SGLang and llama.cpp's converter read.
 
 Sources: a ``.gguf`` file; an HF directory (``config.json``, ``model.safetensors`` or shards with
 ``model.safetensors.index.json``, ``tokenizer.json``, optionally ``tokenizer_config.json`` /
@@ -55,11 +56,15 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rl_mismatch.models import gguf_file
 from rl_mismatch.models.config import ModelConfig
+from rl_mismatch.models.decoder import Decoder, check_remat
 from rl_mismatch.models.tokenizer import Tokenizer
+from rl_mismatch.precision import parse_dtype
 
 # Known model names -> (package holding the file, file name, pip requirement).
 KNOWN_MODELS = {
@@ -97,9 +102,6 @@ def load_pretrained(source: str | os.PathLike, *, dtype: Any = "float32", param_
         quantization, a tensor that disagrees with the config, or a tokenizer larger than the
         embedding.
     """
-    from rl_mismatch.models.decoder import check_remat, from_hf_state_dict
-    from rl_mismatch.precision import parse_dtype
-
     dtype, param_dtype = parse_dtype(dtype), parse_dtype(param_dtype)  # Fail before any file work.
     check_remat(remat)
     hf_config, state_dict, tokenizer = load_state_dict(source, cache_dir=cache_dir, revision=revision)
@@ -294,6 +296,120 @@ def check_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray], 
                          f"use, e.g. {unexpected[:3]}; the weights belong to another architecture or config.")
 
 
+# --------------------------------------------------------------------------- HF state dict <-> Decoder
+
+_HF_BLOCK = {  # our name -> (HF suffix, transform from the torch [out, in] layout)
+    "attn_norm": ("input_layernorm.weight", "vector"),
+    "mlp_norm": ("post_attention_layernorm.weight", "vector"),
+    "q": ("self_attn.q_proj.weight", "in_heads_q"),
+    "k": ("self_attn.k_proj.weight", "in_heads_kv"),
+    "v": ("self_attn.v_proj.weight", "in_heads_kv"),
+    "o": ("self_attn.o_proj.weight", "heads_out"),
+    "q_bias": ("self_attn.q_proj.bias", "bias_q"),
+    "k_bias": ("self_attn.k_proj.bias", "bias_kv"),
+    "v_bias": ("self_attn.v_proj.bias", "bias_kv"),
+    "q_norm": ("self_attn.q_norm.weight", "vector"),
+    "k_norm": ("self_attn.k_norm.weight", "vector"),
+    "gate": ("mlp.gate_proj.weight", "transpose"),
+    "up": ("mlp.up_proj.weight", "transpose"),
+    "down": ("mlp.down_proj.weight", "transpose"),
+}
+
+
+def _from_torch(w: np.ndarray, how: str, c: ModelConfig) -> np.ndarray:
+    N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
+    if how == "vector":
+        return w
+    if how == "transpose":
+        return w.T
+    if how == "in_heads_q":
+        return w.T.reshape(c.d_model, N, H)
+    if how == "in_heads_kv":
+        return w.T.reshape(c.d_model, K, H)
+    if how == "heads_out":
+        return w.T.reshape(N, H, c.d_model)
+    if how == "bias_q":
+        return w.reshape(N, H)
+    if how == "bias_kv":
+        return w.reshape(K, H)
+    raise AssertionError(how)
+
+
+def _expected_torch_shape(how: str, c: ModelConfig) -> tuple[int, ...] | None:
+    D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    return {
+        "in_heads_q": (N * H, D), "in_heads_kv": (K * H, D), "heads_out": (D, N * H),
+        "bias_q": (N * H,), "bias_kv": (K * H,),
+    }.get(how)
+
+
+def from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *,
+                       dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "layer") -> Decoder:
+    """Builds a ``Decoder`` (``dtype``, ``param_dtype``, ``remat`` as in its constructor) from
+    HF-named tensors in torch's ``[out, in]`` layout.
+
+    Raises:
+      ValueError: a tensor is missing, or its shape disagrees with ``config``.
+    """
+    c = config
+    param_dtype = parse_dtype(param_dtype) if isinstance(param_dtype, str) else jnp.dtype(param_dtype)
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in state_dict:
+            raise ValueError(f"Checkpoint lacks tensor {name!r} required by {c.architecture}.")
+        w = np.asarray(state_dict[name])
+        if tuple(w.shape) != tuple(shape):
+            raise ValueError(f"Tensor {name!r} has shape {tuple(w.shape)} but the config implies "
+                             f"{tuple(shape)}; the checkpoint and config.json disagree.")
+        return w
+
+    model = nnx.eval_shape(lambda: Decoder(c, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)))
+    D, V = c.d_model, c.vocab_size
+    values = {"embed": get("model.embed_tokens.weight", (V, D)),
+              "final_norm": get("model.norm.weight", (D,))}
+    if not c.tie_embeddings:
+        values["lm_head"] = get("lm_head.weight", (V, D)).T
+    blocks = {}
+    for ours, (suffix, how) in _HF_BLOCK.items():
+        if not hasattr(model.blocks, ours):
+            continue
+        target = getattr(model.blocks, ours).shape[1:]
+        shape = _expected_torch_shape(how, c) or (target if how == "vector" else target[::-1])
+        layers = [_from_torch(get(f"model.layers.{i}.{suffix}", shape), how, c) for i in range(c.n_layers)]
+        blocks[ours] = np.stack(layers)
+    # Replace the abstract parameters with concrete ones of the requested storage dtype.
+    for name, value in values.items():
+        getattr(model, name).set_value(jnp.asarray(value, param_dtype))
+    for name, value in blocks.items():
+        getattr(model.blocks, name).set_value(jnp.asarray(value, param_dtype))
+    return model
+
+
+def to_hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
+    """Inverse of ``from_hf_state_dict``: HF-named float32 numpy tensors in torch layout."""
+    c = model.config
+    out = {"model.embed_tokens.weight": np.asarray(model.embed[...], np.float32),
+           "model.norm.weight": np.asarray(model.final_norm[...], np.float32)}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = np.asarray(model.lm_head[...], np.float32).T
+    for ours, (suffix, how) in _HF_BLOCK.items():
+        if not hasattr(model.blocks, ours):
+            continue
+        stacked = np.asarray(getattr(model.blocks, ours)[...], np.float32)
+        for i in range(c.n_layers):
+            w = stacked[i]
+            if how in ("in_heads_q", "in_heads_kv"):
+                w = w.reshape(c.d_model, -1).T
+            elif how == "heads_out":
+                w = w.reshape(-1, c.d_model).T
+            elif how == "transpose":
+                w = w.T
+            elif how.startswith("bias"):
+                w = w.reshape(-1)
+            out[f"model.layers.{i}.{suffix}"] = w
+    return out
+
+
 # --------------------------------------------------------------------------- HF directories
 def _load_hf_dir(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
     config_path = os.path.join(directory, "config.json")
@@ -379,13 +495,13 @@ def save_pretrained(model, tokenizer: Tokenizer, directory: str | os.PathLike, *
     model directory, which ``transformers.AutoModelForCausalLM.from_pretrained`` and
     :func:`load_pretrained` load.
 
-    Files: ``model.safetensors`` (float32 tensors of
-    :func:`~rl_mismatch.models.decoder.to_hf_state_dict`: HF names, torch layout; the tied LM head
-    is not stored), ``config.json`` (:meth:`ModelConfig.to_hf_config` with the tokenizer's
-    special-token ids and ``dtype`` float32), and the tokenizer: the :data:`TOKENIZER_FILES` that
-    ``tokenizer_dir`` (the source model's HF directory) has, copied as they are, or else
-    ``tokenizer.json`` and ``tokenizer_config.json`` written from ``tokenizer``. Without a
-    ``generation_config.json`` from there, one holding the special-token ids is written.
+    Files: ``model.safetensors`` (float32 tensors of :func:`to_hf_state_dict`: HF names, torch
+    layout; the tied LM head is not stored), ``config.json`` (:meth:`ModelConfig.to_hf_config`
+    with the tokenizer's special-token ids and ``dtype`` float32), and the tokenizer: the
+    :data:`TOKENIZER_FILES` that ``tokenizer_dir`` (the source model's HF directory) has, copied
+    as they are, or else ``tokenizer.json`` and ``tokenizer_config.json`` written from
+    ``tokenizer``. Without a ``generation_config.json`` from there, one holding the
+    special-token ids is written.
 
     The files are written into a temporary directory beside ``directory`` (``.<name>.tmp-*``),
     which is then renamed to ``directory``: a failure leaves nothing at ``directory``.
@@ -396,8 +512,6 @@ def save_pretrained(model, tokenizer: Tokenizer, directory: str | os.PathLike, *
     Raises:
       FileExistsError: ``directory`` exists and is not an empty directory.
     """
-    from rl_mismatch.models.decoder import to_hf_state_dict
-
     target = check_save_target(directory)
     special = {f"{name}_token_id": token_id for name, token_id in
                (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))
