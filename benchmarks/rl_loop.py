@@ -78,6 +78,11 @@ _SAMPLER_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 def _config(sampler_dtype: str, data_dir: str):
     """The main job's config (``experiments/configs/default.py``) at the benchmark's sizes, as an
     ``ExperimentConfig``."""
+    # experiments/ is run from the checkout, not installed, and `python benchmarks/rl_loop.py`
+    # puts benchmarks/ on sys.path, not the repository root.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.append(root)
     from experiments.configs import default
 
     from rl_mismatch.experiment_config import ExperimentConfig

