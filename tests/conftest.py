@@ -99,3 +99,27 @@ def hf_cache_layout():
     """``hf_cache_layout(cache, repo_id, {name: path}, commit=None, refs=("main",)) -> snapshot dir``:
     a local Hugging Face cache laid out as ``huggingface_hub`` lays out a download."""
     return _lay_out_hf_cache
+
+
+def _tiny_experiment_config(**overrides):
+    """``experiments/configs/tiny.py``'s config with dotted overrides applied, as an
+    ``ExperimentConfig`` (validated: a bad value raises ``ValueError`` here)."""
+    import importlib
+
+    from rl_mismatch.experiment_config import ExperimentConfig
+
+    values = importlib.import_module("experiments.configs.tiny").get_config(None).to_dict()
+    for dotted, value in overrides.items():
+        *groups, key = dotted.split(".")
+        node = values
+        for g in groups:
+            node = node[g]
+        node[key] = value
+    return ExperimentConfig.from_dict(values)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    """``tiny_cfg(steps=2, **{"sampler.dtype": "fp16"}) -> ExperimentConfig``: the tiny
+    experiment config with dotted overrides. Session-scoped, so module fixtures can use it."""
+    return _tiny_experiment_config

@@ -35,18 +35,6 @@ def _config_dict(name: str, arg: str | None = None) -> dict:
     return importlib.import_module(f"experiments.configs.{name}").get_config(arg).to_dict()
 
 
-def _tiny(**overrides) -> ExperimentConfig:
-    """The tiny config with dotted overrides, e.g. ``_tiny(**{"sampler.dtype": "fp16"})``."""
-    values = _config_dict("tiny")
-    for dotted, value in overrides.items():
-        *groups, key = dotted.split(".")
-        node = values
-        for g in groups:
-            node = node[g]
-        node[key] = value
-    return ExperimentConfig.from_dict(values)
-
-
 def _subprocess_env(devices: int = 1) -> dict:
     env = dict(os.environ)
     # conftest gives this process 8 fake devices; a child sets its own count explicitly.
@@ -123,15 +111,9 @@ def test_paper_configs_differ_where_the_papers_do():
     ("optim.weight_decay", -1.0, r"config.optim.weight_decay = -1.0 must be finite and >= 0"),
     ("task.overlong_buffer", 100, r"config.task.overlong_buffer = 100 must be <= sampler.max_new_tokens"),
 ])
-def test_bad_config_is_a_clear_error(dotted, value, message):
-    values = _config_dict("tiny")
-    *groups, key = dotted.split(".")
-    node = values
-    for g in groups:
-        node = node[g]
-    node[key] = value
+def test_bad_config_is_a_clear_error(dotted, value, message, tiny_cfg):
     with pytest.raises(ValueError, match=message):
-        ExperimentConfig.from_dict(values)
+        tiny_cfg(**{dotted: value})
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -168,12 +150,12 @@ def test_a_bad_config_file_is_one_error_line(tmp_path, config, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_print_config_prints_the_resolved_settings_and_runs_nothing(tmp_path):
+def test_print_config_prints_the_resolved_settings_and_runs_nothing(tmp_path, tiny_cfg):
     cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py", "--config.steps=3",
            "--print_config"]
     proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout) == json.loads(json.dumps(_tiny(steps=3).to_dict()))
+    assert json.loads(proc.stdout) == json.loads(json.dumps(tiny_cfg(steps=3).to_dict()))
     # Without --print_config, the workdir is required: one line, no traceback.
     proc = subprocess.run(cmd[:-1], cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
@@ -185,16 +167,16 @@ def test_print_config_prints_the_resolved_settings_and_runs_nothing(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_cfg):
     """The tiny config run once, uninterrupted: (workdir, rows)."""
     workdir = tmp_path_factory.mktemp("tiny")
-    experiment.run(_tiny(), workdir)
+    experiment.run(tiny_cfg(), workdir)
     return workdir, read_metrics(workdir)
 
 
-def test_tiny_end_to_end(tiny_run):
+def test_tiny_end_to_end(tiny_run, tiny_cfg):
     workdir, rows = tiny_run
-    cfg = _tiny()
+    cfg = tiny_cfg()
     assert [r["step"] for r in rows] == list(range(cfg.steps))
     for key in ("reward/mean", "reward/accuracy", "reward/format", "rollout/response_length_mean",
                 "rollout/finished_frac", "mismatch/k3", "mismatch/prob_diff_max", "is/weight_mean",
@@ -249,32 +231,32 @@ def test_plot_draws_runs(tiny_run, tmp_path):
     assert smoothed[2]["opt/grad_noise_scale"] == pytest.approx(4.0)
 
 
-def test_resume_after_restart_equals_uninterrupted(tiny_run, tmp_path):
+def test_resume_after_restart_equals_uninterrupted(tiny_run, tmp_path, tiny_cfg):
     _, reference = tiny_run
     # Stop after step 4 (checkpoints at 2 and 4) ...
-    experiment.run(_tiny(steps=4), tmp_path)
+    experiment.run(tiny_cfg(steps=4), tmp_path)
     # ... as a killed run would: rows past the checkpoint, one cut off mid-line.
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "reward/mean": 123.0}) + "\n" + '{"step": 5, "rew')
-    experiment.run(_tiny(), tmp_path)
+    experiment.run(tiny_cfg(), tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(6))  # no step twice
     # Same state, key, data position and programs: the resumed steps are bit-for-bit the same.
     assert _comparable(rows) == _comparable(reference)
 
 
-def test_resume_refuses_other_settings(tiny_run, tmp_path):
-    experiment.run(_tiny(steps=2), tmp_path)
+def test_resume_refuses_other_settings(tiny_run, tmp_path, tiny_cfg):
+    experiment.run(tiny_cfg(steps=2), tmp_path)
     with pytest.raises(ValueError, match=r"other settings: sampler.dtype: 'bfloat16' -> 'float16'"):
-        experiment.run(_tiny(**{"sampler.dtype": "float16"}), tmp_path)
+        experiment.run(tiny_cfg(**{"sampler.dtype": "float16"}), tmp_path)
 
 
-def test_resume_with_other_recompute_settings(tiny_run, tmp_path):
+def test_resume_with_other_recompute_settings(tiny_run, tmp_path, tiny_cfg):
     # remat / keep_logits trade memory for compute and change no number beyond summation
     # order: a run may resume with them changed, and its first resumed step is the same step.
     _, reference = tiny_run
-    experiment.run(_tiny(steps=4), tmp_path)
-    experiment.run(_tiny(**{"trainer.remat": "none", "trainer.keep_logits": True}), tmp_path)
+    experiment.run(tiny_cfg(steps=4), tmp_path)
+    experiment.run(tiny_cfg(**{"trainer.remat": "none", "trainer.keep_logits": True}), tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(6))
     resumed, ref = rows[4], reference[4]
@@ -321,7 +303,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, tiny_cfg):
     steps = 4
     port = _free_port()
     flags = [f"--config.steps={steps}", "--config.mesh.data=2", f"--coordinator_address=127.0.0.1:{port}",
@@ -332,7 +314,7 @@ def test_two_processes_match_one_process(tmp_path):
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
 
-    experiment.run(_tiny(steps=steps, **{"mesh.data": 2}), tmp_path / "one")
+    experiment.run(tiny_cfg(steps=steps, **{"mesh.data": 2}), tmp_path / "one")
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(steps))
     # Both runs see the same global batch, keys and mesh shape (2 devices on the data axis); what
@@ -366,29 +348,29 @@ def test_two_processes_match_one_process(tmp_path):
 # Bad input
 
 
-def test_unwritable_workdir_is_a_clear_error(tmp_path):
+def test_unwritable_workdir_is_a_clear_error(tmp_path, tiny_cfg):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match="is not a writable directory"):
-        experiment.run(_tiny(), blocker / "run")
+        experiment.run(tiny_cfg(), blocker / "run")
 
 
-def test_dataset_with_no_examples_is_a_clear_error(tmp_path):
+def test_dataset_with_no_examples_is_a_clear_error(tmp_path, tiny_cfg):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    cfg = _tiny(**{"task.name": "jsonl", "task.jsonl_path": str(empty)})
+    cfg = tiny_cfg(**{"task.name": "jsonl", "task.jsonl_path": str(empty)})
     with pytest.raises(ValueError, match="contains no examples"):
         experiment.run(cfg, tmp_path / "run")
 
 
-def test_prompt_longer_than_the_context_fails_at_startup(tmp_path):
-    cfg = _tiny(**{"model.tiny_max_seq_len": 64, "sampler.max_new_tokens": 16, "task.overlong_buffer": 8})
+def test_prompt_longer_than_the_context_fails_at_startup(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(**{"model.tiny_max_seq_len": 64, "sampler.max_new_tokens": 16, "task.overlong_buffer": 8})
     with pytest.raises(ValueError, match=r"renders to \d+ prompt tokens, more than the prompt limit max_prompt_len=48"):
         experiment.run(cfg, tmp_path)
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_nan_reward_stops_the_run_and_loses_nothing(tmp_path, monkeypatch):
+def test_nan_reward_stops_the_run_and_loses_nothing(tmp_path, monkeypatch, tiny_cfg):
     real_score = tasks.score
     calls = []
 
@@ -401,20 +383,20 @@ def test_nan_reward_stops_the_run_and_loses_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tasks, "score", score_with_nan_at_step_3)
     with pytest.raises(ValueError, match=r"Non-finite rewards at step 3, rows \[1\]"):
-        experiment.run(_tiny(), tmp_path)
+        experiment.run(tiny_cfg(), tmp_path)
     # Steps 0-2 are recorded and their state saved (the regular checkpoint is at step 2, the
     # one taken on the way out at 3), so a rerun continues from the failed step.
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [2, 3]
     monkeypatch.setattr(tasks, "score", real_score)
-    experiment.run(_tiny(), tmp_path)
+    experiment.run(tiny_cfg(), tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(6))
 
 
-def test_interrupt_while_writing_metrics_loses_no_row_and_saves_the_k3_signal(tmp_path, monkeypatch):
+def test_interrupt_while_writing_metrics_loses_no_row_and_saves_the_k3_signal(tmp_path, monkeypatch, tiny_cfg):
     """Ctrl-C inside the loop's metric write, after step 3's update: the state saved on the way
     out must come with step 3's row and step 3's k3 (the k3 trigger's signal for step 4)."""
-    cfg = _tiny(**{"optim.k3_trigger_threshold": 1.5})
+    cfg = tiny_cfg(**{"optim.k3_trigger_threshold": 1.5})
     seen = []  # (step, k3 signal) of every call of the train step
     real_call = train_step.TrainStep.__call__
 
@@ -474,12 +456,12 @@ def _samples(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_eval_rows_and_resume_with_eval(tmp_path, caplog):
+def test_eval_rows_and_resume_with_eval(tmp_path, caplog, tiny_cfg):
     """Greedy eval every 2 steps and after the last update; a run extended from 2 to 4 steps
     writes exactly the rows (and sampled replies) of an uninterrupted 4-step run (its old
     final-eval row is replaced); the run ends with its summary."""
     caplog.set_level(logging.INFO, logger="absl")
-    cfg = _tiny(steps=4, **{"eval.every": 2, "log.samples_every": 2, "log.samples_per_step": 3})
+    cfg = tiny_cfg(steps=4, **{"eval.every": 2, "log.samples_every": 2, "log.samples_per_step": 3})
     experiment.run(cfg, tmp_path / "whole")
     whole = read_metrics(tmp_path / "whole")
     # Steps 0 and 2, three replies each: one per prompt first (the tiny run has 2 prompts x 4).
@@ -498,7 +480,7 @@ def test_eval_rows_and_resume_with_eval(tmp_path, caplog):
                              "eval/finished_frac", "time/eval_s"}
     assert all(0 <= r["eval/finished_frac"] <= 1 and 0 < r["eval/response_length_mean"] <= 48
                for r in whole if "eval/accuracy" in r)
-    experiment.run(_tiny(steps=2, **{"eval.every": 2, "log.samples_every": 2, "log.samples_per_step": 3}),
+    experiment.run(tiny_cfg(steps=2, **{"eval.every": 2, "log.samples_every": 2, "log.samples_per_step": 3}),
                    tmp_path / "parts")
     assert [r["step"] for r in read_metrics(tmp_path / "parts")] == [0, 1, 2]  # 2 = the final eval
     experiment.run(cfg, tmp_path / "parts")
@@ -538,10 +520,10 @@ def test_load_trained_and_replies(tiny_run, capsys):
 # Faults: a busy workdir, damaged checkpoints, failed writes, a finished run
 
 
-def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path):
+def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path, tiny_cfg):
     with WorkdirLock(tmp_path):  # held by this process, as a running job would hold it
         with pytest.raises(WorkdirBusyError, match=rf"in use by another run \(PID {os.getpid()} on host "):
-            experiment.run(_tiny(), tmp_path)  # a second lock, even from this process, is refused
+            experiment.run(tiny_cfg(), tmp_path)  # a second lock, even from this process, is refused
         cli = subprocess.run(_train_cmd(tmp_path), cwd=REPO, env=_subprocess_env(), capture_output=True,
                              text=True, timeout=300)
     assert cli.returncode == 1
@@ -549,7 +531,7 @@ def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path
                                                           f"run (PID {os.getpid()} on host ")
     assert "Traceback" not in cli.stderr
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "data").exists()  # nothing touched
-    experiment.run(_tiny(steps=1), tmp_path)  # released: the workdir is usable again
+    experiment.run(tiny_cfg(steps=1), tmp_path)  # released: the workdir is usable again
 
 
 def _copy_run(src, dst):
@@ -560,7 +542,7 @@ def _copy_run(src, dst):
 
 
 @pytest.mark.parametrize("damage", ["truncated array file", "missing _METADATA"])
-def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_path, damage, caplog):
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_path, damage, caplog, tiny_cfg):
     workdir, reference = tiny_run
     run = _copy_run(workdir, tmp_path / "run")
     newest = run / "checkpoints" / "6" / "state"
@@ -571,7 +553,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_p
     else:
         os.remove(newest / "_METADATA")
     caplog.set_level("INFO", logger="absl")  # absl may have been set to WARNING by another test
-    experiment.run(_tiny(steps=8), run)  # extended, so that the run has to restore
+    experiment.run(tiny_cfg(steps=8), run)  # extended, so that the run has to restore
     resumed_from = 6 if "Resuming from checkpoint 6" in caplog.text else 4
     assert "does not match" not in caplog.text and "a different model" not in caplog.text
     if damage == "truncated array file":
@@ -584,7 +566,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_p
     assert _comparable(rows[:6]) == _comparable(reference)  # the redone steps 4, 5 are the same
 
 
-def test_a_finished_run_started_again_says_so_and_loads_nothing(tiny_run, tmp_path, monkeypatch, caplog):
+def test_a_finished_run_started_again_says_so_and_loads_nothing(tiny_run, tmp_path, monkeypatch, caplog, tiny_cfg):
     run = _copy_run(tiny_run[0], tmp_path / "run")
 
     def must_not_load(*args, **kwargs):
@@ -593,13 +575,13 @@ def test_a_finished_run_started_again_says_so_and_loads_nothing(tiny_run, tmp_pa
     monkeypatch.setattr(experiment, "load_model", must_not_load)
     monkeypatch.setattr(experiment, "prepare_task", must_not_load)
     caplog.set_level("INFO", logger="absl")  # absl may have been set to WARNING by another test
-    assert experiment.run(_tiny(), run) is None
+    assert experiment.run(tiny_cfg(), run) is None
     assert "is finished: it has all its 6 steps (checkpoint 6). Nothing to do." in caplog.text
     assert read_metrics(run) == tiny_run[1]
 
 
 def test_a_failed_metrics_write_stops_the_run_truthfully_and_a_rerun_completes(tiny_run, tmp_path, monkeypatch,
-                                                                               caplog):
+                                                                               caplog, tiny_cfg):
     from rl_mismatch import metric_writing
 
     real_append = metric_writing.MetricWriter._append
@@ -612,7 +594,7 @@ def test_a_failed_metrics_write_stops_the_run_truthfully_and_a_rerun_completes(t
 
     monkeypatch.setattr(metric_writing.MetricWriter, "_append", full_disk_at_step_3)
     with pytest.raises(experiment.RunIOError) as err:
-        experiment.run(_tiny(), tmp_path)
+        experiment.run(tiny_cfg(), tmp_path)
     message = str(err.value)
     assert message.startswith("Step ") and "step 3's metrics" in message and "No space left on device" in message
     assert "Once the cause is fixed, the same command resumes from checkpoint 2 in" in message
@@ -620,11 +602,11 @@ def test_a_failed_metrics_write_stops_the_run_truthfully_and_a_rerun_completes(t
     # Row 3 was never written, so no checkpoint may cover step 3: a resume redoes it.
     assert max(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) <= 3
     monkeypatch.undo()
-    experiment.run(_tiny(), tmp_path)
+    experiment.run(tiny_cfg(), tmp_path)
     assert _comparable(read_metrics(tmp_path)) == _comparable(tiny_run[1])
 
 
-def test_a_failed_background_save_stops_the_run_at_the_next_step(tiny_run, tmp_path, monkeypatch, caplog):
+def test_a_failed_background_save_stops_the_run_at_the_next_step(tiny_run, tmp_path, monkeypatch, caplog, tiny_cfg):
     import orbax.checkpoint as ocp
 
     class FullDisk:
@@ -637,7 +619,7 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tiny_run, tmp_p
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail)
     caplog.set_level("INFO", logger="absl")  # absl may have been set to WARNING by another test
     with pytest.raises(experiment.RunIOError, match="No space left on device") as err:
-        experiment.run(_tiny(), tmp_path)
+        experiment.run(tiny_cfg(), tmp_path)
     # The save after step 1 failed in the background. The run stops at the first step that finds
     # it failed: the next step's check, or with tiny steps (0.1 s) at the latest the next save's.
     failed_at = int(str(err.value).split(":")[0].removeprefix("Step "))
@@ -648,7 +630,7 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tiny_run, tmp_p
     assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()]
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(failed_at))
     monkeypatch.undo()
-    experiment.run(_tiny(), tmp_path)
+    experiment.run(tiny_cfg(), tmp_path)
     assert _comparable(read_metrics(tmp_path)) == _comparable(tiny_run[1])
 
 

