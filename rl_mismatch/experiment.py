@@ -83,6 +83,7 @@ from jax.experimental import multihost_utils
 
 from rl_mismatch import console, evaluation, losses, sampler, tasks, train_step
 from rl_mismatch import sharding as shd
+from rl_mismatch.buckets import round_up
 from rl_mismatch.checkpointing import Checkpointer, abstract_like
 from rl_mismatch.experiment_config import (
     JSONL_TASK_NAME,
@@ -164,7 +165,7 @@ def load_model(settings: ModelSettings, *, dtype: Any, key: jax.Array, remat: st
 
     if settings.source == TINY_MODEL:
         tok = tiny_chat_tokenizer()
-        vocab = -(-tok.vocab_size // 8) * 8  # Rounded up so a model axis of 2, 4 or 8 divides it.
+        vocab = round_up(tok.vocab_size, multiple=8)  # So a model axis of 2, 4 or 8 divides it.
         config = tiny_config(vocab_size=vocab, max_seq_len=settings.tiny_max_seq_len)
         seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
         return Decoder(config, dtype=dtype, param_dtype=jnp.float32, remat=remat, rngs=nnx.Rngs(seed)), tok
@@ -439,7 +440,7 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
     system_prompt = cfg.task.system_prompt or None
     # Every prompt once, now: a too-long prompt fails here, named, not at the step that draws it.
     longest = tasks.check_prompt_lengths(split, tok, max_prompt_len=max_prompt_len, system_prompt=system_prompt)
-    bucket = cfg.rollout.prompt_bucket or min(sampler.bucket(longest, 8), max_prompt_len)
+    bucket = cfg.rollout.prompt_bucket or round_up(longest, multiple=8, maximum=max_prompt_len)
     batches = tasks.PromptBatches(
         split, tok, batch_size=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
         max_prompt_len=max_prompt_len, seed=cfg.seed % 2**32, min_bucket=min(bucket, max_prompt_len),

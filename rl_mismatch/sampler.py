@@ -18,8 +18,9 @@ Where the sampler's numbers differ from the trainer's, they differ on purpose, i
 4. Truncation (top-k / top-p): the token is drawn from the renormalised kept set, and both
    log-probs (full and truncated) are recorded, with the log of the kept mass.
 
-Shapes are bucketed (batch to a power of two that the data axis divides, prompt length to a
-multiple of ``prompt_bucket``) so that steady-state calls reuse the compiled program;
+Shapes are bucketed (:func:`rl_mismatch.buckets.round_up`: batch to a power of two rounded up to
+a multiple of the data axis, prompt length to a multiple of ``prompt_bucket``) so that
+steady-state calls reuse the compiled program;
 ``precompile`` compiles a bucket's program ahead of the first call.
 """
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx, struct
 
 from rl_mismatch import sharding as shd
+from rl_mismatch.buckets import round_up
 from rl_mismatch.models.decoder import Decoder, KVCache, grow_cache, init_cache
 from rl_mismatch.precision import parse_dtype
 
@@ -403,14 +404,10 @@ def _compiled(graphdef, cfg: SamplingConfig, mesh):
                    out_shardings=None)
 
 
-def bucket(n: int, multiple: int) -> int:
-    """Smallest multiple of ``multiple`` that is >= n."""
-    return max(multiple, -(-n // multiple) * multiple)
-
-
 def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, prompt_bucket: int,
                 context: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads ragged token lists to ``[B, P]`` with ``P`` a multiple of ``prompt_bucket``.
+    """Left-pads ragged token lists to ``[B, P]``: ``P`` is the longest prompt rounded up to a
+    multiple of ``prompt_bucket``, capped at ``context``.
 
     Raises:
       ValueError: empty batch, an empty prompt, or a prompt longer than ``context``.
@@ -425,21 +422,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, prompt_bucket:
         i = lengths.index(longest)
         raise ValueError(f"Prompt {i} has {longest} tokens, more than the {context}-token context "
                          "left for it; shorten it or lower max_new_tokens.")
-    P = bucket(longest, prompt_bucket)
-    if context is not None:
-        P = min(P, context)
+    P = round_up(longest, multiple=prompt_bucket, maximum=context)
     tokens = np.full((len(prompts), P), pad_id, np.int32)
     valid = np.zeros((len(prompts), P), bool)
     for i, p in enumerate(prompts):
         tokens[i, P - len(p):] = p
         valid[i, P - len(p):] = True
     return tokens, valid
-
-
-def batch_bucket(B: int, data_axis: int = 1) -> int:
-    """Power of two >= B, rounded up to a multiple of the data-axis size."""
-    b = 1 << max(0, math.ceil(math.log2(B)))
-    return bucket(b, data_axis)
 
 
 def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
@@ -500,7 +489,8 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool)
         lists = [list(p) for p in prompts]
     tokens, valid = pad_prompts(lists, pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
     B = tokens.shape[0]
-    Bb = batch_bucket(B, mesh.shape[shd.DATA] if mesh is not None else 1)
+    # Rows: a power of two >= B, rounded up to a multiple of the data axis so it splits evenly.
+    Bb = round_up(B, power_of_two=True, multiple=mesh.shape[shd.DATA] if mesh is not None else 1)
     if Bb > B:  # all-padding rows: finished from the start, cut off by _real_rows
         tokens = np.concatenate([tokens, np.full((Bb - B, tokens.shape[1]), cfg.pad_id, np.int32)])
         valid = np.concatenate([valid, np.zeros((Bb - B, valid.shape[1]), bool)])

@@ -31,6 +31,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rl_mismatch.buckets import round_up
 from rl_mismatch.tasks.rewards import ANSWER_INSTRUCTION
 
 
@@ -124,15 +125,19 @@ def build_messages(question: str, *, system_prompt: str | None = None) -> list[d
 def bucket_length(length: int, *, max_len: int, min_bucket: int = 64) -> int:
     """The padded width for a longest prompt of ``length`` tokens.
 
-    ``min(max_len, max(min_bucket, next_pow2(length)))``: at most a handful of widths, so the
-    jitted sampler compiles a handful of times and then never again.
+    ``min(max_len, max(min_bucket, next_pow2(length)))`` (:func:`rl_mismatch.buckets.round_up`):
+    at most a handful of widths, so the jitted sampler compiles a handful of times and then
+    never again.
+
+    Raises:
+      ValueError: ``length`` is above ``max_len``.
 
     >>> [bucket_length(n, max_len=384) for n in (1, 64, 65, 200, 300)]
     [64, 64, 128, 256, 384]
     """
     if length > max_len:
         raise ValueError(f"length {length} exceeds max_len {max_len}.")
-    return min(max_len, max(min_bucket, 1 << max(length - 1, 0).bit_length()))
+    return round_up(length, power_of_two=True, minimum=min_bucket, maximum=max_len)
 
 
 def _describe(example: Mapping[str, Any], position: int) -> str:
