@@ -54,6 +54,7 @@ def test_every_notebook_has_tiny_parameters():
     assert sorted(p.name for p in COLAB.glob("*.ipynb")) == sorted(TINY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_notebook_runs(name, tmp_path, monkeypatch):
     # The notebook's own default run directory (a mkdtemp, made before the override) goes under

@@ -174,6 +174,7 @@ def tiny_run(tmp_path_factory, tiny_cfg):
     return workdir, read_metrics(workdir)
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end(tiny_run, tiny_cfg):
     workdir, rows = tiny_run
     cfg = tiny_cfg()
@@ -204,6 +205,7 @@ def test_tiny_end_to_end(tiny_run, tiny_cfg):
     assert json.loads((workdir / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
 
 
+@pytest.mark.slow
 def test_plot_draws_runs(tiny_run, tmp_path):
     from experiments import plot
 
@@ -231,6 +233,7 @@ def test_plot_draws_runs(tiny_run, tmp_path):
     assert smoothed[2]["opt/grad_noise_scale"] == pytest.approx(4.0)
 
 
+@pytest.mark.slow
 def test_resume_after_restart_equals_uninterrupted(tiny_run, tmp_path, tiny_cfg):
     _, reference = tiny_run
     # Stop after step 4 (checkpoints at 2 and 4) ...
@@ -245,12 +248,14 @@ def test_resume_after_restart_equals_uninterrupted(tiny_run, tmp_path, tiny_cfg)
     assert _comparable(rows) == _comparable(reference)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings(tiny_run, tmp_path, tiny_cfg):
     experiment.run(tiny_cfg(steps=2), tmp_path)
     with pytest.raises(ValueError, match=r"other settings: sampler.dtype: 'bfloat16' -> 'float16'"):
         experiment.run(tiny_cfg(**{"sampler.dtype": "float16"}), tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_with_other_recompute_settings(tiny_run, tmp_path, tiny_cfg):
     # remat / keep_logits trade memory for compute and change no number beyond summation
     # order: a run may resume with them changed, and its first resumed step is the same step.
@@ -268,6 +273,7 @@ def test_resume_with_other_recompute_settings(tiny_run, tmp_path, tiny_cfg):
         np.testing.assert_allclose(resumed[key], ref[key], rtol=rtol, err_msg=key)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_with_the_same_metrics(tiny_run, tmp_path):
     _, reference = tiny_run  # the same settings, 6 steps, uninterrupted, in this process
     steps = 30  # Long enough that the kill lands mid-run (a tiny step takes ~0.1 s).
@@ -303,6 +309,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, tiny_cfg):
     steps = 4
     port = _free_port()
@@ -370,6 +377,7 @@ def test_prompt_longer_than_the_context_fails_at_startup(tmp_path, tiny_cfg):
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
 def test_nan_reward_stops_the_run_and_loses_nothing(tmp_path, monkeypatch, tiny_cfg):
     real_score = tasks.score
     calls = []
@@ -393,6 +401,7 @@ def test_nan_reward_stops_the_run_and_loses_nothing(tmp_path, monkeypatch, tiny_
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(6))
 
 
+@pytest.mark.slow
 def test_interrupt_while_writing_metrics_loses_no_row_and_saves_the_k3_signal(tmp_path, monkeypatch, tiny_cfg):
     """Ctrl-C inside the loop's metric write, after step 3's update: the state saved on the way
     out must come with step 3's row and step 3's k3 (the k3 trigger's signal for step 4)."""
@@ -456,6 +465,7 @@ def _samples(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_eval_rows_and_resume_with_eval(tmp_path, caplog, tiny_cfg):
     """Greedy eval every 2 steps and after the last update; a run extended from 2 to 4 steps
     writes exactly the rows (and sampled replies) of an uninterrupted 4-step run (its old
@@ -491,6 +501,7 @@ def test_eval_rows_and_resume_with_eval(tmp_path, caplog, tiny_cfg):
     assert _comparable(read_metrics(tmp_path / "parts")) == _comparable(whole)
 
 
+@pytest.mark.slow
 def test_load_trained_and_replies(tiny_run, capsys):
     """The checkpointed policy comes back with the run's weights; the replies script prints it."""
     from absl import flags
@@ -520,6 +531,7 @@ def test_load_trained_and_replies(tiny_run, capsys):
 # Faults: a busy workdir, damaged checkpoints, failed writes, a finished run
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path, tiny_cfg):
     with WorkdirLock(tmp_path):  # held by this process, as a running job would hold it
         with pytest.raises(WorkdirBusyError, match=rf"in use by another run \(PID {os.getpid()} on host "):
@@ -541,6 +553,7 @@ def _copy_run(src, dst):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated array file", "missing _METADATA"])
 def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_path, damage, caplog, tiny_cfg):
     workdir, reference = tiny_run
@@ -566,6 +579,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_p
     assert _comparable(rows[:6]) == _comparable(reference)  # the redone steps 4, 5 are the same
 
 
+@pytest.mark.slow
 def test_a_finished_run_started_again_says_so_and_loads_nothing(tiny_run, tmp_path, monkeypatch, caplog, tiny_cfg):
     run = _copy_run(tiny_run[0], tmp_path / "run")
 
@@ -580,6 +594,7 @@ def test_a_finished_run_started_again_says_so_and_loads_nothing(tiny_run, tmp_pa
     assert read_metrics(run) == tiny_run[1]
 
 
+@pytest.mark.slow
 def test_a_failed_metrics_write_stops_the_run_truthfully_and_a_rerun_completes(tiny_run, tmp_path, monkeypatch,
                                                                                caplog, tiny_cfg):
     from rl_mismatch import metric_writing
@@ -606,6 +621,7 @@ def test_a_failed_metrics_write_stops_the_run_truthfully_and_a_rerun_completes(t
     assert _comparable(read_metrics(tmp_path)) == _comparable(tiny_run[1])
 
 
+@pytest.mark.slow
 def test_a_failed_background_save_stops_the_run_at_the_next_step(tiny_run, tmp_path, monkeypatch, caplog, tiny_cfg):
     import orbax.checkpoint as ocp
 
@@ -634,6 +650,7 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tiny_run, tmp_p
     assert _comparable(read_metrics(tmp_path)) == _comparable(tiny_run[1])
 
 
+@pytest.mark.slow
 def test_chaos_five_kills_then_the_same_metrics(tmp_path):
     """SIGKILL at five seeded moments (after a drawn row, or inside a save), resumed each time."""
     from experiments import chaos

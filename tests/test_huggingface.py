@@ -175,6 +175,7 @@ def tiny_run(tmp_path_factory, tiny_cfg):
     return workdir
 
 
+@pytest.mark.slow
 def test_export_of_a_tiny_run(tiny_run, tmp_path):
     out, step = export_run(tiny_run, tmp_path / "latest")
     assert step == 2
@@ -201,6 +202,7 @@ def test_export_of_a_tiny_run(tiny_run, tmp_path):
         np.testing.assert_array_equal(_read_safetensors(tmp_path / "step0")[name], value, err_msg=name)
 
 
+@pytest.mark.slow
 def test_export_errors(tiny_run, tmp_path, monkeypatch):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("mine")
@@ -225,6 +227,7 @@ def test_export_errors(tiny_run, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_export_command(tiny_run, tmp_path):
     def export(*flags):
         return subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={tiny_run}", *flags],

@@ -82,6 +82,7 @@ def test_every_row_is_well_formed():
     assert set(mismatch.METRIC_KEYS) <= set(keys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", ["defaults", "everything"])
 def test_glossary_lists_exactly_the_keys_a_tiny_run_logs(tmp_path, settings, tiny_cfg):
     overrides = EVERYTHING if settings == "everything" else {}

@@ -40,6 +40,7 @@ def _row(results, name):
     return row["metrics"]
 
 
+@pytest.mark.slow
 def test_outputs_are_written(study):
     results, paths, stages, cfg = study
     assert stages == ps.study_stages(cfg)  # the progress bar's total is exact
@@ -57,6 +58,7 @@ def test_outputs_are_written(study):
         assert np.isfinite(loaded["summary"][key]), key
 
 
+@pytest.mark.slow
 def test_fp32_decode_reproduces_the_rollout(study):
     repro = study[0]["reproduction_fp32_decode_vs_rollout"]
     # The teacher-forced decode runs the sampler's arithmetic on the sampler's shapes: on XLA:CPU
@@ -64,6 +66,7 @@ def test_fp32_decode_reproduces_the_rollout(study):
     assert repro["max_abs_diff"] <= 1e-6
 
 
+@pytest.mark.slow
 def test_decode_vs_forward_fp32_is_tiny(study):
     m = _row(study[0], "fp32 KV-cache decode vs fp32 full forward")
     assert m["max_abs_log_ratio"] <= FP32_DECODE_ATOL
@@ -72,6 +75,7 @@ def test_decode_vs_forward_fp32_is_tiny(study):
     assert grid["k3"] == m["k3"]  # the same comparison, reached two ways
 
 
+@pytest.mark.slow
 def test_precision_ordering(study):
     results = study[0]
     s = results["summary"]
@@ -118,6 +122,7 @@ def test_bad_config():
                      jax.random.key(0), ps.StudyConfig(max_new_tokens=2))
 
 
+@pytest.mark.slow
 def test_script_runs_on_a_tiny_model(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "experiments.precision_study", "--model=tiny", "--num_prompts=4",
