@@ -9,8 +9,9 @@ can be checked without loading a model or a dataset, and names the offending key
 * an unknown key (``config.sampler.dtyp``) -> ``ValueError`` listing the known keys;
 * a wrongly typed value (``config.steps='ten'``) -> ``ValueError``;
 * an invalid dtype name (``config.sampler.dtype='bf17'``) -> ``ValueError`` listing valid names;
-* an invalid loss / correction / sampling / LR-trigger setting -> the library's own
-  ``ValueError``, prefixed with the config path.
+* an invalid sampling / LR-trigger setting -> the library's own ``ValueError``, prefixed with
+  the config path; the ``loss`` group *is* the library's :class:`~rl_mismatch.losses.LossConfig`,
+  whose errors name their field, prefixed here with the group (``config.loss.clip_eps_low = ...``).
 
 The dataclasses are frozen and hashable; :meth:`ExperimentConfig.to_dict` gives the JSON that
 is stored next to the checkpoints and compared on resume.
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 import optax
 
-from rl_mismatch import corrections, losses, optim
+from rl_mismatch import losses, optim
 from rl_mismatch.models.decoder import Remat
 from rl_mismatch.precision import parse_dtype
 from rl_mismatch.sampler import SamplingConfig
@@ -317,47 +318,6 @@ class OptimSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossSettings:
-    """Advantages, policy loss and the mismatch correction (``rl_mismatch.losses``).
-
-    Attributes:
-      correction: a preset name (``none``, ``bypass``, ``token_tis``, ``token_mis``, ``seq_tis``,
-        ``seq_mis``, ``geo_mask``, ``token_k3``, ``seq_k3``) whose thresholds are
-        ``correction_low``/``correction_high``, or a composed correction that carries its own,
-        e.g. ``"seq_is(2) + seq_max_k3(0.1)"`` (grammar, presets and their verl equivalents:
-        ``rl_mismatch.corrections``).
-      dual_clip: dual-clip PPO's bound c > 1 (verl's ``clip_ratio_c``); 0 = off.
-      The other fields are those of :class:`~rl_mismatch.losses.LossConfig`.
-    """
-
-    advantage_mode: str = "grpo"
-    policy_loss: str = "ppo"
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    aggregation: str = "token_mean"
-    norm_length: int = 0
-    correction: str = "none"
-    correction_low: float | None = None
-    correction_high: float | None = None
-    dual_clip: float = 0.0
-
-    def __post_init__(self):
-        _check_literal(self.advantage_mode, losses.AdvantageMode, "loss.advantage_mode")
-        try:
-            self.loss_config()
-        except ValueError as e:
-            raise ValueError(f"config.loss: {e}") from None
-
-    def loss_config(self) -> losses.LossConfig:
-        """The library's :class:`~rl_mismatch.losses.LossConfig` (validates itself)."""
-        correction = corrections.parse_correction(self.correction, low=self.correction_low, high=self.correction_high)
-        return losses.LossConfig(policy_loss=self.policy_loss, clip_eps_low=self.clip_eps_low,
-                                 clip_eps_high=self.clip_eps_high, aggregation=self.aggregation,
-                                 norm_length=self.norm_length or None, correction=correction,
-                                 dual_clip=self.dual_clip or None)
-
-
-@dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
     """Attributes: every: save every N steps (and after the last); max_to_keep: kept on disk."""
 
@@ -449,7 +409,8 @@ class ExperimentConfig:
     sampler: SamplerSettings = SamplerSettings()
     trainer: TrainerSettings = TrainerSettings()
     optim: OptimSettings = OptimSettings()
-    loss: LossSettings = LossSettings()
+    # The library's own config, in the spelling of a config file: the correction as a string.
+    loss: losses.LossConfig = losses.LossConfig(correction="none")
     checkpoint: CheckpointSettings = CheckpointSettings()
     log: LogSettings = LogSettings()
     eval: EvalSettings = EvalSettings()
@@ -462,9 +423,6 @@ class ExperimentConfig:
                  f"= {self.task.overlong_buffer} must be <= sampler.max_new_tokens = {self.sampler.max_new_tokens}: "
                  "the penalty ramps over the last overlong_buffer tokens of the budget (a longer buffer "
                  "penalises every response, even an empty one).")
-        if self.loss.aggregation == "seq_mean_token_sum_norm":
-            _require(self.loss.norm_length >= 1, "loss.norm_length",
-                     "must be set (e.g. to sampler.max_new_tokens) for seq_mean_token_sum_norm.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
@@ -474,7 +432,7 @@ class ExperimentConfig:
           ValueError: an unknown key, a value of the wrong type, or an invalid setting; the
             message names the key (``config.sampler.dtype``).
         """
-        return _build(cls, values, "")
+        return _build(cls, values, "", cls())
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts of JSON types (the inverse of :meth:`from_dict`)."""
@@ -482,13 +440,23 @@ class ExperimentConfig:
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Checks ``value`` against a field's type hint; ints are accepted for floats."""
+    """Checks ``value`` against a field's type hint; ints are accepted for floats.
+
+    Of a union, the JSON type is checked (``str`` of ``str | CorrectionConfig | Correction``:
+    a config file spells a correction as a string); a ``Literal`` is left to the dataclass.
+    """
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        plain = [h for h in options if h in (bool, int, float, str)]
+        if len(plain) != 1:
+            return value  # No single JSON type to check; the dataclass checks it.
+        hint = plain[0]
         origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value
     if hint is bool:
         _require(isinstance(value, bool), path, f"must be a bool, got {value!r}.")
     elif hint is int:
@@ -505,7 +473,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     return value
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
+def _build(cls: type, values: Any, prefix: str, default: Any) -> Any:
+    """``cls`` from ``values``, a key that ``values`` lacks taking its value in ``default``."""
     if not isinstance(values, Mapping):
         raise ValueError(f"config.{prefix.rstrip('.')} must be a group of settings, got {values!r}.")
     hints = typing.get_type_hints(cls)
@@ -514,14 +483,20 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     if unknown:
         where = f"config.{prefix.rstrip('.')}" if prefix else "config"
         raise ValueError(f"Unknown config key(s) {[prefix + k for k in unknown]}; the keys of {where} are {names}.")
-    kwargs = {}
+    kwargs = {name: getattr(default, name) for name in names if name not in values}
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.", getattr(default, name))
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if cls.__module__ == __name__:
+            raise  # The settings defined here name their keys themselves.
+        # A library class (losses.LossConfig) names the field first.
+        raise ValueError(f"config.{prefix}{e}") from None
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "", *,

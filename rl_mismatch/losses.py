@@ -57,7 +57,7 @@ _MAX_LOG_RATIO = corrections.MAX_LOG_RATIO  # why ±20: see there
 def _check_literal(value, literal, name: str):
     options = typing.get_args(literal)
     if value not in options:
-        raise ValueError(f"{name}={value!r} is not one of {list(options)}.")
+        raise ValueError(f"{name} = {value!r} is not one of {list(options)}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,9 +116,16 @@ def compute_advantages(rewards_B: jax.Array, group_size: int, mode: AdvantageMod
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Policy loss, aggregation and correction. Frozen and hashable: pass it as a jit static arg.
+    """Advantages, policy loss, aggregation and correction. Frozen and hashable: pass it as a jit
+    static arg.
+
+    It is also the ``loss`` group of an experiment config (`rl_mismatch.experiment_config`): the
+    fields are the config keys, so they take the values a config file holds (``0`` for "off",
+    the correction as a string). Every error message starts with the field's name, so the
+    experiment config prefixes its path (``config.loss.clip_eps_low = 1.0 must be ...``).
 
     Attributes:
+      advantage_mode: ``'grpo'`` or ``'dr_grpo'`` (`compute_advantages`).
       policy_loss: ``'ppo'`` (clipped surrogate), ``'reinforce'`` (unclipped), ``'gspo'``
         (sequence-level ratio, clipped); formulas in `compute_policy_loss`.
       clip_eps_low: PPO/GSPO lower clip ε_low, ratio clipped at 1 − ε_low (0 ≤ ε_low < 1).
@@ -126,46 +133,87 @@ class LossConfig:
         "clip-higher" uses 0.28; GSPO's paper 3e-4 / 4e-4).
       aggregation: how per-token losses become a scalar; see `compute_policy_loss`.
       norm_length: the constant L of ``'seq_mean_token_sum_norm'`` (Dr. GRPO uses the maximum
-        generation length); required for that mode and None otherwise.
-      correction: the sampler/trainer mismatch correction: a named preset
-        (`CorrectionConfig`) or a composed `Correction` (`rl_mismatch.corrections`).
+        generation length); required for that mode and 0 otherwise.
+      correction: the sampler/trainer mismatch correction: a string (a preset name such as
+        ``'token_tis'``, whose thresholds are ``correction_low``/``correction_high``, or a
+        composition carrying its own, ``'seq_is(2) + seq_max_k3(0.1)'``:
+        `rl_mismatch.corrections.parse_correction`), a `CorrectionConfig` or a `Correction`
+        (default: no correction, ``CorrectionConfig()``; an experiment config's is ``'none'``).
+        `resolved_correction` is it as a `Correction`.
+      correction_low, correction_high: a preset string's thresholds (`CorrectionConfig`'s
+        ``low``/``high``); None otherwise.
       dual_clip: dual-clip PPO's bound c > 1 (Ye et al. 2020; verl's ``clip_ratio_c``, default
         3 there): for A < 0 the per-token loss −q·A is capped at −c·A, so a token whose ratio
-        q exceeds c stops pushing. None (default) is off. PPO and GSPO only.
+        q exceeds c stops pushing. 0 (default) is off. PPO and GSPO only.
+
+    >>> str(LossConfig(correction="token_tis", correction_high=2.0).resolved_correction)
+    'token_is(2.0)'
     """
 
+    advantage_mode: AdvantageMode = "grpo"
     policy_loss: PolicyLoss = "ppo"
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     aggregation: Aggregation = "token_mean"
-    norm_length: int | None = None
-    correction: CorrectionConfig | Correction = CorrectionConfig()
-    dual_clip: float | None = None
+    norm_length: int = 0
+    correction: str | CorrectionConfig | Correction = CorrectionConfig()
+    correction_low: float | None = None
+    correction_high: float | None = None
+    dual_clip: float = 0.0
 
     def __post_init__(self):
-        _check_literal(self.policy_loss, PolicyLoss, "LossConfig.policy_loss")
-        _check_literal(self.aggregation, Aggregation, "LossConfig.aggregation")
-        if not 0 <= self.clip_eps_low < 1:
-            raise ValueError(f"clip_eps_low must be in [0, 1) so that 1 - eps_low > 0, got {self.clip_eps_low}.")
-        if not (self.clip_eps_high >= 0 and math.isfinite(self.clip_eps_high)):
-            raise ValueError(f"clip_eps_high must be a finite number >= 0, got {self.clip_eps_high}.")
+        _check_literal(self.advantage_mode, AdvantageMode, "advantage_mode")
+        _check_literal(self.policy_loss, PolicyLoss, "policy_loss")
+        _check_literal(self.aggregation, Aggregation, "aggregation")
+        if not (_is_number(self.clip_eps_low) and 0 <= self.clip_eps_low < 1):
+            raise ValueError(f"clip_eps_low = {self.clip_eps_low!r} must be in [0, 1) so that 1 - clip_eps_low > 0.")
+        if not (_is_number(self.clip_eps_high) and self.clip_eps_high >= 0 and math.isfinite(self.clip_eps_high)):
+            raise ValueError(f"clip_eps_high = {self.clip_eps_high!r} must be a finite number >= 0.")
+        if isinstance(self.norm_length, bool) or not isinstance(self.norm_length, int):
+            raise ValueError(f"norm_length = {self.norm_length!r} must be an int (0 unless "
+                             "aggregation='seq_mean_token_sum_norm').")
         if self.aggregation == "seq_mean_token_sum_norm":
-            if isinstance(self.norm_length, bool) or not isinstance(self.norm_length, int) or self.norm_length < 1:
-                raise ValueError("aggregation='seq_mean_token_sum_norm' needs norm_length, a positive int (the "
-                                 f"maximum response length), got {self.norm_length!r}.")
-        elif self.norm_length is not None:
-            raise ValueError(f"norm_length is only used by aggregation='seq_mean_token_sum_norm', not "
-                             f"{self.aggregation!r}; leave it None.")
-        if not isinstance(self.correction, (CorrectionConfig, Correction)):
-            raise ValueError("correction must be a CorrectionConfig (a preset) or a Correction, got "
-                             f"{type(self.correction).__name__}; corrections.parse_correction reads a string.")
-        if self.dual_clip is not None:
+            if self.norm_length < 1:
+                raise ValueError(f"norm_length = {self.norm_length!r}: aggregation='seq_mean_token_sum_norm' divides "
+                                 "by it; set a positive int (Dr. GRPO: the maximum response length).")
+        elif self.norm_length != 0:
+            raise ValueError(f"norm_length = {self.norm_length!r} is only used by aggregation="
+                             f"'seq_mean_token_sum_norm', not {self.aggregation!r}; leave it 0.")
+        object.__setattr__(self, "_correction", self._resolve_correction())
+        if not _is_number(self.dual_clip):
+            raise ValueError(f"dual_clip = {self.dual_clip!r} must be a number (0 = off).")
+        if self.dual_clip != 0:
             if self.policy_loss == "reinforce":
-                raise ValueError("dual_clip caps the clipped PPO/GSPO surrogate; policy_loss='reinforce' has none. "
-                                 "Leave dual_clip None.")
-            if isinstance(self.dual_clip, bool) or not isinstance(self.dual_clip, (int, float)) or not (
-                    math.isfinite(self.dual_clip) and self.dual_clip > 1):
-                raise ValueError(f"dual_clip must be a finite number > 1 (verl's default is 3), got {self.dual_clip!r}.")
+                raise ValueError(f"dual_clip = {self.dual_clip!r}: dual clip caps the clipped PPO/GSPO surrogate; "
+                                 "policy_loss='reinforce' has none. Leave dual_clip 0.")
+            if not (math.isfinite(self.dual_clip) and self.dual_clip > 1):
+                raise ValueError(f"dual_clip = {self.dual_clip!r} must be 0 (off) or a finite number > 1 (verl's "
+                                 "default is 3).")
+
+    def _resolve_correction(self) -> Correction:
+        if isinstance(self.correction, str):
+            try:
+                return corrections.parse_correction(self.correction, low=self.correction_low,
+                                                    high=self.correction_high)
+            except ValueError as e:
+                raise ValueError(f"correction = {self.correction!r}: {e}") from None
+        if not isinstance(self.correction, (CorrectionConfig, Correction)):
+            raise ValueError(f"correction must be a string, a CorrectionConfig (a preset) or a Correction, got "
+                             f"{type(self.correction).__name__}.")
+        if self.correction_low is not None or self.correction_high is not None:
+            raise ValueError("correction_low / correction_high are the thresholds of a preset named by a string; "
+                             f"the {type(self.correction).__name__} given as correction carries its own. Leave "
+                             "them None.")
+        return corrections.resolve(self.correction)
+
+    @property
+    def resolved_correction(self) -> Correction:
+        """``correction`` as a `Correction` (parsed once, when the config is made)."""
+        return self._correction
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +246,7 @@ def is_batch_mean(old_logp_BT: jax.Array, sampler_logp_BT: jax.Array, mask_BT: j
     mask = jnp.asarray(mask_BT).astype(bool)
     old, samp = (jax.lax.stop_gradient(jnp.where(mask, x.astype(jnp.float32), 0.0))
                  for x in (old_logp_BT, sampler_logp_BT))
-    return corrections.batch_mean(corrections.resolve(config.correction), old - samp, mask)
+    return corrections.batch_mean(config.resolved_correction, old - samp, mask)
 
 
 def _ratio(config: LossConfig, logp: jax.Array, ref: jax.Array, mask: jax.Array, n_B: jax.Array) -> jax.Array:
@@ -219,7 +267,7 @@ def _surrogate(config: LossConfig, ratio: jax.Array, adv_B1: jax.Array):
     pg = -jnp.minimum(ratio * adv_B1, jnp.clip(ratio, lo, hi) * adv_B1)
     q = jax.lax.stop_gradient(ratio)
     clipped = ((adv_B1 > 0) & (q > hi)) | ((adv_B1 < 0) & (q < lo))
-    if config.dual_clip is None:
+    if not config.dual_clip:
         return pg, clipped, None
     # Dual clip: for A < 0 the loss −q·A grows without bound in q; cap it at −c·A.
     c = config.dual_clip
@@ -306,7 +354,7 @@ def compute_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, sampler_logp
     samp = jax.lax.stop_gradient(jnp.where(mask, sampler_logp_BT.astype(f32), 0.0))
     adv_B1 = jax.lax.stop_gradient(advantages_B.astype(f32))[:, None]
 
-    corr = corrections.resolve(config.correction)
+    corr = config.resolved_correction
     # Bypass: μ is the old policy, so the PPO ratio itself is π_θ/μ and criteria act on it.
     ref = samp if corr.bypass else old
     log_rho = (jax.lax.stop_gradient(logp) if corr.bypass else old) - samp

@@ -99,7 +99,7 @@ def test_paper_configs_differ_where_the_papers_do():
     ("trainer.dtype", "int8", r"config.trainer.dtype: Unknown dtype name 'int8'"),
     ("steps", "ten", r"config.steps must be an int"),
     ("rollout.group_size", 1, r"config.rollout.group_size = 1 must be >= 2"),
-    ("loss.correction", "token_tis", r"config.loss: .*needs `high`"),
+    ("loss.correction", "token_tis", r"config.loss.correction = 'token_tis': .*needs `high`"),
     ("optim.lr_schedule", "cosine", r"config.optim.lr_schedule = 'cosine' is not one of"),
     ("sampler.temperature", 0.0, r"config.sampler.temperature = 0.0 must be > 0"),
     ("task.train_size", 0, r"a split needs at least one example"),

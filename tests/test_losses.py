@@ -75,7 +75,7 @@ def _config(policy="ppo", aggregation="token_mean", correction="none", dual_clip
     if isinstance(correction, str):
         correction = {**CORRECTIONS, **COMBOS}[correction]
     return cls(policy_loss=policy, clip_eps_low=0.2, clip_eps_high=0.28, aggregation=aggregation,
-               norm_length=16 if aggregation == "seq_mean_token_sum_norm" else None, correction=correction,
+               correction=correction, **({"norm_length": 16} if aggregation == "seq_mean_token_sum_norm" else {}),
                **({} if dual_clip is None else {"dual_clip": dual_clip}))
 
 
@@ -216,7 +216,7 @@ def _np_loss(cfg, logp, old, samp, adv, mask):
             pg = -np.minimum(q * a, np.clip(q, lo, hi) * a)
             clip = ((a > 0) & (q > hi)) | ((a < 0) & (q < lo))
             dual = np.zeros(n, bool)
-            if cfg.dual_clip is not None and a < 0:
+            if cfg.dual_clip and a < 0:  # off: 0 (None in the legacy config)
                 _far(q, cfg.dual_clip, "dual clip")
                 dual = q > cfg.dual_clip
                 pg = np.minimum(pg, -cfg.dual_clip * a)
@@ -235,7 +235,7 @@ def _np_loss(cfg, logp, old, samp, adv, mask):
         grad[i, idx] = g / count
     metrics.update({"loss/policy": loss, "loss/clip_frac": np.mean(clip_flags),
                     "loss/ratio_mean": np.mean(ratios), "loss/ratio_max": np.max(ratios)})
-    if cfg.dual_clip is not None:
+    if cfg.dual_clip:
         metrics["loss/dual_clip_frac"] = np.mean(dual_flags)
     return loss, grad, metrics
 
@@ -424,7 +424,7 @@ def test_aggregation_hand_computed(aggregation, expected):
     mask = np.array([[1, 0, 0], [1, 1, 1], [0, 0, 0]], bool)
     lp = jnp.full((3, 3), -1.0)
     cfg = LossConfig(policy_loss="reinforce", aggregation=aggregation,
-                     norm_length=4 if aggregation == "seq_mean_token_sum_norm" else None)
+                     norm_length=4 if aggregation == "seq_mean_token_sum_norm" else 0)
     loss, _ = compute_policy_loss(lp, lp, lp, jnp.array([1.0, 2.0, 5.0]), mask, cfg)
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
@@ -653,21 +653,46 @@ def test_correction_config_validation(kwargs, match):
         CorrectionConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(policy_loss="dapo"), "policy_loss"),
-    (dict(aggregation="sum"), "aggregation"),
-    (dict(clip_eps_low=1.0), "clip_eps_low"),
-    (dict(clip_eps_high=-0.1), "clip_eps_high"),
-    (dict(aggregation="seq_mean_token_sum_norm"), "norm_length"),
-    (dict(norm_length=128), "leave it None"),
-    (dict(correction="token_tis"), "CorrectionConfig"),
-    (dict(dual_clip=1.0), "dual_clip must be a finite number > 1"),
-    (dict(dual_clip=float("inf")), "dual_clip"),
-    (dict(policy_loss="reinforce", dual_clip=3.0), "reinforce"),
+@pytest.mark.parametrize("kwargs,field,match", [
+    (dict(advantage_mode="ppo"), "advantage_mode", "is not one of"),
+    (dict(policy_loss="dapo"), "policy_loss", "is not one of"),
+    (dict(aggregation="sum"), "aggregation", "is not one of"),
+    (dict(clip_eps_low=1.0), "clip_eps_low", r"must be in \[0, 1\)"),
+    (dict(clip_eps_high=-0.1), "clip_eps_high", "finite number >= 0"),
+    (dict(clip_eps_high="0.2"), "clip_eps_high", "finite number >= 0"),
+    (dict(aggregation="seq_mean_token_sum_norm"), "norm_length", "divides by it"),
+    (dict(norm_length=128), "norm_length", "leave it 0"),
+    (dict(norm_length=None), "norm_length", "must be an int"),
+    (dict(correction="token_tis"), "correction", r"needs `high`"),
+    (dict(correction="token_tis", correction_low=0.5, correction_high=2.0), "correction", "does not use `low`"),
+    (dict(correction="seq_is(2)", correction_high=2.0), "correction", "carries its thresholds"),
+    (dict(correction=CorrectionConfig("token_tis", high=2.0), correction_high=2.0), "correction_low", "Leave them"),
+    (dict(correction=2.0), "correction", "must be a string, a CorrectionConfig"),
+    (dict(dual_clip=1.0), "dual_clip", r"must be 0 \(off\) or a finite number > 1"),
+    (dict(dual_clip=float("inf")), "dual_clip", "finite number > 1"),
+    (dict(dual_clip=None), "dual_clip", "must be a number"),
+    (dict(policy_loss="reinforce", dual_clip=3.0), "dual_clip", "reinforce"),
 ])
-def test_loss_config_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_loss_config_validation(kwargs, field, match):
+    """Every message starts with the field's name (the experiment config puts its path before it)."""
+    with pytest.raises(ValueError, match=match) as raised:
         LossConfig(**kwargs)
+    assert str(raised.value).startswith(field), str(raised.value)
+
+
+def test_a_correction_string_is_its_typed_form():
+    """The config file's spelling (a string, 0 for off) gives the loss of the typed form."""
+    spelled = LossConfig(policy_loss="gspo", correction="seq_mis", correction_high=2.0, dual_clip=0.0)
+    typed = LossConfig(policy_loss="gspo", correction=CorrectionConfig("seq_mis", high=2.0))
+    assert spelled.resolved_correction == typed.resolved_correction
+    assert spelled.resolved_correction == CorrectionConfig("seq_mis", high=2.0).correction
+    composed = "token_is(2, batch_norm) + seq_max_k2(0.5)"
+    assert LossConfig(correction=composed).resolved_correction == parse_correction(composed)
+    assert LossConfig().resolved_correction == Correction()
+    logp, old, samp, adv, mask = _batch(seed=2)
+    for a, b in zip(compute_policy_loss(logp, old, samp, adv, mask, spelled),
+                    compute_policy_loss(logp, old, samp, adv, mask, typed)):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_shape_validation():

@@ -89,6 +89,6 @@ def test_glossary_lists_exactly_the_keys_a_tiny_run_logs(tmp_path, settings, tin
     cfg = tiny_cfg(**{"steps": 1, **overrides})
     logged = _logged_keys(cfg, tmp_path)
     tags = {"always"} if settings == "defaults" else set(TAGS)
-    expected = _expected(tags, corrections.resolve(cfg.loss.loss_config().correction))
+    expected = _expected(tags, cfg.loss.resolved_correction)
     assert logged - expected == set(), "logged but not in docs/metrics.md"
     assert expected - logged == set(), "in docs/metrics.md but not logged"
