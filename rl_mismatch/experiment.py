@@ -458,11 +458,8 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
         model, optimizer, compute_dtype=trainer_dtype, key=_replicated_key(cfg.seed, _TRAIN, mesh),
         mesh=mesh, loss_scale=loss_scale)
     del model  # The train state owns the weights now.
-    # The step reads `correction` as a Correction (corrections.resolve), not as the config's string.
-    loss_config = dataclasses.replace(cfg.loss, correction=cfg.loss.resolved_correction, correction_low=None,
-                                      correction_high=None)
     step_fn = train_step.make_train_step(
-        graphdef, optimizer, loss_config, compute_dtype=trainer_dtype,
+        graphdef, optimizer, cfg.loss, compute_dtype=trainer_dtype,
         n_microbatches=cfg.trainer.n_microbatches, mesh=mesh, loss_scale=loss_scale,
         temperature=cfg.sampler.temperature, keep_logits=cfg.trainer.keep_logits)
     loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}

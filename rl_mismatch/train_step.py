@@ -19,8 +19,8 @@ model casts each weight where it is used (``Decoder``: inside its layer scan, in
 the matmul's float32 accumulator), so gradients arrive in float32 and micro-batch gradients
 are accumulated in float32. Why not cast the whole tree once up front: the gradient would
 then be taken with respect to stacked bfloat16 weights, and the backward layer scan writes
-those through a fused convert + dynamic-update-slice that XLA:CPU does not do in place —
-measured 1–3 CPU-s per step slower on SmolLM2-135M in bfloat16 (benchmarks/README.md).
+those through a fused convert + dynamic-update-slice that XLA:CPU does not do in place,
+which measured slower on SmolLM2-135M in bfloat16 (benchmarks/README.md).
 The loss itself is float32 (``rl_mismatch.losses``). float16 uses
 `rl_mismatch.precision.DynamicLossScale` (why not ``jmp``: see that module): the loss is
 multiplied by S before differentiation, so small float16 gradients do not underflow; the
@@ -69,6 +69,8 @@ Example (tiny model, one device):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 
 from collections.abc import Mapping
@@ -81,7 +83,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rl_mismatch import corrections, losses, mismatch, optim, precision
+from rl_mismatch import losses, mismatch, optim, precision
 from rl_mismatch import sharding as shd
 
 
@@ -475,13 +477,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         for the loss and the mismatch metrics alike.
       token_chunk: positions per LM-head chunk of the rescoring (`mismatch.rescore`). Larger
         than rescoring's forward-only default of 128 because the backward pass adds each
-        chunk's [V, D] LM-head gradient into the total: with 32 chunks of 64 that sum cost
-        ~0.5 s per SmolLM2 step; 256 (~50 MB of float32 logits live per chunk) measured
-        fastest, ~15% faster in fp32 (benchmarks/README.md).
+        chunk's [V, D] LM-head gradient into the total, once per chunk; 256 (about 50 MB of
+        float32 SmolLM2 logits live per chunk) measured fastest (benchmarks/README.md).
       keep_logits: `mismatch.rescore`'s option. False (default): the backward pass recomputes
         each chunk's logits, so the step never holds more than one chunk's; True keeps all
         [B, T − score_from, V] float32 logits for the backward pass (what a trainer that
-        materialises the logits holds), which saved 6–14% of a SmolLM2 step on CPU.
+        materialises the logits holds): faster on CPU, for that memory.
 
     Returns:
       A `TrainStep` ``step(state, batch, **opt_signals) -> (state, metrics)``. The input
@@ -525,119 +526,154 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     loss_scale = precision.make_loss_scale(compute_dtype) if loss_scale is None else loss_scale
     if not isinstance(loss_scale, (precision.DynamicLossScale, precision.NoOpLossScale)):
         raise ValueError(f"loss_scale must be a precision.DynamicLossScale or NoOpLossScale, got {loss_scale!r}.")
-    optimizer = optax.with_extra_args_support(optimizer)
-    n_micro = n_microbatches
+    spec = _StepSpec(graphdef, optax.with_extra_args_support(optimizer), loss_config, compute_dtype,
+                     n_microbatches, mesh, loss_scale, temperature, token_chunk, keep_logits)
     data_size = 1 if mesh is None else mesh.shape[shd.DATA]
+    return TrainStep(functools.partial(_train_step, spec), mesh,
+                     lambda batch: _check_batch(batch, n_microbatches, data_size))
 
-    def constrain(x, spec):
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    # Batch-normalised IS weights divide by a mean over the whole batch, which needs every
-    # micro-batch's trainer log-probs. The loss is linear in the weights, so micro-batches use
-    # the unnormalised weights (divisor 1) and the summed gradient is divided by the batch's
-    # mean afterwards (`losses.is_batch_mean`). One micro-batch computes it in the loss itself.
-    is_weight = corrections.resolve(loss_config.correction).weight
-    defer_is_mean = n_micro > 1 and is_weight is not None and is_weight.batch_normalize
+@dataclasses.dataclass(frozen=True)
+class _StepSpec:
+    """What `make_train_step` fixes for every call of the step: static under jit."""
 
-    def micro_grads(params, ls_state, mb: TrainBatch, normalizer):
-        """Scaled float32 gradient of the micro-batch's share of the whole-batch loss, and its log-probs."""
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformationExtraArgs
+    loss_config: losses.LossConfig
+    compute_dtype: Any
+    n_micro: int
+    mesh: jax.sharding.Mesh | None
+    loss_scale: precision.LossScale
+    temperature: float
+    token_chunk: int
+    keep_logits: bool
 
-        def loss_fn(p):
-            model = nnx.merge(graphdef, p)
-            model.dtype = compute_dtype  # the graph may carry the dtype the model was built with
-            logp_BT = mismatch.rescore(model, mb.tokens_BT, mb.valid_BT, response_mask_BT=mb.response_mask_BT,
-                                       temperature=temperature, score_from=mb.score_from,
-                                       token_chunk=token_chunk, keep_logits=keep_logits)
-            # One update per rollout: π_old is π_θ itself, detached (its value, not its gradient).
-            old_BT = jax.lax.stop_gradient(logp_BT)
-            loss, _ = losses.compute_policy_loss(logp_BT, old_BT, mb.sampler_logp_BT, mb.advantages_B,
-                                                 mb.response_mask_BT, loss_config, normalizer=normalizer,
-                                                 is_batch_mean=1.0 if defer_is_mean else None)
-            return loss_scale.scale_loss(ls_state, loss), old_BT
+    @property
+    def defer_is_mean(self) -> bool:
+        """Whether the gradient is divided by the batch's mean IS weight after accumulation.
 
-        # Differentiated with respect to the float32 parameters: the model's casts to the
-        # compute dtype are part of the function, so the gradient is float32.
-        grads, logp_BT = jax.grad(loss_fn, has_aux=True)(params)
-        return grads, logp_BT
+        Batch-normalised IS weights divide by a mean over the whole batch, which needs every
+        micro-batch's trainer log-probs. The loss is linear in the weights, so micro-batches
+        use the unnormalised weights (divisor 1) and the summed gradient is divided by the
+        batch's mean afterwards (`losses.is_batch_mean`). One micro-batch computes it in the
+        loss itself.
+        """
+        is_weight = self.loss_config.resolved_correction.weight
+        return self.n_micro > 1 and is_weight is not None and is_weight.batch_normalize
 
-    def step_fn(state: TrainState, batch: TrainBatch, opt_signals: Mapping[str, jax.Array]):
-        B, T = batch.tokens_BT.shape
-        ls_state = state.loss_scale
-        mask_BT = batch.response_mask_BT.astype(bool)
-        batch = batch.replace(response_mask_BT=mask_BT, valid_BT=batch.valid_BT.astype(bool))
-        # The whole batch's normaliser, given to every micro-batch: their losses then sum to the
-        # whole-batch loss and their gradients to its gradient.
-        normalizer = losses.loss_normalizer(mask_BT, loss_config)
-        inv_scale_sq = 1.0 / jnp.square(ls_state.scale)
+    def constrain(self, x: jax.Array, spec: P) -> jax.Array:
+        return x if self.mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-        if n_micro == 1:
-            grads, logp_BT = micro_grads(state.params, ls_state, batch, normalizer)
-        else:
-            b = B // n_micro
 
-            def split(x):  # [B, ...] -> [n, B/n, ...]; micro-batch m = rows m, m + n, …
-                x = x.reshape(b, n_micro, *x.shape[1:]).swapaxes(0, 1)
-                return constrain(x, P(None, shd.DATA))
+def _train_step(s: _StepSpec, state: TrainState, batch: TrainBatch,
+                opt_signals: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One RL update (see the module docstring); `make_train_step` jits it with ``s`` bound."""
+    mask_BT = batch.response_mask_BT.astype(bool)
+    batch = batch.replace(response_mask_BT=mask_BT, valid_BT=batch.valid_BT.astype(bool))
+    # The whole batch's normaliser, given to every micro-batch: their losses then sum to the
+    # whole-batch loss and their gradients to its gradient.
+    normalizer = losses.loss_normalizer(mask_BT, s.loss_config)
+    ls_state = state.loss_scale
+    grads, logp_BT, per_micro = _accumulate_grads(s, state.params, ls_state, batch, normalizer)
 
-            def body(acc, mb):
-                g, logp = micro_grads(state.params, ls_state, mb, normalizer)
-                # This micro-batch's share N_m/N of the normaliser: its gradient divided by the
-                # share is the gradient of its own loss (G_small of the noise-scale estimator).
-                share = losses.loss_normalizer(mb.response_mask_BT, loss_config) / jnp.maximum(normalizer, 1.0)
-                sq = _sq_norm(g) * inv_scale_sq
-                sq_small_m = jnp.where(share > 0, sq / jnp.where(share > 0, share, 1.0) ** 2, 0.0)
-                return jax.tree.map(jnp.add, acc, g), (logp, sq_small_m, _n_sequences(mb.response_mask_BT))
+    sq_scaled = _sq_norm(grads)
+    sq_big = sq_scaled * (1.0 / jnp.square(ls_state.scale))
+    # Σ g² is finite iff every element is (an overflow of the sum itself would need |g| ≳ 1e19,
+    # beyond any usable gradient): one reduction serves the norm and the skip decision.
+    finite = jnp.isfinite(sq_scaled)
+    params, opt_state, update_sq = _apply_or_skip(s, state, grads, finite, opt_signals)
+    new_ls = s.loss_scale.adjust(ls_state, finite)
 
-            acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
-            grads, (logp_nbT, sq_n, seqs_n) = jax.lax.scan(body, acc0, jax.tree.map(split, batch))
-            logp_BT = constrain(logp_nbT.swapaxes(0, 1).reshape(B, T), P(shd.DATA))
-            if defer_is_mean:
-                is_mean = losses.is_batch_mean(logp_BT, batch.sampler_logp_BT, mask_BT, loss_config)
-                inv = 1.0 / jnp.where(is_mean > 0, is_mean, 1.0)  # as the loss itself guards a zero mean
-                grads = jax.tree.map(lambda g: g * inv, grads)
-                sq_n = sq_n * jnp.square(inv)
+    _, metrics = losses.compute_policy_loss(logp_BT, logp_BT, batch.sampler_logp_BT, batch.advantages_B,
+                                            mask_BT, s.loss_config, normalizer=normalizer)
+    metrics.update(mismatch.compute_mismatch_metrics(batch.sampler_logp_BT, logp_BT, mask_BT,
+                                                     sampler_entropy_BT=batch.sampler_entropy_BT))
+    metrics.update({
+        "opt/grad_norm": jnp.sqrt(sq_big),
+        "opt/update_norm": jnp.sqrt(update_sq),
+        "opt/param_norm": jnp.sqrt(_sq_norm(params)),
+        **_noise_metrics(sq_big, mask_BT, *per_micro),
+        "opt/step_skipped": (~finite).astype(jnp.float32),
+        **precision.loss_scale_metrics(new_ls),
+        **_lr_metrics(opt_state),
+    })
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           loss_scale=new_ls, key=state.key)
+    return new_state, metrics
 
-        sq_scaled = _sq_norm(grads)
-        sq_big = sq_scaled * inv_scale_sq
-        noise = _noise_metrics(sq_big, mask_BT, *((sq_n, seqs_n) if n_micro > 1 else ()))
 
-        # Σ g² is finite iff every element is (an overflow of the sum itself would need |g| ≳ 1e19,
-        # beyond any usable gradient): one reduction serves the norm and the skip decision.
-        finite = jnp.isfinite(sq_scaled)
+def _micro_grads(s: _StepSpec, params, ls_state, mb: TrainBatch, normalizer):
+    """Scaled float32 gradient of the micro-batch's share of the whole-batch loss, and its log-probs."""
 
-        def apply(operands):
-            grads, opt_state, params = operands
-            grads = loss_scale.unscale_grads(ls_state, grads)  # fuses into the optimizer's first pass
-            updates, opt_state = optimizer.update(grads, opt_state, params, **opt_signals)
-            return optax.apply_updates(params, updates), opt_state, _sq_norm(updates)
+    def loss_fn(p):
+        model = nnx.merge(s.graphdef, p)
+        model.dtype = s.compute_dtype  # the graph may carry the dtype the model was built with
+        logp_BT = mismatch.rescore(model, mb.tokens_BT, mb.valid_BT, response_mask_BT=mb.response_mask_BT,
+                                   temperature=s.temperature, score_from=mb.score_from,
+                                   token_chunk=s.token_chunk, keep_logits=s.keep_logits)
+        # One update per rollout: π_old is π_θ itself, detached (its value, not its gradient).
+        old_BT = jax.lax.stop_gradient(logp_BT)
+        loss, _ = losses.compute_policy_loss(logp_BT, old_BT, mb.sampler_logp_BT, mb.advantages_B,
+                                             mb.response_mask_BT, s.loss_config, normalizer=normalizer,
+                                             is_batch_mean=1.0 if s.defer_is_mean else None)
+        return s.loss_scale.scale_loss(ls_state, loss), old_BT
 
-        def skip(operands):
-            _, opt_state, params = operands
-            return params, opt_state, jnp.zeros((), jnp.float32)
+    # Differentiated with respect to the float32 parameters: the model's casts to the compute
+    # dtype are part of the function, so the gradient is float32.
+    return jax.grad(loss_fn, has_aux=True)(params)
 
-        # lax.cond rather than computing the update and `precision.select_tree`-ing it away: the
-        # select reads old and new parameters and optimizer state in full on every step (≈ 1 s
-        # per step for a 135M-parameter model on a 2-core CPU), for a branch that is rarely taken.
-        # The skip branch returns the old state itself, so a skipped step leaves parameters and
-        # optimizer state bit for bit unchanged.
-        params, opt_state, update_sq = jax.lax.cond(finite, apply, skip, (grads, state.opt_state, state.params))
-        new_ls = loss_scale.adjust(ls_state, finite)
 
-        _, metrics = losses.compute_policy_loss(logp_BT, logp_BT, batch.sampler_logp_BT, batch.advantages_B,
-                                                mask_BT, loss_config, normalizer=normalizer)
-        metrics.update(mismatch.compute_mismatch_metrics(batch.sampler_logp_BT, logp_BT, mask_BT,
-                                                         sampler_entropy_BT=batch.sampler_entropy_BT))
-        metrics.update({
-            "opt/grad_norm": jnp.sqrt(sq_big),
-            "opt/update_norm": jnp.sqrt(update_sq),
-            "opt/param_norm": jnp.sqrt(_sq_norm(params)),
-            **noise,
-            "opt/step_skipped": (~finite).astype(jnp.float32),
-            **precision.loss_scale_metrics(new_ls),
-        })
-        metrics.update(_lr_metrics(opt_state))
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               loss_scale=new_ls, key=state.key)
-        return new_state, metrics
+def _accumulate_grads(s: _StepSpec, params, ls_state, batch: TrainBatch, normalizer):
+    """The scaled whole-batch gradient, the trainer's log-probs [B, T], and the per-micro-batch
+    noise inputs ``(|G_m|², sequences_m)`` for `_noise_metrics` (``()`` with one micro-batch)."""
+    if s.n_micro == 1:
+        grads, logp_BT = _micro_grads(s, params, ls_state, batch, normalizer)
+        return grads, logp_BT, ()
+    B, T = batch.tokens_BT.shape
+    inv_scale_sq = 1.0 / jnp.square(ls_state.scale)
 
-    return TrainStep(step_fn, mesh, lambda batch: _check_batch(batch, n_micro, data_size))
+    def split(x):  # [B, ...] -> [n, B/n, ...]; micro-batch m = rows m, m + n, …
+        x = x.reshape(B // s.n_micro, s.n_micro, *x.shape[1:]).swapaxes(0, 1)
+        return s.constrain(x, P(None, shd.DATA))
+
+    def body(acc, mb):
+        g, logp = _micro_grads(s, params, ls_state, mb, normalizer)
+        # This micro-batch's share N_m/N of the normaliser: its gradient divided by the share is
+        # the gradient of its own loss (G_small of the noise-scale estimator).
+        share = losses.loss_normalizer(mb.response_mask_BT, s.loss_config) / jnp.maximum(normalizer, 1.0)
+        sq = _sq_norm(g) * inv_scale_sq
+        sq_small_m = jnp.where(share > 0, sq / jnp.where(share > 0, share, 1.0) ** 2, 0.0)
+        return jax.tree.map(jnp.add, acc, g), (logp, sq_small_m, _n_sequences(mb.response_mask_BT))
+
+    acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    grads, (logp_nbT, sq_n, seqs_n) = jax.lax.scan(body, acc0, jax.tree.map(split, batch))
+    logp_BT = s.constrain(logp_nbT.swapaxes(0, 1).reshape(B, T), P(shd.DATA))
+    if s.defer_is_mean:
+        is_mean = losses.is_batch_mean(logp_BT, batch.sampler_logp_BT, batch.response_mask_BT, s.loss_config)
+        inv = 1.0 / jnp.where(is_mean > 0, is_mean, 1.0)  # as the loss itself guards a zero mean
+        grads = jax.tree.map(lambda g: g * inv, grads)
+        sq_n = sq_n * jnp.square(inv)
+    return grads, logp_BT, (sq_n, seqs_n)
+
+
+def _apply_or_skip(s: _StepSpec, state: TrainState, grads, finite: jax.Array, opt_signals):
+    """``(params, opt_state, |update|²)``: the optimizer's update if ``finite``, else the old
+    parameters and optimizer state themselves and 0.
+
+    ``lax.cond`` rather than computing the update and `precision.select_tree`-ing it away: the
+    select would read old and new parameters and optimizer state in full on every step, for a
+    branch that is rarely taken. The skip branch returns the old state itself, so a skipped
+    step leaves parameters and optimizer state bit for bit unchanged.
+    """
+
+    def apply(operands):
+        grads, opt_state, params = operands
+        grads = s.loss_scale.unscale_grads(state.loss_scale, grads)  # fuses into the optimizer's first pass
+        updates, opt_state = s.optimizer.update(grads, opt_state, params, **opt_signals)
+        return optax.apply_updates(params, updates), opt_state, _sq_norm(updates)
+
+    def skip(operands):
+        _, opt_state, params = operands
+        return params, opt_state, jnp.zeros((), jnp.float32)
+
+    return jax.lax.cond(finite, apply, skip, (grads, state.opt_state, state.params))
