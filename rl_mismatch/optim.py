@@ -244,103 +244,152 @@ def _triggered(
     With `linear_warmup`, the multiplier of steps ``t < warmup`` is also scaled by
     ``(t + 1) / warmup`` (no trigger can fire there, so `respond` gives 1 for them).
     """
-
-    def init_fn(params):
-        del params  # The state is a handful of scalars, independent of the parameters.
-        zero_i = jnp.zeros([], jnp.int32)
-        return TriggeredDecayState(
-            step=zero_i,
-            epoch_start=zero_i,
-            num_observed=zero_i,
-            baseline_sum=jnp.zeros([], jnp.float32),
-            smoothed=jnp.zeros([], jnp.float32),
-            surge_step=jnp.full([], -1, jnp.int32),
-            num_triggers=zero_i,
-            level=jnp.ones([], jnp.float32),
-            anchor=zero_i,
-            period=zero_i,
-            multiplier=jnp.ones([], jnp.float32),
-        )
+    del floor  # Used by `respond`; validated with the rest by the public factories.
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        if signal_name not in extra_args:
-            raise TypeError(
-                f"{owner}.update() requires the keyword argument `{signal_name}=` (the "
-                f"current scalar value of the signal). Inside optax.chain every transform "
-                f"receives all extra keyword arguments, so pass it to the outer update: "
-                f"opt.update(grads, state, params, {signal_name}=value)."
-            )
-        x = extra_args[signal_name]
-        if jnp.ndim(x) != 0:
-            raise ValueError(
-                f"{owner}: `{signal_name}` must be a scalar, got shape "
-                f"{jnp.shape(x)}; pass the batch mean, e.g. x.mean()."
-            )
-        x = jnp.asarray(x, jnp.float32)
+        x = _read_signal(extra_args, signal_name, owner)
         t = state.step
-        valid = jnp.isfinite(x) & (x >= 0)
-        armed = (
-            True
-            if max_triggers is None
-            else state.num_triggers < jnp.asarray(max_triggers, jnp.int32)
+        use, fire, wait, baseline_sum, smoothed = _detect(
+            state,
+            x,
+            warmup=warmup,
+            baseline_window=baseline_window,
+            threshold=threshold,
+            smoothing=smoothing,
+            cooldown=cooldown,
+            max_triggers=max_triggers,
+            relative=relative,
         )
-        wait = jnp.where(
-            state.num_triggers == 0,
-            jnp.asarray(warmup, jnp.int32),
-            jnp.asarray(cooldown, jnp.int32),
-        )
-        use = valid & armed & (t >= state.epoch_start + wait)
-
-        # Relative mode: the first W used observations form the baseline, and
-        # detection starts on the observation after it is complete.
-        needed = jnp.asarray(baseline_window, jnp.int32) if relative else jnp.int32(0)
-        collecting = state.num_observed < needed
-        baseline_sum = state.baseline_sum + jnp.where(use & collecting, x, 0.0)
-        beta = jnp.asarray(smoothing, jnp.float32)
-        ema = jnp.where(state.num_observed == 0, x, beta * state.smoothed + (1 - beta) * x)
-        smoothed = jnp.where(use, ema, state.smoothed)
-        reference = (
-            state.baseline_sum / jnp.maximum(needed, 1).astype(jnp.float32)
-            if relative
-            else jnp.float32(1.0)
-        )
-        fire = use & ~collecting & (smoothed > jnp.asarray(threshold, jnp.float32) * reference)
-
         level, anchor, period, multiplier = respond(state, t, fire, wait)
         if linear_warmup:
-            # A function of the step alone: no state. Exact for a power-of-two warmup;
-            # otherwise the correctly rounded float32 quotient.
-            warmup_i = jnp.asarray(warmup, jnp.int32)
-            ramp = (t + 1).astype(jnp.float32) / jnp.maximum(warmup_i, 1).astype(jnp.float32)
-            multiplier = jnp.where(t < warmup_i, multiplier * ramp, multiplier)
-        new_state = TriggeredDecayState(
-            step=t + 1,
-            # A trigger starts a new epoch: the baseline is collected afresh.
-            epoch_start=jnp.where(fire, t + 1, state.epoch_start),
-            num_observed=jnp.where(fire, 0, state.num_observed + use.astype(jnp.int32)),
-            baseline_sum=jnp.where(fire, 0.0, baseline_sum),
-            smoothed=smoothed,
-            surge_step=jnp.where(fire, t, state.surge_step),
-            num_triggers=state.num_triggers + fire.astype(jnp.int32),
-            level=level,
-            anchor=anchor,
-            period=period,
-            multiplier=multiplier,
-        )
-        # Pin dtypes (and drop weak types) so that the state's abstract value never
-        # changes across updates: a changed one would recompile a jitted step.
-        new_state = TriggeredDecayState(
-            *(
-                jnp.asarray(v, jnp.int32 if name in _INT_FIELDS else jnp.float32)
-                for name, v in zip(TriggeredDecayState._fields, new_state)
-            )
+            multiplier = _ramp(multiplier, t, warmup)
+        new_state = _next_state(
+            state, t, use, fire, baseline_sum, smoothed, level, anchor, period, multiplier
         )
         # The multiplier is cast to each update's dtype, so bf16 updates stay bf16.
         updates = jax.tree.map(lambda u: jnp.asarray(multiplier, u.dtype) * u, updates)
         return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(_init_detector, update_fn)
+
+
+def _init_detector(params) -> TriggeredDecayState:
+    del params  # The state is a handful of scalars, independent of the parameters.
+    zero_i = jnp.zeros([], jnp.int32)
+    return TriggeredDecayState(
+        step=zero_i,
+        epoch_start=zero_i,
+        num_observed=zero_i,
+        baseline_sum=jnp.zeros([], jnp.float32),
+        smoothed=jnp.zeros([], jnp.float32),
+        surge_step=jnp.full([], -1, jnp.int32),
+        num_triggers=zero_i,
+        level=jnp.ones([], jnp.float32),
+        anchor=zero_i,
+        period=zero_i,
+        multiplier=jnp.ones([], jnp.float32),
+    )
+
+
+def _read_signal(extra_args, signal_name: str, owner: str) -> jax.Array:
+    """The detector's scalar signal from ``update``'s keyword arguments, as float32."""
+    if signal_name not in extra_args:
+        raise TypeError(
+            f"{owner}.update() requires the keyword argument `{signal_name}=` (the "
+            f"current scalar value of the signal). Inside optax.chain every transform "
+            f"receives all extra keyword arguments, so pass it to the outer update: "
+            f"opt.update(grads, state, params, {signal_name}=value)."
+        )
+    x = extra_args[signal_name]
+    if jnp.ndim(x) != 0:
+        raise ValueError(
+            f"{owner}: `{signal_name}` must be a scalar, got shape "
+            f"{jnp.shape(x)}; pass the batch mean, e.g. x.mean()."
+        )
+    return jnp.asarray(x, jnp.float32)
+
+
+def _detect(
+    state: TriggeredDecayState,
+    x: jax.Array,
+    *,
+    warmup,
+    baseline_window,
+    threshold,
+    smoothing,
+    cooldown,
+    max_triggers,
+    relative,
+):
+    """``(use, fire, wait, baseline_sum, smoothed)`` for observation ``x`` at ``state.step``:
+    whether ``x`` counts, whether it fires a trigger, the steps a new epoch waits, and the
+    updated baseline sum and smoothed signal."""
+    t = state.step
+    valid = jnp.isfinite(x) & (x >= 0)
+    armed = (
+        True
+        if max_triggers is None
+        else state.num_triggers < jnp.asarray(max_triggers, jnp.int32)
+    )
+    wait = jnp.where(
+        state.num_triggers == 0,
+        jnp.asarray(warmup, jnp.int32),
+        jnp.asarray(cooldown, jnp.int32),
+    )
+    use = valid & armed & (t >= state.epoch_start + wait)
+
+    # Relative mode: the first W used observations form the baseline, and
+    # detection starts on the observation after it is complete.
+    needed = jnp.asarray(baseline_window, jnp.int32) if relative else jnp.int32(0)
+    collecting = state.num_observed < needed
+    baseline_sum = state.baseline_sum + jnp.where(use & collecting, x, 0.0)
+    beta = jnp.asarray(smoothing, jnp.float32)
+    ema = jnp.where(state.num_observed == 0, x, beta * state.smoothed + (1 - beta) * x)
+    smoothed = jnp.where(use, ema, state.smoothed)
+    reference = (
+        state.baseline_sum / jnp.maximum(needed, 1).astype(jnp.float32)
+        if relative
+        else jnp.float32(1.0)
+    )
+    fire = use & ~collecting & (smoothed > jnp.asarray(threshold, jnp.float32) * reference)
+    return use, fire, wait, baseline_sum, smoothed
+
+
+def _ramp(multiplier, t, warmup):
+    """The multiplier times ``(t + 1) / warmup`` for ``t < warmup``: a function of the step
+    alone, no state. Exact for a power-of-two warmup; otherwise the correctly rounded float32
+    quotient."""
+    warmup_i = jnp.asarray(warmup, jnp.int32)
+    ramp = (t + 1).astype(jnp.float32) / jnp.maximum(warmup_i, 1).astype(jnp.float32)
+    return jnp.where(t < warmup_i, multiplier * ramp, multiplier)
+
+
+def _next_state(
+    state, t, use, fire, baseline_sum, smoothed, level, anchor, period, multiplier
+) -> TriggeredDecayState:
+    new_state = TriggeredDecayState(
+        step=t + 1,
+        # A trigger starts a new epoch: the baseline is collected afresh.
+        epoch_start=jnp.where(fire, t + 1, state.epoch_start),
+        num_observed=jnp.where(fire, 0, state.num_observed + use.astype(jnp.int32)),
+        baseline_sum=jnp.where(fire, 0.0, baseline_sum),
+        smoothed=smoothed,
+        surge_step=jnp.where(fire, t, state.surge_step),
+        num_triggers=state.num_triggers + fire.astype(jnp.int32),
+        level=level,
+        anchor=anchor,
+        period=period,
+        multiplier=multiplier,
+    )
+    # Pin dtypes (and drop weak types) so that the state's abstract value never
+    # changes across updates: a changed one would recompile a jitted step.
+    return TriggeredDecayState(
+        *(
+            jnp.asarray(v, jnp.int32 if name in _INT_FIELDS else jnp.float32)
+            for name, v in zip(TriggeredDecayState._fields, new_state)
+        )
+    )
 
 
 def signal_triggered_decay(
