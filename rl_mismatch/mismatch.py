@@ -183,8 +183,8 @@ def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_ch
     if not keep_logits:
         one = jax.checkpoint(one, prevent_cse=False)
     # Two chunks per loop iteration: XLA:CPU then runs one chunk's log-softmax reductions beside
-    # the other's matmul, where lax.map left a thread idle during every reduction (fp32 LM head +
-    # log-probs of 2040 positions: 515 -> 470 ms, a plain logits matmul takes 443 ms).
+    # the other's matmul, where lax.map left a thread idle during every reduction; the LM head
+    # plus log-probs then costs little more than a plain logits matmul.
     _, scored = jax.lax.scan(lambda carry, args: (carry, one(args)), None, (h, y), unroll=_CHUNKS_PER_ITERATION)
     return jax.tree.map(lambda x: x.reshape(-1)[:B * M].reshape(B, M), scored)
 
@@ -273,7 +273,7 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
       keep_logits: static, matters only under differentiation (chunked path only). False:
         the backward pass recomputes each chunk's logits, so memory holds one chunk's
         ``token_chunk × V`` float32 logits at a time; the price is a second LM-head matmul
-        (benchmarks/README.md: a SmolLM2 train step 6–14% slower on CPU). True: every chunk's
+        (its cost on a SmolLM2 train step: benchmarks/README.md). True: every chunk's
         logits are kept for the backward pass, [B, T − score_from, V] float32 in all, as a
         plain ``logits_BTV`` forward would; for short responses and small vocabularies.
 

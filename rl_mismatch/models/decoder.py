@@ -5,8 +5,8 @@ Numerics (every one of these is a mismatch decision, so they are explicit):
 * Weights are stored in ``param_dtype`` and cast to the compute ``dtype`` where they are used.
 * Matmuls take ``dtype`` operands and accumulate in float32 (``preferred_element_type``), then
   round the result to ``dtype``. That is what GPU/TPU matmul units do, and on AVX-512 CPUs a bf16
-  matmul with a float32 result runs 2-4x faster in XLA than one with a bf16 result (Zen 5 /
-  Sapphire Rapids, benchmarks/README.md).
+  matmul with a float32 result runs several times faster in XLA than one with a bf16 result
+  (benchmarks/README.md).
 * RMSNorm statistics, RoPE rotation, SiLU and the attention softmax run in float32; their
   outputs are rounded to ``dtype`` (as HF does for the norm and torch for SiLU).
 * The KV cache is stored in ``dtype``. Logits are returned in float32.
@@ -138,8 +138,8 @@ def _residuals_as_bits(f):
     policy saves); bf16/fp16 ones are carried as ``uint16``. Under ``lax.scan`` each layer's
     residuals are written into a [layers, ...] stack, and XLA:CPU performs a bf16/fp16
     dynamic-update-slice in float32: it converts the whole stack to float32 and back at every
-    layer instead of writing one slice in place (benchmarks/README.md: 160 ms against 52 ms for
-    one [30, 8, 256, 1536] stack). A ``uint16`` stack is written in place.
+    layer instead of writing one slice in place (measured in benchmarks/README.md). A ``uint16``
+    stack is written in place.
     """
 
     @jax.custom_vjp
@@ -178,8 +178,7 @@ def _sum_rows(x: jax.Array, like: jax.Array) -> jax.Array:
     values summed in float32, returned in ``like``'s dtype: a parameter's gradient.
 
     Written as a product with a ones vector: XLA:CPU turned the plain reduction over B·T rows into
-    a reduce-window loop of 2-4 ms per call at batch 8 x 256 (bf16 layer-stack gradient 3.26 s,
-    3.16 s this way).
+    a slower reduce-window loop.
     """
     rows = x.astype(jnp.float32).reshape(-1, like.size)
     total = jnp.dot(jnp.ones(rows.shape[0], jnp.float32), rows, preferred_element_type=jnp.float32)
@@ -274,7 +273,7 @@ def _down_projection(gated_BTF: jax.Array, w_FD: jax.Array) -> jax.Array:
     side. Each output column is the same sum either way, and the result is bitwise the same
     (checked in tests/test_decoder.py); the weight halves are sliced once per program, outside
     the decoding loop. With the row-grouped KV cache (`KVCache`) it made the batch-64 bf16
-    sampler ~10% faster (benchmarks/README.md). Not in float32 (slower, and not bitwise: XLA
+    sampler faster (benchmarks/README.md). Not in float32 (slower, and not bitwise: XLA
     picks another kernel) nor float16 (not bitwise), nor off CPU.
     """
     B, T, _ = gated_BTF.shape
@@ -324,8 +323,8 @@ def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
     In half precision the queries are laid out [B, K, G, T, H] before the score matmul: given
     [B, T, K, G, H], XLA:CPU made the keys the matmul's left operand and copied the queries into
     a [B, K, H, G·T] layout with the rotary embedding fused in, a slow strided copy of 2-byte
-    elements (bf16 batch-64 sampler: `generate` 7-8% faster without it). In float32 XLA's own
-    choice is the faster one (the same change made fp32 `generate` 7% slower), so it stays.
+    elements (the bf16 batch-64 sampler is faster without it). In float32 XLA's own choice is
+    the faster one (the same change made fp32 `generate` slower), so it stays.
     Both give the same scores: only the layout differs (benchmarks/README.md). The backward
     pass is `_softmax_attention`'s.
     """
@@ -413,8 +412,8 @@ def _write_slots(cache_BKSH: jax.Array, new_BKTH: jax.Array, start: jax.Array) -
 
     Written on the raw bits: XLA:CPU otherwise fuses the producer's final float convert (RoPE
     runs in float32) into the update, moves the update into float32 and converts the layer's
-    whole cache there and back at every step (16 ms of a 120 ms bf16 decoding step, batch 64);
-    an integer bitcast cannot be moved across. The bits written are those of the cast.
+    whole cache there and back at every step, a large share of a bf16 decoding step; an integer
+    bitcast cannot be moved across. The bits written are those of the cast.
     """
     new_BKTH = new_BKTH.astype(cache_BKSH.dtype)
     if cache_BKSH.dtype.itemsize not in _UINT_OF_SIZE:
@@ -616,12 +615,9 @@ class Decoder(nnx.Module):
 
         Under differentiation each layer is rematerialised as ``self.remat`` says. The default,
         ``"layer"``, keeps only each layer's input and recomputes the layer in the backward pass:
-        a third more layer FLOPs and the least memory. On CPU the three cost about the same
-        (``benchmarks/remat.py``, SmolLM2-135M, batch 8 x 256: bf16 layer-stack gradient
-        "layer" 3.03 s, "projections" 2.84 s, "none" 3.12 s, with 163 / 691 / 2876 MiB of
-        temporaries; fp32 5.35 / 5.08 / 5.12 s; the whole train step 4.06 vs 4.17 s bf16, 6.41
-        vs 6.53 s fp32 for "layer" vs "projections"), so the default is the one that also fits
-        large models. The saved values travel through the layer scan as raw bits
+        a third more layer FLOPs and the least memory. On CPU the three cost about the same time
+        while their temporaries differ several-fold (``benchmarks/remat.py``; figures in
+        benchmarks/README.md), so the default is the one that also fits large models. The saved values travel through the layer scan as raw bits
         (`_residuals_as_bits`). On an accelerator, run ``benchmarks/remat.py`` there.
         """
         B, T = tokens_BT.shape

@@ -34,7 +34,7 @@ first load writes the result as an HF directory (float32 ``model.safetensors``, 
 read that. ``key`` hashes the file's size and its first and last MiB (milliseconds, content-based,
 so a reinstalled identical file still hits). That sample alone could collide for two files
 differing only in the middle, so each entry also records the full SHA-256 and the file's
-``(size, mtime_ns)``: a matching stamp is trusted, otherwise the full hash (~0.1 s per 100 MB) is
+``(size, mtime_ns)``: a matching stamp is trusted, otherwise the full hash is
 checked before the entry is used. Entries are written to a temporary directory and renamed
 into place, so a crash or a concurrent loader never leaves a half-written entry.
 
