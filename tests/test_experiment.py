@@ -68,16 +68,24 @@ def test_every_config_validates_and_documents_its_command():
     assert ExperimentConfig.from_dict(_config_dict("default", "3")).steps == 3
 
 
-def test_base_config_lists_every_setting():
-    def keys(d, prefix=""):
-        return {prefix + k if not isinstance(v, dict) or k == "kwargs" else x
-                for k, v in d.items()
-                for x in ([None] if not isinstance(v, dict) or k == "kwargs" else keys(v, prefix + k + "."))} - {None}
-
+def test_base_config_is_the_typed_defaults_and_takes_overrides():
     from experiments.configs import base
 
-    assert keys(base.get_base_config().to_dict()) == keys(ExperimentConfig().to_dict())
-    assert ExperimentConfig.from_dict(base.get_base_config().to_dict()) == ExperimentConfig()
+    c = base.get_base_config()
+    assert ExperimentConfig.from_dict(c.to_dict()) == ExperimentConfig()
+    # A None default is a typed placeholder: it takes a value of its type, and only that.
+    assert c.loss.correction_high is None
+    c.loss.correction_high = 2.0
+    with pytest.raises(TypeError):
+        c.loss.correction_low = "low"
+    # Every float setting is a float field, so the command line can give it a fraction.
+    for group, settings in ExperimentConfig().to_dict().items():
+        for name, value in settings.items() if isinstance(settings, dict) else ():
+            if isinstance(value, float):
+                assert isinstance(c[group][name], float), (group, name)
+    c.optim.trigger_threshold, c.loss.dual_clip = 2.5, 3.0
+    cfg = ExperimentConfig.from_dict({**c.to_dict(), "loss": {**c.loss.to_dict(), "correction": "token_tis"}})
+    assert (cfg.loss.correction_high, cfg.optim.trigger_threshold, cfg.loss.dual_clip) == (2.0, 2.5, 3.0)
 
 
 def test_paper_configs_differ_where_the_papers_do():

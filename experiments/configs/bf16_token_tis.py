@@ -10,11 +10,13 @@ not shrink the mismatch itself (mismatch/* as in ``bf16_constant_lr``) -- the pa
 that IS corrections treat the symptom. ``--config=...:N`` runs N steps (default 16).
 """
 
-from experiments.configs import bf16_constant_lr
+from experiments.configs import default
 
 
 def get_config(arg: str | None = None):
-    c = bf16_constant_lr.get_config(arg)
+    c = default.get_config(arg)
+    c.optim.lr_schedule = "constant"  # as bf16_constant_lr: no LR decay
+    c.optim.k3_trigger_threshold = 0.0
     c.loss.correction = "token_tis"
     c.loss.correction_high = 2.0
     return c

@@ -14,11 +14,13 @@ is skipped and counted in opt/skipped_steps. fp16 matmuls are slower than bf16 o
 ``--config=...:N`` runs N steps (default 16).
 """
 
-from experiments.configs import bf16_constant_lr
+from experiments.configs import default
 
 
 def get_config(arg: str | None = None):
-    c = bf16_constant_lr.get_config(arg)
+    c = default.get_config(arg)
+    c.optim.lr_schedule = "constant"  # as bf16_constant_lr: no LR decay
+    c.optim.k3_trigger_threshold = 0.0
     c.sampler.dtype = "float16"
     c.trainer.dtype = "float16"
     c.trainer.loss_scale_initial = 2.0**15

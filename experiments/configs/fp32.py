@@ -11,11 +11,13 @@ The slowest of the configs (no bf16 matmuls in the sampler). ``--config=...:N`` 
 (default 16).
 """
 
-from experiments.configs import bf16_constant_lr
+from experiments.configs import default
 
 
 def get_config(arg: str | None = None):
-    c = bf16_constant_lr.get_config(arg)
+    c = default.get_config(arg)
+    c.optim.lr_schedule = "constant"  # as bf16_constant_lr: no LR decay
+    c.optim.k3_trigger_threshold = 0.0
     c.sampler.dtype = "float32"
     c.trainer.dtype = "float32"
     return c
