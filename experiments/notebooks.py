@@ -3,7 +3,7 @@ r"""Executes the notebooks in ``colab/`` and saves them with their outputs.
   python -m experiments.notebooks [--only=length_triggered_lr] [--timeout=3600]
 
 Each notebook runs top to bottom in a fresh Jupyter kernel (nbclient and ipykernel, the
-``notebooks`` extra: ``pip install -e ".[notebooks]"``) with the repository root as its working
+``notebooks`` extra: ``pip install -e ".[experiments,notebooks]" -c constraints.txt``) with the repository root as its working
 directory, so its set-up cell finds the checkout and installs nothing. It is then written back in
 place with its outputs: figures as ``image/png``, printed tables as text. A notebook that raises
 is not written: the command names the cell and exits non-zero, and the committed file stays as
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     except ImportError as e:
-        parser.exit(2, f"error: {e.name} is not installed; install the notebooks extra: pip install -e \".[notebooks]\"\n")
+        parser.exit(2, f"error: {e.name} is not installed; install the notebooks extra: pip install -e \".[experiments,notebooks]\" -c constraints.txt\n")
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
     print(f"host: {host()}", flush=True)
