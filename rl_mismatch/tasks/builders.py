@@ -133,7 +133,7 @@ def reasoning_gym_config(
       ValueError: unknown task, a size < 1 (a dataset with no examples), a negative seed, or
         task_kwargs that reasoning-gym rejects.
     """
-    import reasoning_gym  # Lazy: importing reasoning-gym costs ~2 s (sympy et al.).
+    import reasoning_gym  # Lazy: importing reasoning-gym (sympy et al.) is slow.
 
     known = reasoning_gym.factory.DATASETS
     if task not in known:

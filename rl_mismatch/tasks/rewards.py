@@ -90,7 +90,7 @@ def score_final_answer(answer: str | None, entry: Mapping[str, Any]) -> float:
 
 @functools.cache
 def _reasoning_gym_score_fn(task: str) -> ScoreFn:
-    import reasoning_gym  # Lazy: importing reasoning-gym costs ~2 s.
+    import reasoning_gym  # Lazy: importing reasoning-gym is slow.
 
     if task not in reasoning_gym.factory.DATASETS:
         raise ValueError(
