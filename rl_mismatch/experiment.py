@@ -37,6 +37,8 @@ on the task's eval split (``rl_mismatch.evaluation``) of the policy that samples
 policy's ``eval/*``. Every ``log.samples_every``-th step writes ``log.samples_per_step`` of its
 rollouts (question, reply, reward) to ``samples.jsonl`` and TensorBoard. The console shows one
 line per step (:mod:`rl_mismatch.console`) and, at the end, a summary of the run.
+With ``log.profile_step = s``, step ``s`` runs under a ``jax.profiler`` trace written to
+``<workdir>/profile`` (docs/profiling.md).
 
 Determinism and resumption. Every random draw comes from keys derived from ``config.seed``
 (``fold_in(key, step)`` per step), the prompt stream is a pure function of ``(seed, step)``,
@@ -99,6 +101,7 @@ from rl_mismatch.workdir_lock import WorkdirLock
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+PROFILE_DIR = "profile"  # Under the workdir: the jax.profiler trace of step log.profile_step.
 
 # Streams of the root key: fold_in(root, stream). Fixed numbers, so adding a stream later does
 # not change the draws of the existing ones.
@@ -527,6 +530,9 @@ class _Run:
         if self.start < cfg.steps:
             logging.info("Step %d: compiling the sampler and the train step (the first step takes longer).",
                          self.start)
+        if cfg.log.profile_step >= 0 and not self.start <= cfg.log.profile_step < cfg.steps:
+            logging.warning("log.profile_step = %d is not a step this run takes (%d to %d): no trace.",
+                            cfg.log.profile_step, self.start, cfg.steps - 1)
         step = self.start
         try:
             for step in range(self.start, cfg.steps):
@@ -534,7 +540,7 @@ class _Run:
                 t0, c0 = time.perf_counter(), _compile_seconds()
                 self._save_if_due(step)  # The state after the previous step.
                 t1 = time.perf_counter()
-                host_metrics, device_metrics, samples = self._step(step)
+                host_metrics, device_metrics, samples = self._traced_step(step)
                 self.writer.hold(step, {**host_metrics, "time/checkpoint_s": t1 - t0}, device_metrics)
                 # Only now does a save cover this step: its row is held and `last_k3` is its k3, so
                 # a save after an error here continues exactly.
@@ -571,6 +577,24 @@ class _Run:
         """The weight sync: the float32 master weights in the sampler's dtype and layout."""
         return sampler.sync_weights(nnx.merge(self.parts.graphdef, self.loop["train"].params), self.sampler_dtype,
                                     self.parts.mesh)
+
+    def _traced_step(self, step: int) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+        """:meth:`_step`, under a ``jax.profiler`` trace if ``log.profile_step`` is ``step``. The
+        trace stops once the step's device metrics are computed, so it holds the step's work; the
+        step's ``time/step_s`` then includes writing the trace."""
+        if step != self.cfg.log.profile_step:
+            return self._step(step)
+        directory = os.path.join(self.workdir, PROFILE_DIR)
+        if jax.process_count() > 1:  # One trace folder per process: their names could clash.
+            directory = os.path.join(directory, f"process_{jax.process_index()}")
+        # Also a perfetto_trace.json.gz, which ui.perfetto.dev opens with no install.
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            outputs = self._step(step)
+            jax.block_until_ready(outputs[1])
+        logging.info("Step %d: profiler trace written under %s/plugins/profile; open it with TensorBoard's "
+                     "profile plugin (tensorboard --logdir %s) or load its perfetto_trace.json.gz in "
+                     "ui.perfetto.dev (docs/profiling.md).", step, directory, directory)
+        return outputs
 
     def _step(self, step: int) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
         """One RL step: sample, reward, advantages, update. Returns its host and device metrics

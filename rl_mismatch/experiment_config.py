@@ -337,17 +337,23 @@ class LogSettings:
     samples_every: every N-th step (from step 0) writes some of its rollouts to
       ``samples.jsonl`` and TensorBoard; 0: never.
     samples_per_step: how many rollouts (one reply to each prompt first, then a second, ...).
+    profile_step: take a ``jax.profiler`` trace of this step (0-based: the sampling, scoring and
+      update, waited for) into ``<workdir>/profile``; -1 = off. A step the run does not take
+      (past ``steps``, or before a resumed run's start) is never traced. See docs/profiling.md.
     """
 
     every: int = 1
     tensorboard: bool = True
     samples_every: int = 10
     samples_per_step: int = 4
+    profile_step: int = -1
 
     def __post_init__(self):
         _require(self.every >= 1, "log.every", f"= {self.every} must be >= 1.")
         _require(self.samples_every >= 0, "log.samples_every", f"= {self.samples_every} must be >= 0 (0: off).")
         _require(self.samples_per_step >= 1, "log.samples_per_step", f"= {self.samples_per_step} must be >= 1.")
+        _require(self.profile_step >= -1, "log.profile_step",
+                 f"= {self.profile_step} must be a step (>= 0), or -1 for no trace.")
 
 
 @dataclasses.dataclass(frozen=True)
