@@ -2,9 +2,12 @@ r"""The whole RL step on SmolLM2-135M-Instruct: rl_mismatch's experiment loop vs
 
     python benchmarks/rl_loop.py [--steps=8] [--prompts=4] [--group=4] [--max_new_tokens=48]
                                  [--dtypes=fp32,bf16] [--microbatches=0] [--torch_threads=0] [--skip_trl]
+                                 [--torch_device=cpu]
 
 One RL step = sample ``prompts x group`` completions, score them, one optimizer update. Both
-sides, in the same run, on CPU, each in a subprocess of its own (so the peak RSS is per side):
+sides, in the same run, on CPU, each in a subprocess of its own (so the peak RSS is per side).
+On a GPU host, ``--torch_device=cuda`` puts TRL on the GPU (``use_cpu=False``); ours runs on
+JAX's default backend either way.
 
 * ours: ``rl_mismatch.experiment.run`` on the main job's config (``experiments/configs/default.py``:
   the arithmetic task, its system prompt, the float32 trainer with ``trainer.n_microbatches``
@@ -65,6 +68,8 @@ _SKIP_TRL = flags.DEFINE_bool("skip_trl", False, "Measure only rl_mismatch.")
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch.set_num_threads for TRL (0: torch's default, one per physical core). On cores "
     "shared with another job, torch's spinning OpenMP threads lose far more than XLA's: try 1 there.")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
+                                  "Where TRL runs: cpu, or cuda on a GPU host (ours runs on JAX's default backend).")
 # Internal: the subprocess that measures one side writes its results to --out.
 _SIDE = flags.DEFINE_enum("side", None, ["ours", "trl"], "Internal: measure one side in this process.")
 _DTYPE = flags.DEFINE_string("dtype", "fp32", "Internal: our sampler dtype for --side=ours.")
@@ -218,7 +223,7 @@ def _measure_trl(out: dict) -> None:
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="rl_loop_trl_") as output_dir:
         args = trl.GRPOConfig(
-            output_dir=output_dir, use_cpu=True, bf16=False, fp16=False, seed=cfg.seed,
+            output_dir=output_dir, use_cpu=_TORCH_DEVICE.value == "cpu", bf16=False, fp16=False, seed=cfg.seed,
             max_steps=cfg.steps, per_device_train_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.group_size,
             gradient_accumulation_steps=1, num_generations=cfg.rollout.group_size, num_iterations=1,
             shuffle_dataset=False, max_completion_length=cfg.sampler.max_new_tokens,
@@ -239,7 +244,8 @@ def _measure_trl(out: dict) -> None:
         precision="fp32", step_s=timer.step_s, compile_s=[0.0] * cfg.steps, tokens=tokens, reward=rewards,
         rollout_s=rollout_s if len(rollout_s) == cfg.steps else [float("nan")] * cfg.steps,
         detail=f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads), optim={getattr(args.optim, 'value', args.optim)}, "
+               f"({torch.get_num_threads()} threads, on {_TORCH_DEVICE.value}), "
+               f"optim={getattr(args.optim, 'value', args.optim)}, "
                f"gradient_checkpointing={args.gradient_checkpointing}")
 
 
@@ -250,7 +256,7 @@ def _run_side(side: str, dtype: str, data_dir: str) -> dict:
                 f"--data_dir={data_dir}", f"--out={f.name}", f"--steps={_STEPS.value}",
                 f"--prompts={_PROMPTS.value}", f"--group={_GROUP.value}",
                 f"--max_new_tokens={_MAX_NEW_TOKENS.value}", f"--microbatches={_MICROBATCHES.value}",
-                f"--torch_threads={_TORCH_THREADS.value}"]
+                f"--torch_threads={_TORCH_THREADS.value}", f"--torch_device={_TORCH_DEVICE.value}"]
         env = dict(os.environ, HF_HUB_OFFLINE="1")  # TRL and transformers need nothing from the Hub.
         start = time.perf_counter()
         # The side's own output (progress, TRL's log dicts) goes to stderr: stdout carries the results.

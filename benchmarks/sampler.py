@@ -13,7 +13,9 @@ generation of the same shape first), the fastest of ``--repeats`` calls on each 
 
 HF runs ``LlamaForCausalLM`` (torch, eager; its default thread count, one per physical core,
 unless ``--threads``) built from
-the same state dict our loader produces (``rl_mismatch.models.load_state_dict``).
+the same state dict our loader produces (``rl_mismatch.models.load_state_dict``), on
+``--torch_device`` (``cpu``; ``cuda`` to compare on a GPU with ours on JAX's GPU backend; each
+timed call then waits for the GPU's queued work).
 
 Peak: the best of a few large matmuls measured in the same run, float32 x float32 and bf16 x
 bf16 -> float32 (``preferred_element_type``, the decoder's choice). FLOPs per decoded token =
@@ -52,6 +54,8 @@ _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads for HF (0:
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per cell, the fastest reported (both sides). The first "
                                 "call after compiling runs ~5% slower (its buffers are faulted in), and one call "
                                 "carries the machine's whole run-to-run spread.")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
+                                  "Where HF runs: cpu, or cuda on a GPU host (ours runs on JAX's default backend).")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 1, "XLA:CPU devices (jax_num_cpu_devices) over the same cores; N > 1 runs our sampler on a "
     "(N, 1) mesh, each device decoding B/N rows as its own program (batch padded to a multiple of N).")
@@ -84,19 +88,33 @@ def ours(master, dtype, prompts_BP, new_tokens, repeats, mesh=None):
     return B * new_tokens / best
 
 
+def _synced(fn, device):
+    """``fn`` followed by a wait for ``device``'s queued work (CUDA runs asynchronously)."""
+    import torch
+
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
 def hf(model, prompts_BP, new_tokens, repeats, pad_id):
     import torch
 
-    ids = torch.from_numpy(prompts_BP.astype(np.int64))
+    ids = torch.from_numpy(prompts_BP.astype(np.int64)).to(model.device)
+    generate = _synced(model.generate, model.device)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
               pad_token_id=pad_id, eos_token_id=None)
     with torch.inference_mode():
         # Warm-up at the full length: oneDNN creates a kernel for every new shape (each KV
         # length), so a first call is up to 20x slower (measured: 19 vs 382 tok/s, bf16, batch 64).
-        model.generate(ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
+        generate(ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
         best = np.inf
         for _ in range(repeats):
-            wall, _, out = timed(model.generate, ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
+            wall, _, out = timed(generate, ids, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kw)
             best = min(best, wall)
             assert out.shape[1] == prompts_BP.shape[1] + new_tokens
     return prompts_BP.shape[0] * new_tokens / best
@@ -113,7 +131,7 @@ def main(argv):
         import torch
         if _THREADS.value:
             torch.set_num_threads(_THREADS.value)
-        threads = f"; torch {torch.__version__}, {torch.get_num_threads()} threads"
+        threads = f"; torch {torch.__version__}, {torch.get_num_threads()} threads, HF on {_TORCH_DEVICE.value}"
     peak = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
     print(f"machine: {machine()}")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}"
@@ -128,7 +146,7 @@ def main(argv):
     print(f"\n| dtype | batch | ours tok/s | HF tok/s | ours / HF | ours % of {'/'.join(peak)} peak |")
     print("|---|---|---|---|---|---|")
     for dtype in _DTYPES.value:
-        hf_m = None if _SKIP_HF.value else hf_llama(hf_config, state_dict, dtype)
+        hf_m = None if _SKIP_HF.value else hf_llama(hf_config, state_dict, dtype).to(_TORCH_DEVICE.value)
         for b in map(int, _BATCHES.value):
             prompts = _prompts(b, P, config.vocab_size)
             ours_tps = ours(master, dtype, prompts, N, _REPEATS.value, mesh)

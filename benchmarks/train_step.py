@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--dtypes=fp32,bf16] [--steps=3] [--batch=8] [--seq_len=256]
                                     [--keep_logits] [--remat=layer] [--skip_hf] [--random_init]
-                                    [--cpu_devices=1]
+                                    [--cpu_devices=1] [--torch_device=cpu]
 
 One process measures, for each compute dtype:
 
@@ -16,8 +16,9 @@ One process measures, for each compute dtype:
   surrogate, token mean), ``loss.backward()``, ``torch.optim.AdamW(fused=True).step()``. Both
   sides run the LM head only on the positions that predict response tokens (ours:
   ``TrainBatch.score_from``, HF: ``logits_to_keep``, as an RL trainer does). bf16 is
-  ``torch.autocast(cpu, bfloat16)`` over float32 weights, torch's counterpart of bf16 compute
-  over float32 master weights;
+  ``torch.autocast(<device>, bfloat16)`` over float32 weights, torch's counterpart of bf16
+  compute over float32 master weights. HF runs on ``--torch_device`` (``cpu``; ``cuda`` to
+  compare on a GPU with ours on JAX's GPU backend: each HF step then waits for the GPU);
 * the machine's matmul peak as XLA reaches it: the best GFLOP/s of square float32 matmuls
   (for fp32), and of bfloat16 matmuls accumulating in float32 (for bf16).
 
@@ -53,6 +54,8 @@ _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: t
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 1, "XLA:CPU devices (jax_num_cpu_devices) over the same cores; N > 1 runs our step on a "
     "(N, 1) mesh: batch over N devices, parameters FSDP-sharded (N must divide the batch).")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
+                                  "Where HF runs: cpu, or cuda on a GPU host (ours runs on JAX's default backend).")
 _FUSED = flags.DEFINE_bool("hf_fused_adamw", True, "torch.optim.AdamW(fused=True): torch's fastest CPU AdamW "
                            "(~3x faster than its default per-tensor loop here), so the baseline is not handicapped.")
 
@@ -115,9 +118,10 @@ def _ours(model, dtype_name, arrays, steps, mesh=None):
 def _hf(state_dict, hf_config, dtype_name, arrays, steps):
     import torch
 
-    model = hf_llama(hf_config, state_dict, "float32").train()  # bf16: autocast over float32 weights
+    device = torch.device(_TORCH_DEVICE.value)
+    model = hf_llama(hf_config, state_dict, "float32").to(device).train()  # bf16: autocast over float32 weights
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=_FUSED.value)
-    tokens, response, sampler_logp, advantages = (torch.from_numpy(a) for a in arrays)
+    tokens, response, sampler_logp, advantages = (torch.from_numpy(a).to(device) for a in arrays)
     tokens = tokens.long()
     P = _first_response_column(arrays[1])
     mask = response[:, P:].float()
@@ -126,7 +130,7 @@ def _hf(state_dict, hf_config, dtype_name, arrays, steps):
 
     def run():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             # The logits of positions P − 1 … T − 2, those that predict the response tokens.
             logits = model(input_ids=tokens, logits_to_keep=tokens.shape[1] - P + 1).logits[:, :-1]
         # The same PPO-clip token-mean loss; log-probs in float32 as ours.
@@ -136,6 +140,8 @@ def _hf(state_dict, hf_config, dtype_name, arrays, steps):
         loss = (pg * mask).sum() / mask.sum()
         loss.backward()
         opt.step()
+        if device.type == "cuda":  # The step's queued GPU work, done.
+            torch.cuda.synchronize(device)
 
     first, _, _ = timed(run)  # warm-up (allocator, oneDNN kernels)
     timings = _time_steps(run, steps)
@@ -174,7 +180,8 @@ def main(argv):
     flops_per_token = 6 * (body + head * scored / _SEQ_LEN.value)
     print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours keep_logits={_KEEP_LOGITS.value}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads, HF on {_TORCH_DEVICE.value}); "
+          f"ours keep_logits={_KEEP_LOGITS.value}, "
           f"remat={_REMAT.value}, mesh={None if mesh is None else dict(mesh.shape)}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n"
           f"machine: {machine()}")
