@@ -227,22 +227,18 @@ def _staircase(t, level, anchor, period, active, decay_base, floor):
 def _triggered(
     *,
     signal_name: str,
-    warmup,
-    baseline_window,
-    threshold,
-    smoothing,
-    cooldown,
-    max_triggers,
-    relative,
     floor,
     linear_warmup,
     respond: Callable[..., tuple[jax.Array, ...]],
     owner: str,
+    **rule,
 ) -> optax.GradientTransformationExtraArgs:
     """Shared detector; `respond` maps (state, t, fire, wait) to the new schedule.
 
-    With `linear_warmup`, the multiplier of steps ``t < warmup`` is also scaled by
-    ``(t + 1) / warmup`` (no trigger can fire there, so `respond` gives 1 for them).
+    ``rule`` holds `_detect`'s settings (warmup, baseline_window, threshold, smoothing,
+    cooldown, max_triggers, relative). With `linear_warmup`, the multiplier of steps
+    ``t < warmup`` is also scaled by ``(t + 1) / warmup`` (no trigger can fire there, so
+    `respond` gives 1 for them).
     """
     del floor  # Used by `respond`; validated with the rest by the public factories.
 
@@ -250,20 +246,10 @@ def _triggered(
         del params
         x = _read_signal(extra_args, signal_name, owner)
         t = state.step
-        use, fire, wait, baseline_sum, smoothed = _detect(
-            state,
-            x,
-            warmup=warmup,
-            baseline_window=baseline_window,
-            threshold=threshold,
-            smoothing=smoothing,
-            cooldown=cooldown,
-            max_triggers=max_triggers,
-            relative=relative,
-        )
+        use, fire, wait, baseline_sum, smoothed = _detect(state, x, **rule)
         level, anchor, period, multiplier = respond(state, t, fire, wait)
         if linear_warmup:
-            multiplier = _ramp(multiplier, t, warmup)
+            multiplier = _ramp(multiplier, t, rule["warmup"])
         new_state = _next_state(
             state, t, use, fire, baseline_sum, smoothed, level, anchor, period, multiplier
         )
