@@ -163,3 +163,36 @@ def tiny_config(**overrides) -> ModelConfig:
                   d_ff=128, rope_theta=10000.0, rms_eps=1e-6, tie_embeddings=True, max_seq_len=512)
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+# Published ``config.json`` values of known models (the Qwen/Qwen3-4B and Qwen/Qwen3-1.7B model
+# cards on the Hugging Face Hub), the fields `ModelConfig.from_hf_config` reads. For shapes
+# without weights: memory and step-time planning (experiments/plan.py), abstract compilation.
+_QWEN3_SHARED = {
+    "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "head_dim": 128, "num_key_value_heads": 8,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "attention_bias": False,
+    "max_position_embeddings": 40960, "use_sliding_window": False,
+}
+KNOWN_CONFIGS: Mapping[str, Mapping[str, Any]] = {
+    "qwen3-4b": {**_QWEN3_SHARED, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+                 "num_attention_heads": 32},
+    "qwen3-1.7b": {**_QWEN3_SHARED, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+                   "num_attention_heads": 16},
+}
+
+
+def known_config(name: str, **overrides) -> ModelConfig:
+    """The `ModelConfig` of a model in ``KNOWN_CONFIGS`` (name case-insensitive), fields replaced
+    by ``overrides`` (e.g. ``max_seq_len``).
+
+    >>> cfg = known_config("qwen3-4b")
+    >>> cfg.n_layers, cfg.qk_norm, round(cfg.n_params / 1e9, 2)
+    (36, True, 4.02)
+
+    Raises:
+      ValueError: an unknown name.
+    """
+    hf = KNOWN_CONFIGS.get(name.lower())
+    if hf is None:
+        raise ValueError(f"No known config {name!r}; known: {sorted(KNOWN_CONFIGS)} (or 'tiny' for tiny_config()).")
+    return dataclasses.replace(ModelConfig.from_hf_config(hf), **overrides)
