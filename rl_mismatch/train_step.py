@@ -389,6 +389,20 @@ class TrainStep:
         new_state, metrics = self.jitted(state, batch, signals)
         return new_state.replace(key=key), metrics
 
+    def lower(self, state: TrainState, batch: TrainBatch, **opt_signals) -> jax.stages.Lowered:
+        """The step lowered for these arguments, without running it.
+
+        Any argument may be abstract (``jax.ShapeDtypeStruct`` leaves, e.g. a state built with
+        ``jax.eval_shape``), so the step of a model whose weights were never made can be compiled
+        and its memory read: ``step.lower(...).compile().memory_analysis()``
+        (``experiments/plan.py``). The batch is not checked, and the program is the one a call
+        with this state's layout would build and run.
+        """
+        state = state.replace(key=None)
+        if self.jitted is None:
+            self.jitted = self._build(state)
+        return self.jitted.lower(state, batch, dict(opt_signals))
+
 
 def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
     if not isinstance(batch, TrainBatch):
