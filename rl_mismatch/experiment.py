@@ -398,7 +398,8 @@ def _run(cfg: ExperimentConfig, workdir: str, *,
 class _Parts:
     """What a run builds before its first step (:func:`_build`)."""
 
-    mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh  # The trainer's.
+    sampler_mesh: jax.sharding.Mesh  # The sampler's: ``mesh`` itself unless mesh.sampler_* give it devices of its own.
     tok: Any
     batches: tasks.PromptBatches
     sampling: sampler.SamplingConfig
@@ -412,7 +413,7 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
     """The data (first: a bad task fails in seconds), the model, the sampler's settings, the
     evaluator, the train state and the compiled-on-first-use train step."""
     n_proc = jax.process_count()
-    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.model)
+    mesh, sampler_mesh = shd.make_meshes(cfg.mesh.data, cfg.mesh.model, cfg.mesh.sampler_data, cfg.mesh.sampler_model)
     rows_per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if rows_per_step % mesh.shape[shd.DATA]:
         raise ValueError(f"rollout.prompts_per_step * group_size = {rows_per_step} rows must be a multiple of "
@@ -466,7 +467,7 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
         n_microbatches=cfg.trainer.n_microbatches, mesh=mesh, loss_scale=loss_scale,
         temperature=cfg.sampler.temperature, keep_logits=cfg.trainer.keep_logits)
     loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}
-    return _Parts(mesh, tok, batches, sampling, evaluator, graphdef, step_fn, loop)
+    return _Parts(mesh, sampler_mesh, tok, batches, sampling, evaluator, graphdef, step_fn, loop)
 
 
 class _Run:
@@ -559,7 +560,7 @@ class _Run:
                 # The trained policy: a row of its own at step `steps` (no update follows it). A
                 # rerun that extends the run drops it with the other rows from its start on.
                 t0 = time.perf_counter()
-                final = self.parts.evaluator(self._sampler_model(), mesh=self.parts.mesh)
+                final = self.parts.evaluator(self._sampler_model(), mesh=self.parts.sampler_mesh)
                 self.writer.hold(cfg.steps, {**final, "time/eval_s": time.perf_counter() - t0})
             row = self.writer.flush()
             self.writer.close()
@@ -576,7 +577,7 @@ class _Run:
     def _sampler_model(self):
         """The weight sync: the float32 master weights in the sampler's dtype and layout."""
         return sampler.sync_weights(nnx.merge(self.parts.graphdef, self.loop["train"].params), self.sampler_dtype,
-                                    self.parts.mesh)
+                                    self.parts.sampler_mesh)
 
     def _traced_step(self, step: int) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
         """:meth:`_step`, under a ``jax.profiler`` trace if ``log.profile_step`` is ``step``. The
@@ -607,10 +608,10 @@ class _Run:
         eval_metrics, eval_s = {}, 0.0
         if parts.evaluator is not None and step % cfg.eval.every == 0:
             # The policy that samples this step, before its update: eval/* of step 0 is the start.
-            eval_metrics = parts.evaluator(sampler_model, mesh=parts.mesh)
+            eval_metrics = parts.evaluator(sampler_model, mesh=parts.sampler_mesh)
             eval_s = time.perf_counter() - t0
         rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(self.loop["rollout_key"], step),
-                                   parts.sampling, mesh=parts.mesh)
+                                   parts.sampling, mesh=parts.sampler_mesh)
         del sampler_model  # Its buffers may alias the master weights the step donates.
         host = fetch_to_host({"tokens": rollout.tokens_BT, "mask": rollout.response_mask_BT,
                               "lengths": rollout.response_lengths_B, "finished": rollout.finished_B,
@@ -621,7 +622,8 @@ class _Run:
         scores = self._score(step, batch, host)
         advantages = np.asarray(losses.compute_advantages(jnp.asarray(scores["rewards"]), cfg.rollout.group_size,
                                                           cfg.loss.advantage_mode))
-        # The step lays the batch out over the mesh's data axis itself.
+        # The step lays the batch out over its mesh's data axis itself (from the sampler's devices
+        # when the sampler has its own).
         train_batch = train_step.TrainBatch.from_rollout(
             rollout, advantages, truncated=cfg.sampler.logp == "truncated", with_entropy=cfg.sampler.return_entropy)
         t2 = time.perf_counter()

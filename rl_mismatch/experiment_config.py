@@ -358,15 +358,29 @@ class LogSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
-    """A ``(data, model)`` mesh over the first ``data * model`` devices; ``data=-1``: all."""
+    """Where the trainer and the sampler run (``rl_mismatch.sharding.make_meshes``).
+
+    Attributes:
+      data, model: the trainer's ``(data, model)`` mesh over the first ``data * model`` devices;
+        ``data=-1``: every device the sampler does not take.
+      sampler_data, sampler_model: 0, 0 (default): the sampler shares the trainer's mesh. Both
+        >= 1: the sampler gets a ``(sampler_data, sampler_model)`` mesh of its own on the last
+        devices, e.g. on 8 devices ``data=-1, model=1, sampler_data=1, sampler_model=4`` trains
+        FSDP over 4 devices while sampling tensor-parallel over the other 4. One process only.
+    """
 
     data: int = -1
     model: int = 1
+    sampler_data: int = 0
+    sampler_model: int = 0
 
     def __post_init__(self):
         _require(self.model >= 1 and (self.data >= 1 or self.data == -1), "mesh.data",
                  f"= {self.data} / mesh.model = {self.model}: need data >= 1 (or -1) and model >= 1.")
-
+        _require(self.sampler_data >= 0 and self.sampler_model >= 0
+                 and (self.sampler_data > 0) == (self.sampler_model > 0), "mesh.sampler_data",
+                 f"= {self.sampler_data} / mesh.sampler_model = {self.sampler_model}: both >= 1 for a "
+                 "sampler mesh of its own, or both 0 to share the trainer's.")
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:

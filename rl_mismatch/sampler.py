@@ -134,6 +134,10 @@ def sync_weights(model: Decoder, dtype, mesh: jax.sharding.Mesh | None = None, *
     The cast is round-to-nearest-even from the float32 master weights; for bfloat16 this alone
     perturbs each weight by up to 2^-9 relative, the first cause of the mismatch. The returned
     model computes in the same ``dtype``.
+
+    The cast runs where the weights are, so a sampler mesh on other devices than the trainer's
+    receives the weights already in its dtype (half the bytes of float32 for bf16/fp16), copied
+    device to device into its own layout: no host round trip.
     """
     dtype = parse_dtype(dtype)
     graphdef, state = nnx.split(model)
@@ -441,7 +445,7 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
       key: PRNG key; the same key and inputs give the same tokens.
       cfg: sampling settings.
       mesh: optional ``(data, model)`` mesh; the model must already be laid out on it
-        (``sync_weights(..., mesh=mesh)``). With several processes (multi-host), every process
+        (``sync_weights(..., mesh=mesh)``); the key is moved onto it. With several processes (multi-host), every process
         passes the same whole batch and gets the global ``Rollout``.
 
     Returns:
@@ -452,6 +456,8 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
         not fit.
     """
     program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=False)
+    if mesh is not None:  # e.g. a key made on the trainer's devices, for a sampler with its own
+        key = jax.device_put(key, shd.replicated(mesh))
     return _real_rows(program(state, tokens, valid, key), B)
 
 

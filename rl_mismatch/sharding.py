@@ -11,7 +11,9 @@ mesh axes, ``data`` and ``model``:
   gradients.
 
 The sampler and the trainer thus hold the same values in different layouts; the move between
-them is ``rl_mismatch.sampler.sync_weights``.
+them is ``rl_mismatch.sampler.sync_weights``. By default both use one mesh; ``make_meshes`` can
+also give the sampler devices of its own (the trainer FSDP over some devices, the sampler
+tensor-parallel over the others), and the sync then copies the weights device to device.
 """
 
 from __future__ import annotations
@@ -50,6 +52,41 @@ def make_mesh(data: int = -1, model: int = 1, *, devices=None) -> jax.sharding.M
                          "Lower mesh.data or mesh.model (data=-1 takes every device).")
     return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=devices[: data * model])
+
+
+def make_meshes(data: int = -1, model: int = 1, sampler_data: int = 0, sampler_model: int = 0, *,
+                devices=None) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
+    """``(trainer_mesh, sampler_mesh)``.
+
+    With ``sampler_data = sampler_model = 0`` the sampler shares the trainer's ``(data, model)``
+    mesh. Otherwise the sampler gets a ``(sampler_data, sampler_model)`` mesh of its own on the
+    *last* ``sampler_data * sampler_model`` devices, and the trainer's mesh is built from the
+    devices before them (``data=-1``: all of those). The two device sets never overlap.
+
+    A separate sampler mesh needs one process: the rollout would otherwise live on devices that
+    some processes cannot address, and the loop reads it on every host.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if (sampler_data > 0) != (sampler_model > 0) or sampler_data < 0 or sampler_model < 0:
+        raise ValueError(f"A separate sampler mesh needs sampler_data >= 1 and sampler_model >= 1 (got "
+                         f"{sampler_data} x {sampler_model}); 0 x 0 shares the trainer's mesh.")
+    if not sampler_data:
+        mesh = make_mesh(data, model, devices=devices)
+        return mesh, mesh
+    if jax.process_count() > 1:
+        raise ValueError(f"A separate sampler mesh runs in one process; this run has {jax.process_count()}. "
+                         "Share the trainer's mesh (sampler_data = sampler_model = 0) on several hosts.")
+    n_sampler = sampler_data * sampler_model
+    if n_sampler >= len(devices):
+        raise ValueError(f"The sampler's ({sampler_data}, {sampler_model}) mesh takes {n_sampler} of the "
+                         f"{len(devices)} devices and leaves none to the trainer. Use a smaller sampler mesh.")
+    trainer_devices, sampler_devices = devices[: len(devices) - n_sampler], devices[len(devices) - n_sampler:]
+    try:
+        trainer = make_mesh(data, model, devices=trainer_devices)
+    except ValueError as e:
+        raise ValueError(f"The trainer's mesh must fit the {len(trainer_devices)} devices the sampler's "
+                         f"({sampler_data}, {sampler_model}) mesh leaves: {e}") from None
+    return trainer, make_mesh(sampler_data, sampler_model, devices=sampler_devices)
 
 
 def logical_to_spec(axes, rules: Mapping[str, str | None]) -> P:

@@ -118,6 +118,7 @@ def test_paper_configs_differ_where_the_papers_do():
     ("optim.b1", 1.5, r"config.optim.b1 = 1.5 must be in \[0, 1\)"),
     ("optim.weight_decay", -1.0, r"config.optim.weight_decay = -1.0 must be finite and >= 0"),
     ("task.overlong_buffer", 100, r"config.task.overlong_buffer = 100 must be <= sampler.max_new_tokens"),
+    ("mesh.sampler_model", 4, r"config.mesh.sampler_data = 0 / mesh.sampler_model = 4: both >= 1 for a sampler"),
 ])
 def test_bad_config_is_a_clear_error(dotted, value, message, tiny_cfg):
     with pytest.raises(ValueError, match=message):
@@ -357,6 +358,33 @@ def test_two_processes_match_one_process(tmp_path, tiny_cfg):
                 # the last bit, so it is re-drawn, not reproduced: its scale must agree (these
                 # are means of squares/magnitudes over ~300 tokens), not its value.
                 np.testing.assert_allclose(b[key], value, rtol=0.05, err_msg=f"{a['step']} {key}")
+
+
+def test_sampler_on_its_own_mesh_equals_the_shared_mesh(tmp_path, tiny_cfg):
+    """8 fake devices: the trainer FSDP over devices 0-3 with the sampler sharing them, against the
+    same trainer with the sampler on devices 4-7 as a (2, 2) mesh (tensor-parallel over 2 KV
+    heads). An fp32 sampler, so the two samplers differ only in how sharded matmuls sum."""
+    base = {"steps": 3, "sampler.dtype": "float32", "mesh.data": 4, "eval.every": 2, "log.samples_every": 1}
+    experiment.run(tiny_cfg(**base), tmp_path / "shared")
+    experiment.run(tiny_cfg(**base, **{"mesh.sampler_data": 2, "mesh.sampler_model": 2}), tmp_path / "own")
+    shared, own = read_metrics(tmp_path / "shared"), read_metrics(tmp_path / "own")
+    assert [r["step"] for r in own] == [r["step"] for r in shared] == [0, 1, 2, 3]  # 3: the final eval
+    for a, b in zip(shared, own):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if key.startswith("mismatch/"):
+                # fp32 against fp32: per-token log-probs that differ by the summation order of
+                # sharded matmuls (within the float32 decode bound, 2e-5), on both layouts.
+                np.testing.assert_allclose(b[key], value, rtol=1e-6, atol=2e-5, err_msg=f"{a['step']} {key}")
+            elif not key.startswith("time/"):
+                # Tokens: the same key and logits equal to ~1e-6 draw the same tokens (a flip needs
+                # a near-tie at that level), so rewards, lengths and greedy evals agree. The
+                # trainer is the same program on the same devices and rescores the same tokens,
+                # so its loss, gradients and updates agree bit for bit.
+                assert b[key] == value, (a["step"], key, value, b[key])
+    replies = [(tmp_path / w / "samples.jsonl").read_text() for w in ("shared", "own")]
+    assert replies[0] and [json.loads(l)["response"] for l in replies[0].splitlines()] == \
+        [json.loads(l)["response"] for l in replies[1].splitlines()]
 
 
 # --------------------------------------------------------------------------------------------

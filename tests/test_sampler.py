@@ -220,6 +220,51 @@ def test_greedy_on_meshes_matches_one_device():
         np.testing.assert_allclose(np.asarray(out.logp_BT), np.asarray(ref.logp_BT), rtol=0, atol=1e-5)
 
 
+def test_sampler_on_its_own_devices_samples_what_the_shared_mesh_does():
+    """The trainer FSDP over devices 0-3, the sampler tensor-parallel over 4-7: the weight sync
+    moves float32 master weights device to device (no host transfer is allowed) into the
+    sampler's dtype and layout, and the sampled rollout equals the one sampled on the trainer's
+    own mesh with the same key."""
+    model = _model(n_heads=8, n_kv_heads=4, head_dim=8)
+    trainer_mesh, sampler_mesh = shd.make_meshes(-1, 1, 1, 4)
+    assert dict(trainer_mesh.shape) == {"data": 4, "model": 1} and dict(sampler_mesh.shape) == {"data": 1, "model": 4}
+    assert set(trainer_mesh.devices.flat).isdisjoint(sampler_mesh.devices.flat)
+    _, state = nnx.split(model)
+    trained = nnx.merge(nnx.graphdef(model), jax.device_put(state, shd.state_shardings(state, trainer_mesh,
+                                                                                    shd.TRAINER_RULES)))
+    prompts = _prompts((3, 16, 7, 11, 1, 9, 5, 14))
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, prompt_bucket=16, cache_segment=4)
+    key = jax.device_put(jax.random.key(5), shd.replicated(trainer_mesh))  # as the loop holds it
+    with jax.transfer_guard_host_to_device("disallow"), jax.transfer_guard_device_to_host("disallow"):
+        own = smp.sync_weights(trained, jnp.float32, sampler_mesh)
+    for var in jax.tree.leaves(nnx.state(own)):
+        assert var.sharding.mesh.devices.tolist() == sampler_mesh.devices.tolist()
+    shared = smp.sync_weights(trained, jnp.float32, trainer_mesh)
+    a = smp.generate(own, prompts, key, cfg, mesh=sampler_mesh)
+    b = smp.generate(shared, prompts, key, cfg, mesh=trainer_mesh)
+    assert set(a.tokens_BT.sharding.device_set) <= set(sampler_mesh.devices.flat)
+    for name in ("tokens_BT", "response_mask_BT", "response_lengths_B", "finished_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), name)
+    # Tensor-parallel vs data-parallel matmuls sum in another order: the float32 decode bound.
+    np.testing.assert_allclose(np.asarray(a.logp_BT), np.asarray(b.logp_BT), rtol=0, atol=FP32_DECODE_ATOL)
+    # bf16 sync: the same cast on either device set, so the weights agree bit for bit.
+    for x, y in zip(jax.tree.leaves(nnx.state(smp.sync_weights(trained, jnp.bfloat16, sampler_mesh))),
+                    jax.tree.leaves(nnx.state(smp.sync_weights(trained, jnp.bfloat16)))):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)))
+
+
+def test_make_meshes_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match="leaves none to the trainer"):
+        shd.make_meshes(-1, 1, 2, 4)
+    with pytest.raises(ValueError, match="fit the 4 devices"):
+        shd.make_meshes(8, 1, 1, 4)
+    with pytest.raises(ValueError, match="sampler_data >= 1 and sampler_model >= 1"):
+        shd.make_meshes(-1, 1, 0, 4)
+    trainer, sampler = shd.make_meshes(2, 2)
+    assert trainer is sampler
+
+
 def test_cache_row_groups_rule():
     assert smp.cache_row_groups(64, jnp.bfloat16) == smp.cache_row_groups(32, jnp.float16) == 2  # CPU here
     assert smp.cache_row_groups(16, jnp.bfloat16) == 1  # too few rows per group to gain
