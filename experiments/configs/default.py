@@ -4,16 +4,13 @@ fp32 trainer, length-triggered LR (plus the same trigger on the mismatch k3).
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/default_run
   python -m experiments.plot --workdir /tmp/default_run --out /tmp/default_run/plot.png
 
-What to expect (measured 2026-11-30 on a 2-core AMD Zen 5 CPU: 2 min 40 s wall, 12 s of it
-compiling; 16 steps of 4 prompts x 4 samples of "Calculate 7 - 3.", 48-token responses, Adam at
-5e-5): the share of replies in ``<answer>`` tags (reward/format) climbs from 0.06 to ~1 by step 5
-and accuracy follows noisily (0.06 -> 0.2-0.75), so reward/mean rises from 0.07 to 0.3-0.86. The
-responses shorten from 36 tokens to 23-26 over steps 1-4, then grow to 41-46 from step 8 on; the
-length detector fires at step 7 (``lr/length_trigger/surge_step``) and lr/scale is 0.5 from step 9.
-The k3 detector stays quiet (k3 2.7-4.3e-3 from step 7, under twice its 2.6e-3 baseline). The
-bf16-vs-fp32 mismatch grows with the updates: mismatch/k3 6.4e-4 at step 0, max |pi - mu|
-0.08 -> 0.13-0.26. The exact trajectory depends on machine, XLA version and summation order
-(README.md lists the runs other revisions and hosts gave: with and without a surge).
+What to expect: 16 steps of 4 prompts x 4 samples of "Calculate 7 - 3.", 48-token responses,
+Adam at 5e-5; a few minutes on a 2-core CPU, the first step mostly compiling. The share of
+replies in ``<answer>`` tags (reward/format) climbs to ~1 within a few steps and accuracy follows
+noisily; mismatch/k3 (bf16 against fp32) tends to grow with the updates. Which step the length
+or k3 detector fires at, if at all, differs from host to host and run to run: one trajectory of
+16 samples per step is chaos, so claims come from studies over seeds (``experiments/studies/``,
+``docs/results/README.md``), not from this run.
 ``--config=experiments/configs/default.py:N`` runs N steps.
 """
 
