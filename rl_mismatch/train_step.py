@@ -622,6 +622,8 @@ def _micro_grads(s: _StepSpec, params, ls_state, mb: TrainBatch, normalizer):
     def loss_fn(p):
         model = nnx.merge(s.graphdef, p)
         model.dtype = s.compute_dtype  # the graph may carry the dtype the model was built with
+        if s.mesh is not None:  # the micro-batch's rows stay split over data through every layer
+            model.activation_sharding = NamedSharding(s.mesh, P(shd.DATA, None, None))
         logp_BT = mismatch.rescore(model, mb.tokens_BT, mb.valid_BT, response_mask_BT=mb.response_mask_BT,
                                    temperature=s.temperature, score_from=mb.score_from,
                                    token_chunk=s.token_chunk, keep_logits=s.keep_logits)

@@ -556,6 +556,12 @@ class Decoder(nnx.Module):
         ``"none"`` everything (no recomputation, most memory).
       rngs: initialisation randomness.
 
+    Attribute ``activation_sharding`` (default None): a sharding for the ``[B, T, D]`` hidden
+    states of the full-sequence forward, applied to the embedding output and to every layer's
+    output. The train step sets it to split the batch over the mesh's ``data`` axis: without it,
+    XLA propagates the FSDP layout of the embedding table (split along ``embed``) into the
+    activations and keeps every row of the batch on every device.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -572,6 +578,7 @@ class Decoder(nnx.Module):
         self.dtype = _dtype(dtype)
         param_dtype = _dtype(param_dtype)
         self.remat = remat
+        self.activation_sharding = None
         V, D = config.vocab_size, config.d_model
         self.embed = _param(rngs, (V, D), (VOCAB, EMBED), param_dtype, scale=0.02)
 
@@ -639,9 +646,14 @@ class Decoder(nnx.Module):
             layer = jax.checkpoint(layer, prevent_cse=False, policy=_REMAT_POLICIES[self.remat])
         layer = _residuals_as_bits(layer)
 
-        x, _ = jax.lax.scan(lambda x, layer_state: (layer(x, layer_state), None),
-                            self._embed(tokens_BT), state)
+        x, _ = jax.lax.scan(lambda x, layer_state: (self._constrain(layer(x, layer_state)), None),
+                            self._constrain(self._embed(tokens_BT)), state)
         return self._final_norm(x)
+
+    def _constrain(self, x_BTD):
+        if self.activation_sharding is None:
+            return x_BTD
+        return jax.lax.with_sharding_constraint(x_BTD, self.activation_sharding)
 
     def _final_norm(self, x_BTD):
         return _rms_norm(x_BTD, self.final_norm[...], self.config.rms_eps)
