@@ -34,6 +34,10 @@ CASES = {  # script: (tiny flags, regexes its output must match)
         ["--steps=2", "--max_new_tokens=4", "--prompts=2", "--group=2", "--dtypes=bf16"],
         [r"\| ours \| bf16 sampler, fp32 trainer \| [\d.]+ \| [\d.]+ \([\d.]+\) \| [\d.]+ \| - \| [\d.]+ \| \d+ \| [\d.]+x \|",
          r"\| TRL \| fp32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| - \| [\d.]+ \| \d+ \| - \|"]),
+    "step_time.py": (  # Shapes and the runtime baseline only; test_step_time_* runs both phases.
+        ["--config=experiments/configs/tiny.py", "--skip_main_job", "--skip_cv"],
+        [r"\| parameters \(float32 masters\) \| [\d.]+ \|", r"\| runtime baseline \(measured\) \| [\d.]+ \|",
+         r"\| sum \| [\d.]+ \| incomplete \|"]),
     "remat.py": (
         ["--dtypes=bf16", "--repeats=1", "--batch=1", "--seq_len=16"],
         [r"layer +[\d.]+ s best.*1\.00x layer", r"projections +[\d.]+ s best", r"none +[\d.]+ s best"]),
@@ -55,6 +59,67 @@ def test_benchmark_runs(script):
     assert "machine: " in proc.stdout
     for pattern in expected:
         assert re.search(pattern, proc.stdout), f"{pattern!r} not in:\n{proc.stdout}"
+
+
+@pytest.mark.slow
+def test_step_time_reports_the_parts_and_the_cv_of_the_run_metrics(tmp_path):
+    """Both phases on the tiny config: the memory parts and summary are printed and written, and the
+    step-time CVs equal a NumPy computation from the CV run's own metrics.jsonl."""
+    import numpy as np
+
+    from rl_mismatch import sampler
+
+    runs, out = tmp_path / "runs", tmp_path / "step_time.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "benchmarks/step_time.py", "--config=experiments/configs/tiny.py",
+                           "--steps=5", f"--workdir={runs}", f"--json={out}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "machine: " in proc.stdout
+    results = json.loads(out.read_text())
+
+    # The CV run's steady steps (after the first 2), a save's synchronous part subtracted.
+    rows = [json.loads(line) for line in (runs / "cv" / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in rows if "time/step_s" in r and r["step"] >= 2]
+    assert [r["step"] for r in steady] == [2, 3, 4]
+    net = np.array([r["time/step_s"] - r["time/checkpoint_s"] for r in steady])
+    raw = np.array([r["time/step_s"] for r in steady])
+    sizes = np.array(sampler.cache_sizes(48, sampler.SamplingConfig.cache_segment))
+    keys = [(r["rollout/prompt_width"], int(np.searchsorted(sizes, r["rollout/response_length_max"])) + 1)
+            for r in steady]
+    largest = max(set(keys), key=keys.count)
+    in_largest = np.array([k == largest for k in keys])
+    cv = lambda x: np.std(x, ddof=1) / np.mean(x)
+    summary = results["summary"]
+    assert summary["cv_largest_bucket"] == pytest.approx(cv(net[in_largest]), rel=1e-9)
+    assert summary["cv_largest_bucket_steps"] == in_largest.sum()
+    assert summary["cv_all_steady"] == pytest.approx(cv(net), rel=1e-9)
+    assert results["cv_run"]["cv"]["cv_all_with_saves"] == pytest.approx(cv(raw), rel=1e-9)
+    assert [(b["prompt_width"], b["cache_sizes_reached"]) for b in results["cv_run"]["cv"]["buckets"]] == sorted(
+        set(keys))
+    assert (f"| step-time CV, largest bucket ({in_largest.sum()} steps) | {cv(net[in_largest]):.1%} | <= 15% |"
+            in proc.stdout)
+    assert f"| step-time CV, all 3 steady steps | {cv(net):.1%} |" in proc.stdout
+
+    # The memory parts, their sum against the main job's peak RSS, and the main job's wall time.
+    memory = results["memory"]
+    names = [p["part"] for p in memory["parts"]]
+    assert names == ["parameters (float32 masters)", "optimizer state (AdamW mu, nu)", "gradients (XLA buffer)",
+                     "sampler copy (bfloat16)", "KV cache (bfloat16)", "runtime baseline (measured)"]
+    assert all(p["bytes"] > 0 for p in memory["parts"]) and memory["complete"]
+    assert memory["sum"] == sum(p["bytes"] for p in memory["parts"])
+    n = results["shapes"]["n_params"]
+    assert [p["bytes"] for p in memory["parts"][:4]] == [4 * n, memory["parts"][1]["bytes"], 4 * n, 2 * n]
+    assert 8 * n <= memory["parts"][1]["bytes"] < 8 * n + 1024  # AdamW's mu and nu, and a few scalars
+    assert memory["peak_over_sum"] == pytest.approx(summary["main_job_peak_rss"] / memory["sum"])
+    main_rows = [json.loads(line) for line in (runs / "main_job" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["main_job_wall_s"] > sum(r["time/step_s"] for r in main_rows if "time/step_s" in r)
+    assert summary["main_job_peak_rss"] > results["shapes"]["baseline"]["rss"]
+    for part in names:
+        assert re.search(rf"\| {re.escape(part)} \| [\d.]+ \|", proc.stdout), part
+    assert re.search(r"\| peak / sum \| [\d.]+x \| target <= 2x: (met|not met) \|", proc.stdout)
+    assert re.search(r"\| main job wall time \| [\d.]+ s \| <= 180 s \| (met|not met) \|", proc.stdout)
+    assert re.search(r"phase A: live JAX arrays at their peak [\d.]+ MiB", proc.stdout)
 
 
 DEVICE_CHECK = REPO / "benchmarks" / "device_check.sh"
