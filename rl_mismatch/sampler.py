@@ -149,6 +149,21 @@ def sync_weights(model: Decoder, dtype, mesh: jax.sharding.Mesh | None = None, *
     return sampler_model
 
 
+def release_weights(model: Decoder) -> None:
+    """Drops ``model``'s references to its arrays, so that a sampler copy's buffers free now.
+
+    Each ``nnx.merge`` leaves a reference cycle holding every variable of the merged model (a
+    recursive closure in flax's state flattening), so a model that goes out of scope keeps its
+    arrays until Python's cyclic garbage collector runs, which counts objects, not bytes: in an
+    RL loop the weight sync's copies of earlier steps pile up. Nothing is deleted: arrays the
+    copy shares with other holders (an fp32 sampler's are the master weights) stay with them.
+    The model is unusable afterwards.
+    """
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable):
+            node.set_raw_value(None, _unsafe_bypass_check=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Token selection.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import glob
 import importlib
 import json
@@ -358,6 +359,25 @@ def test_two_processes_match_one_process(tmp_path, tiny_cfg):
                 # the last bit, so it is re-drawn, not reproduced: its scale must agree (these
                 # are means of squares/magnitudes over ~300 tokens), not its value.
                 np.testing.assert_allclose(b[key], value, rtol=0.05, err_msg=f"{a['step']} {key}")
+
+
+def test_live_arrays_do_not_grow_with_steps(tmp_path, tiny_cfg):
+    """The loop holds the same arrays at every step: each step's sampler copy is freed when the
+    step is done with it, not left for Python's cyclic collector (disabled here), which counts
+    objects, not bytes; on SmolLM2-135M the copies reached 10 GB over 32 steps."""
+    live = []
+    gc.disable()
+    try:
+        experiment.run(tiny_cfg(steps=6, **{"eval.every": 2, "checkpoint.every": 100}), tmp_path,
+                       on_row=lambda row: live.append(sum(a.nbytes for a in jax.live_arrays())))
+    finally:
+        gc.enable()
+    assert len(live) == 7  # 6 steps and the final eval
+    # Steps 1-5 (step 0 also holds the model loader's arrays; the last row comes after the
+    # final save) hold the same arrays up to a few scalars; one bf16 copy of the tiny model is
+    # 177 KiB, and without the release each step added one (1.4 -> 3.8 MB over the run).
+    train_steps = live[1:6]
+    assert max(train_steps) - min(train_steps) < 8 << 10, live
 
 
 def test_sampler_on_its_own_mesh_equals_the_shared_mesh(tmp_path, tiny_cfg):

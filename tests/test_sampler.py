@@ -1,6 +1,8 @@
 """Tests for rl_mismatch.sampler (issue 6): exactness against the full forward, determinism,
 truncation, sharding, compilation caching and argument errors. Tiny random models only."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,6 +254,29 @@ def test_sampler_on_its_own_devices_samples_what_the_shared_mesh_does():
                     jax.tree.leaves(nnx.state(smp.sync_weights(trained, jnp.bfloat16)))):
         assert x.dtype == y.dtype
         np.testing.assert_array_equal(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)))
+
+
+def test_release_weights_frees_a_copy_now_and_keeps_shared_masters():
+    """flax leaves a reference cycle behind nnx.merge, so without release_weights a dropped copy's
+    arrays would live until the cyclic collector runs (disabled here)."""
+    model = _model()
+    gc.disable()
+    try:
+        before = {id(a) for a in jax.live_arrays()}
+        copy = smp.sync_weights(model, jnp.bfloat16)
+        smp.generate(copy, _prompts(), jax.random.key(0), smp.SamplingConfig(max_new_tokens=4))
+        assert [a for a in jax.live_arrays() if id(a) not in before]  # the copy's arrays
+        smp.release_weights(copy)
+        del copy
+        assert [a.shape for a in jax.live_arrays() if id(a) not in before] == []
+        # An fp32 "copy" is the masters' arrays: releasing it leaves the masters whole.
+        masters = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+        same = smp.sync_weights(model, jnp.float32)
+        smp.release_weights(same)
+        for a, b in zip(masters, jax.tree.leaves(nnx.state(model))):
+            np.testing.assert_array_equal(a, np.asarray(b))
+    finally:
+        gc.enable()
 
 
 def test_make_meshes_refuses_what_does_not_fit():
