@@ -217,18 +217,10 @@ def _mib(n: float) -> float:
 
 
 def _read_rows(workdir: str) -> list[dict]:
-    """The step rows (those with ``time/step_s``) of a run's ``metrics.jsonl``, by step; a line cut
-    short is skipped."""
-    rows = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "time/step_s" in row:
-                rows.append(row)
-    return sorted(rows, key=lambda r: r["step"])
+    """The step rows (those with ``time/step_s``) of a run's ``metrics.jsonl``, by step."""
+    from rl_mismatch.metric_writing import read_metrics
+
+    return sorted((r for r in read_metrics(workdir) if "time/step_s" in r), key=lambda r: r["step"])
 
 
 def _run_child(argv: list[str]) -> tuple[float, int, int]:

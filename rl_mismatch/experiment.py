@@ -67,6 +67,7 @@ save is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -560,9 +561,8 @@ class _Run:
                 # The trained policy: a row of its own at step `steps` (no update follows it). A
                 # rerun that extends the run drops it with the other rows from its start on.
                 t0 = time.perf_counter()
-                sampler_model = self._sampler_model()
-                final = self.parts.evaluator(sampler_model, mesh=self.parts.sampler_mesh)
-                sampler.release_weights(sampler_model)
+                with self._sampler_model() as sampler_model:
+                    final = self.parts.evaluator(sampler_model, mesh=self.parts.sampler_mesh)
                 self.writer.hold(cfg.steps, {**final, "time/eval_s": time.perf_counter() - t0})
             row = self.writer.flush()
             self.writer.close()
@@ -576,10 +576,18 @@ class _Run:
             except Exception as e:  # Raised by wait() already on success; after an error, secondary.
                 logging.error("%s", e)
 
+    @contextlib.contextmanager
     def _sampler_model(self):
-        """The weight sync: the float32 master weights in the sampler's dtype and layout."""
-        return sampler.sync_weights(nnx.merge(self.parts.graphdef, self.loop["train"].params), self.sampler_dtype,
-                                    self.parts.sampler_mesh)
+        """The weight sync: the float32 master weights in the sampler's dtype and layout, released
+        when the block ends (`sampler.release_weights`: freed now, not at Python's next cyclic
+        collection, so the copies of earlier steps do not pile up). An fp32 copy's arrays are the
+        master weights, which the update then donates."""
+        model = sampler.sync_weights(nnx.merge(self.parts.graphdef, self.loop["train"].params), self.sampler_dtype,
+                                     self.parts.sampler_mesh)
+        try:
+            yield model
+        finally:
+            sampler.release_weights(model)
 
     def _traced_step(self, step: int) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
         """:meth:`_step`, under a ``jax.profiler`` trace if ``log.profile_step`` is ``step``. The
@@ -606,19 +614,14 @@ class _Run:
         t0 = time.perf_counter()
         batch = parts.batches[step]
         prompts = _gather_rows(batch.tokens_BP, batch.valid_BP)
-        sampler_model = self._sampler_model()
         eval_metrics, eval_s = {}, 0.0
-        if parts.evaluator is not None and step % cfg.eval.every == 0:
-            # The policy that samples this step, before its update: eval/* of step 0 is the start.
-            eval_metrics = parts.evaluator(sampler_model, mesh=parts.sampler_mesh)
-            eval_s = time.perf_counter() - t0
-        rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(self.loop["rollout_key"], step),
-                                   parts.sampling, mesh=parts.sampler_mesh)
-        # Freed now, not at Python's next cyclic collection: each step's copy would pile up (a
-        # 135M model's bf16 copies reached 10 GB over 32 steps). An fp32 copy's arrays are the
-        # master weights, which the update then donates.
-        sampler.release_weights(sampler_model)
-        del sampler_model
+        with self._sampler_model() as sampler_model:
+            if parts.evaluator is not None and step % cfg.eval.every == 0:
+                # The policy that samples this step, before its update: eval/* of step 0 is the start.
+                eval_metrics = parts.evaluator(sampler_model, mesh=parts.sampler_mesh)
+                eval_s = time.perf_counter() - t0
+            rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(self.loop["rollout_key"], step),
+                                       parts.sampling, mesh=parts.sampler_mesh)
         host = fetch_to_host({"tokens": rollout.tokens_BT, "mask": rollout.response_mask_BT,
                               "lengths": rollout.response_lengths_B, "finished": rollout.finished_B,
                               "prompt_lengths": rollout.prompt_lengths_B,

@@ -382,6 +382,7 @@ class MeshSettings:
                  f"= {self.sampler_data} / mesh.sampler_model = {self.sampler_model}: both >= 1 for a "
                  "sampler mesh of its own, or both 0 to share the trainer's.")
 
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """Held-out evaluation (``rl_mismatch.evaluation``): greedy accuracy on the eval split.
