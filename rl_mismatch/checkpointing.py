@@ -18,10 +18,11 @@ process killed during a save leaves the previous checkpoint as the latest one; t
 manager ignores -- and deletes -- the unfinished temporary directory.
 
 Saving is asynchronous: :meth:`Checkpointer.save` copies the arrays to host memory and returns,
-and the files are written in a background thread while training goes on. :meth:`Checkpointer.check`
-raises if a background save has failed (call it every step, so a failed save stops the run at
-once, not at the next save); call :meth:`Checkpointer.wait` (or :meth:`Checkpointer.close`) before
-the process exits, and before saying that a save is done.
+and the files are written in a background thread while training goes on; once they are, the
+save's freed host memory goes back to the operating system (:mod:`rl_mismatch.host_memory`).
+:meth:`Checkpointer.check` raises if a background save has failed (call it every step, so a failed
+save stops the run at once, not at the next save); call :meth:`Checkpointer.wait` (or
+:meth:`Checkpointer.close`) before the process exits, and before saying that a save is done.
 
 Damage. With no step given, :meth:`Checkpointer.restore` falls back from an unreadable checkpoint
 (a truncated or missing file) to the next older one, logs why, and moves the unreadable one to
@@ -44,6 +45,8 @@ from typing import Any
 import jax
 from absl import logging
 import orbax.checkpoint as ocp
+
+from rl_mismatch import host_memory
 
 _STATE, _META = "state", "meta"
 _UNREADABLE = ".unreadable"  # Suffix of the directory that unreadable checkpoints are moved to.
@@ -130,7 +133,12 @@ class Checkpointer:
             # Unfinished saves of a killed process are deleted rather than mistaken for steps.
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
+            # The save's copy of the arrays is freed once the files are written; hand its pages back
+            # to the OS then, or they stay resident (`rl_mismatch.host_memory`).
+            async_options=ocp.AsyncOptions(post_finalization_callback=host_memory.release_free_memory)
+            if async_save else None,
         )
+        self._async = async_save
         # The handlers named up front: a fresh manager can then read a checkpoint's tree metadata
         # (and does not warn that the items "could not be restored" before the first restore).
         self._manager = ocp.CheckpointManager(
@@ -174,6 +182,8 @@ class Checkpointer:
             )
         except OSError as e:
             raise CheckpointSaveError(f"Saving checkpoint {step} in {self.directory!r} failed: {_first_line(e)}") from e
+        if not self._async:  # Written already: its copy of the arrays is freed.
+            host_memory.release_free_memory()
 
     def metadata(self, step: int) -> dict[str, Any]:
         """The JSON record of checkpoint ``step`` alone (no arrays are read).

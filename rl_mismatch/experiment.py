@@ -84,7 +84,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rl_mismatch import console, evaluation, losses, sampler, tasks, train_step
+from rl_mismatch import console, evaluation, host_memory, losses, sampler, tasks, train_step
 from rl_mismatch import sharding as shd
 from rl_mismatch.buckets import round_up
 from rl_mismatch.checkpointing import Checkpointer, abstract_like
@@ -536,6 +536,9 @@ class _Run:
             logging.warning("log.profile_step = %d is not a step this run takes (%d to %d): no trace.",
                             cfg.log.profile_step, self.start, cfg.steps - 1)
         step = self.start
+        # Free host memory back to the OS: the loader's float32 copy of the weights (or a
+        # restore's buffers) now, the first step's compilation after it (`host_memory`).
+        host_memory.release_free_memory()
         try:
             for step in range(self.start, cfg.steps):
                 self.ckpt.check()  # A failed background save stops the run now, not at the next save.
@@ -556,6 +559,7 @@ class _Run:
                 if step == self.start:
                     logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
                                  times["time/step_s"], times["time/compile_s"])
+                    host_memory.release_free_memory()
             self._save_if_due(cfg.steps)
             if self.parts.evaluator is not None:
                 # The trained policy: a row of its own at step `steps` (no update follows it). A

@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rl_mismatch import optim
+from rl_mismatch import host_memory, optim
 from rl_mismatch import sharding as shd
 import orbax.checkpoint as ocp
 
@@ -263,3 +263,27 @@ def test_wait_reports_a_failed_background_save(tmp_path, monkeypatch):
     ckpt.save(1, _state(1), {"data_position": 1})
     with pytest.raises(CheckpointSaveError, match="No space left on device"):
         ckpt.close()
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_written_save_hands_its_host_memory_back(tmp_path, monkeypatch, async_save):
+    # The save's copy of the arrays is freed once its files are written; its pages must then go back to the
+    # OS (rl_mismatch.host_memory), after the write, not while the arrays are still being written.
+    calls = []
+    ckpt_dir = tmp_path / "ckpt"
+
+    def release():
+        calls.append(sorted(p.name for p in ckpt_dir.iterdir()))
+        return True
+
+    monkeypatch.setattr(host_memory, "release_free_memory", release)
+    ckpt = Checkpointer(ckpt_dir, async_save=async_save)
+    ckpt.save(1, _state(), {"data_position": 1})
+    ckpt.wait()
+    assert len(calls) == 1
+    ckpt.save(2, _state(), {"data_position": 2})
+    ckpt.close()
+    assert len(calls) == 2
+    # At the second release the second save's arrays were written (its step directory exists,
+    # finished or about to be renamed into place).
+    assert any(name.startswith("2") for name in calls[1]), calls
