@@ -20,7 +20,10 @@ One process measures, for each compute dtype:
   compute over float32 master weights. HF runs on ``--torch_device`` (``cpu``; ``cuda`` to
   compare on a GPU with ours on JAX's GPU backend: each HF step then waits for the GPU);
 * the machine's matmul peak as XLA reaches it: the best GFLOP/s of square float32 matmuls
-  (for fp32), and of bfloat16 matmuls accumulating in float32 (for bf16).
+  (for fp32), and of bfloat16 matmuls accumulating in float32 (for bf16);
+* the step's matrix products alone, in XLA and in torch (``_gemm_floor``): every projection and
+  the LM head at the step's shapes, forward and both backward products, best of 3 each. It says
+  whether a framework's own dot is the limit on the host: its floor against the other's.
 
 Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
 one untimed step (compilation / warm-up). The achieved FLOP rate counts the forward and
@@ -148,6 +151,53 @@ def _hf(state_dict, hf_config, dtype_name, arrays, steps):
     return (first, *timings)
 
 
+def _gemm_floor(config, dtype_name: str, rows: int, scored_rows: int, repeats: int = 3) -> tuple[float, float | None]:
+    """(XLA s, torch s): the step's matrix products alone, each framework's own dot, best of ``repeats``.
+
+    Every projection of every layer over ``rows`` tokens and the LM head over ``scored_rows``,
+    each as its forward product y = x W and its two backward products dx = dy W^T and
+    dW = x^T dy (transposes as contracting dimensions, nothing materialised); no attention, no
+    elementwise work, no layer recomputation. bf16: bf16 operands, XLA accumulating into a float32
+    result as the decoder does, torch's bf16 matmul as ``autocast`` runs it. If a framework's
+    floor is near or above the other's whole step, its dot is the limit on this host. torch is None
+    when the peer is not measured on the CPU.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    D, H, F = config.d_model, config.head_dim, config.d_ff
+    qo, kv = config.n_heads * H, config.n_kv_heads * H
+    L = config.n_layers
+    # (M, K, N, count): y[M, N] = x[M, K] @ W[K, N], `count` times per step.
+    shapes = [(rows, D, qo, 2 * L), (rows, D, kv, 2 * L), (rows, D, F, 2 * L), (rows, F, D, L),
+              (scored_rows, D, config.vocab_size, 1)]
+    dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
+    forward = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    d_input = jax.jit(lambda dy, w: jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())),
+                                                         preferred_element_type=jnp.float32))
+    d_weight = jax.jit(lambda x, dy: jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
+                                                          preferred_element_type=jnp.float32))
+    xla = 0.0
+    for M, K, N, count in shapes:
+        x, w, dy = (jnp.ones(shape, dtype) for shape in ((M, K), (K, N), (M, N)))
+        for fn, args in ((forward, (x, w)), (d_input, (dy, w)), (d_weight, (x, dy))):
+            timed(fn, *args)  # compiles
+            xla += count * min(timed(fn, *args)[0] for _ in range(repeats))
+    if _SKIP_HF.value or _TORCH_DEVICE.value != "cpu":
+        return xla, None
+    import torch
+
+    torch_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    total = 0.0
+    with torch.no_grad():
+        for M, K, N, count in shapes:
+            x, w, dy = (torch.ones(shape, dtype=torch_dtype) for shape in ((M, K), (K, N), (M, N)))
+            for fn in (lambda: x @ w, lambda: dy @ w.T, lambda: x.T @ dy):
+                fn()  # warm-up
+                total += count * min(timed(fn)[0] for _ in range(repeats))
+    return xla, total
+
+
 def main(argv):
     del argv
     import jax
@@ -202,6 +252,13 @@ def main(argv):
                     f"{hf_cpu:5.2f} CPU-s; first step {hf_first:5.1f} s)  {hf_gflops:6.1f} GFLOP/s = "
                     f"{hf_gflops / peak:5.1%} of peak\n"
                     f"  ours/HF = {ours_tps / hf_tps:.2f}x (wall), {hf_cpu / cpu:.2f}x (CPU time)")
+        xla_gemm, torch_gemm = _gemm_floor(config, dtype_name, tokens_per_step, _BATCH.value * scored)
+        msg += (f"\n  the step's matrix products alone (forward + backward, no attention, elementwise or "
+                f"recomputation): XLA {xla_gemm:5.2f} s = {xla_gemm / best:.0%} of our step")
+        if torch_gemm is not None:
+            msg += f", torch {torch_gemm:5.2f} s" + (f" = {torch_gemm / hf_best:.0%} of HF's step"
+                                                    if not _SKIP_HF.value else "")
+            msg += f"; XLA/torch = {xla_gemm / torch_gemm:.2f}x"
         print(msg, flush=True)
 
 
