@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ def test_freed_arena_blocks_leave_the_rss():
     # can return them. Their pages stay resident after free(); release_free_memory() must hand them
     # back to the kernel.
     script = textwrap.dedent("""
-        import ctypes, json
+        import ctypes, json, os
         from rl_mismatch import host_memory
         libc = ctypes.CDLL(None)
         libc.malloc.restype = ctypes.c_void_p
@@ -33,7 +34,7 @@ def test_freed_arena_blocks_leave_the_rss():
 
         def rss():
             with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * 4096
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
         block = 4 << 20
         big, small = [], []
@@ -50,7 +51,7 @@ def test_freed_arena_blocks_leave_the_rss():
         print(json.dumps({"held": held, "freed": freed, "trimmed": rss(), "released": released}))
     """)
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
-    m = __import__("json").loads(out.splitlines()[-1])
+    m = json.loads(out.splitlines()[-1])
     total = 64 * (4 << 20)
     # The premise: free() alone kept the pages (else this test would show nothing).
     assert m["held"] - m["freed"] < 0.1 * total, m
