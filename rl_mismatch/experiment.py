@@ -625,7 +625,7 @@ class _Run:
                 eval_metrics = parts.evaluator(sampler_model, mesh=parts.sampler_mesh)
                 eval_s = time.perf_counter() - t0
             rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(self.loop["rollout_key"], step),
-                                       parts.sampling, mesh=parts.sampler_mesh)
+                                       parts.sampling, mesh=parts.sampler_mesh, group=cfg.rollout.group_size)
         host = fetch_to_host({"tokens": rollout.tokens_BT, "mask": rollout.response_mask_BT,
                               "lengths": rollout.response_lengths_B, "finished": rollout.finished_B,
                               "prompt_lengths": rollout.prompt_lengths_B,

@@ -322,7 +322,7 @@ def cache_row_groups(batch: int, dtype, mesh: jax.sharding.Mesh | None = None) -
 
 
 def decode_loop(model: Decoder, prompt_BP, prompt_valid_BP, *, max_new_tokens: int, cache_segment: int,
-                step, carry, finished_B, mesh=None):
+                step, carry, finished_B, mesh=None, group: int = 1):
     """Prefill, then one KV-cache decoding step per response token; traced (call it under jit).
 
     ``step(i, logits_BV, carry, finished_B) -> (tokens_B, fed_valid_B, carry, finished_B)``
@@ -336,6 +336,11 @@ def decode_loop(model: Decoder, prompt_BP, prompt_valid_BP, *, max_new_tokens: i
     default ``cache_segment``): one ``lax.while_loop`` per size, the cache padded (one copy)
     between them. Attention reads every allocated slot, so a cache allocated for the whole
     budget at once makes every step as slow as the last one (benchmarks/README.md).
+
+    ``group > 1`` says that the rows come in runs of ``group`` identical consecutive prompts (a
+    GRPO group; the caller checks it, see :func:`generate`): each run's prompt is prefilled
+    once, and its keys, values and first logits are repeated to the run's rows. ``group`` must
+    divide ``B``, and on a mesh ``B / group`` must split over the data axis.
     """
     B, P = prompt_BP.shape
     sizes = cache_sizes(max_new_tokens, cache_segment)
@@ -345,10 +350,15 @@ def decode_loop(model: Decoder, prompt_BP, prompt_valid_BP, *, max_new_tokens: i
         spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.DATA, shd.MODEL, None, None))
         kv = lambda arrays: jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), arrays)
         constrain = lambda cache: cache._replace(k=kv(cache.k), v=kv(cache.v))
-    cache = constrain(init_cache(model.config, batch=B, max_len=P + sizes[0], dtype=model.dtype,
-                                 row_groups=cache_row_groups(B, model.dtype, mesh)))
+    U = B // group  # rows prefilled
+    cache = constrain(init_cache(model.config, batch=U, max_len=P + sizes[0], dtype=model.dtype,
+                                 row_groups=cache_row_groups(U, model.dtype, mesh)))
     layers = model.layer_states()  # sliced once: loop invariants, not per-step copies
-    logits_B1V, cache = model.decode(prompt_BP, cache, valid_BT=prompt_valid_BP, layers=layers, last_only=True)
+    logits_B1V, cache = model.decode(prompt_BP[::group], cache, valid_BT=prompt_valid_BP[::group], layers=layers,
+                                     last_only=True)
+    if group > 1:
+        logits_B1V = jnp.repeat(logits_B1V, group, axis=0)
+        cache = constrain(_repeat_rows(cache, group, cache_row_groups(B, model.dtype, mesh)))
 
     def body(s: _LoopState) -> _LoopState:
         tokens_B, fed_valid_B, carry, finished_B = step(s.i, s.logits_BV, s.carry, s.finished_B)
@@ -363,6 +373,17 @@ def decode_loop(model: Decoder, prompt_BP, prompt_valid_BP, *, max_new_tokens: i
     return s.carry, s.finished_B
 
 
+def _repeat_rows(cache: KVCache, times: int, row_groups: int) -> KVCache:
+    """``cache`` with each row repeated ``times`` times in a row, held in ``row_groups`` groups."""
+
+    def repeat(groups):
+        rows = groups[0] if len(groups) == 1 else jnp.concatenate(groups, axis=0)
+        return tuple(jnp.split(jnp.repeat(rows, times, axis=0), row_groups, axis=0))
+
+    return KVCache(tuple(map(repeat, cache.k)), tuple(map(repeat, cache.v)),
+                   jnp.repeat(cache.valid_BS, times, axis=0), cache.index)
+
+
 class _LoopState(NamedTuple):
     """The decoding loop's state: response index, next-token logits, KV cache, caller's carry."""
 
@@ -373,7 +394,7 @@ class _LoopState(NamedTuple):
     finished_B: jax.Array
 
 
-def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: SamplingConfig, mesh):
+def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: SamplingConfig, mesh, group: int):
     model = nnx.merge(graphdef, state)
     B, P = prompt_BP.shape
     N = cfg.max_new_tokens
@@ -398,7 +419,7 @@ def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: Sampling
     finished0 = ~jnp.any(prompt_valid_BP, axis=1)
     (out, _), finished = decode_loop(model, prompt_BP, prompt_valid_BP, max_new_tokens=N,
                                      cache_segment=cfg.cache_segment, step=step, carry=(out0, key),
-                                     finished_B=finished0, mesh=mesh)
+                                     finished_B=finished0, mesh=mesh, group=group)
     tok_BN, mask_BN, lp_BN, lptr_BN, kept_BN, ent_BN = out
     pad = lambda a, fill=0: jnp.concatenate([jnp.full((B, P), fill, a.dtype), a], axis=1)
     return Rollout(
@@ -414,8 +435,8 @@ def _generate(graphdef, state, prompt_BP, prompt_valid_BP, key, *, cfg: Sampling
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(graphdef, cfg: SamplingConfig, mesh):
-    fn = functools.partial(_generate, graphdef, cfg=cfg, mesh=mesh)
+def _compiled(graphdef, cfg: SamplingConfig, mesh, group: int):
+    fn = functools.partial(_generate, graphdef, cfg=cfg, mesh=mesh, group=group)
     if mesh is None:
         return jax.jit(fn)
     batch = shd.batch_sharding(mesh)
@@ -451,7 +472,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, prompt_bucket:
 
 
 def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
-             mesh: jax.sharding.Mesh | None = None) -> Rollout:
+             mesh: jax.sharding.Mesh | None = None, group: int = 1) -> Rollout:
     """Samples a response for every prompt.
 
     Args:
@@ -462,21 +483,27 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
       mesh: optional ``(data, model)`` mesh; the model must already be laid out on it
         (``sync_weights(..., mesh=mesh)``); the key is moved onto it. With several processes (multi-host), every process
         passes the same whole batch and gets the global ``Rollout``.
+      group: the prompts come in runs of ``group`` identical consecutive prompts (GRPO's group:
+        one prompt, ``group`` responses). The prefill, a large part of a short rollout's time,
+        then runs once per run (benchmarks/README.md) instead of once per row; the rows still
+        draw their own tokens. Where the padded batch or the mesh's data axis does not split
+        into whole runs, every row is prefilled, as with ``group=1``.
 
     Returns:
       A ``Rollout`` with one row per prompt (batch padding removed).
 
     Raises:
-      ValueError: empty batch, a prompt longer than the context, or a mesh the batch or heads do
-        not fit.
+      ValueError: empty batch, a prompt longer than the context, a mesh the batch or heads do
+        not fit, or ``group`` not dividing the batch into runs of identical prompts.
     """
-    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=False)
+    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=False, group=group)
     if mesh is not None:  # e.g. a key made on the trainer's devices, for a sampler with its own
         key = jax.device_put(key, shd.replicated(mesh))
     return _real_rows(program(state, tokens, valid, key), B)
 
 
-def precompile(model: Decoder, prompts, cfg: SamplingConfig, *, mesh: jax.sharding.Mesh | None = None) -> None:
+def precompile(model: Decoder, prompts, cfg: SamplingConfig, *, mesh: jax.sharding.Mesh | None = None,
+               group: int = 1) -> None:
     """Compiles :func:`generate`'s program for ``prompts``' bucket without sampling.
 
     Arguments as for :func:`generate`. Every row is passed as padding, so the decoding loop
@@ -484,7 +511,7 @@ def precompile(model: Decoder, prompts, cfg: SamplingConfig, *, mesh: jax.shardi
     prompt-width bucket compiles nothing (with a typed ``jax.random.key``, the key kind used
     here). For timing a sampler without its compilation, or compiling before a run's first step.
     """
-    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=True)
+    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=True, group=group)
     jax.block_until_ready(_real_rows(program(state, tokens, valid, jax.random.key(0)), B))
 
 
@@ -495,7 +522,7 @@ def _real_rows(rollout: Rollout, B: int) -> Rollout:
     return jax.tree.map(lambda a: a[:B], rollout)
 
 
-def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool):
+def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool, group: int = 1):
     """``(program, state, tokens_BP, valid_BP, B)``: the compiled sampler for the bucket of
     ``prompts`` and its inputs, padded to the bucket (``B`` real rows; all rows marked as
     padding if ``blank``)."""
@@ -508,6 +535,7 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool)
         lists = [list(t[v]) for t, v in zip(tokens, valid)]
     else:
         lists = [list(p) for p in prompts]
+    _check_groups(lists, group)
     tokens, valid = pad_prompts(lists, pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
     B = tokens.shape[0]
     # Rows: a power of two >= B, rounded up to a multiple of the data axis so it splits evenly.
@@ -517,6 +545,8 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool)
         valid = np.concatenate([valid, np.zeros((Bb - B, valid.shape[1]), bool)])
     if blank:
         valid = np.zeros_like(valid)
+    if Bb % group or (mesh is not None and (Bb // group) % mesh.shape[shd.DATA]):
+        group = 1  # the padded batch or its shards do not hold whole runs: prefill every row
     graphdef, state = nnx.split(model)
     if mesh is not None:
         shd.state_shardings(state, mesh, shd.SAMPLER_RULES)  # raises a clear error on a bad mesh
@@ -530,4 +560,18 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool)
             sharding = shd.batch_sharding(mesh)
             tokens, valid = (jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
                              for a in (tokens, valid))
-    return _compiled(graphdef, cfg, mesh), state, tokens, valid, B
+    return _compiled(graphdef, cfg, mesh, group), state, tokens, valid, B
+
+
+def _check_groups(prompts: list[list[int]], group: int) -> None:
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"group={group!r}; it must be a positive int (1: every prompt on its own).")
+    if len(prompts) % group:
+        raise ValueError(f"group={group} does not divide the batch of {len(prompts)} prompts into runs; "
+                         "pass a whole number of groups, or group=1.")
+    for start in range(0, len(prompts), group):
+        for i in range(start + 1, start + group):
+            if prompts[i] != prompts[start]:
+                raise ValueError(f"group={group}: prompt {i} differs from prompt {start}, the first of its run. "
+                                 "The prompts must come in runs of `group` identical consecutive prompts "
+                                 "(one prompt's responses together); pass group=1 otherwise.")

@@ -12,6 +12,7 @@ from flax import nnx
 from rl_mismatch import mismatch
 from rl_mismatch import sampler as smp
 from rl_mismatch import sharding as shd
+from rl_mismatch.buckets import round_up
 from rl_mismatch.models import Decoder, decoder, tiny_config
 
 # Mixed prompt lengths (left padding of 0 to 13 tokens inside one bucket of 16).
@@ -333,6 +334,83 @@ def test_row_grouped_cache_on_a_model_axis_mesh():
     # bf16 activations: a partial sum taken in another order may round one bf16 ulp (2^-8)
     # differently; the log-probs stay well inside that.
     np.testing.assert_allclose(np.asarray(out.logp_BT), np.asarray(ref.logp_BT), rtol=0, atol=1e-2)
+
+
+def _runs(prompts, group):
+    """Each prompt ``group`` times in a row: a GRPO batch."""
+    return [p for p in prompts for _ in range(group)]
+
+
+@pytest.fixture
+def repeats(monkeypatch):
+    """Counts the traced programs that prefill once per run (``_repeat_rows``); recompiles."""
+    calls = []
+    real = smp._repeat_rows
+    monkeypatch.setattr(smp, "_repeat_rows", lambda *a: calls.append(a[1:]) or real(*a))
+    smp._compiled.cache_clear()
+    yield calls
+    smp._compiled.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,n_prompts,group,prefills", [
+    (jnp.float32, 3, 4, 4),    # 12 rows, padded to 16: four runs, the last one batch padding
+    (jnp.float32, 3, 3, 16),   # 9 rows, padded to 16: no whole runs, every row prefilled
+    (jnp.bfloat16, 8, 4, 8),   # 32 rows: 8 prefilled into one cache group, repeated into two
+])
+def test_group_prefill_samples_what_every_row_prefilled_does(repeats, dtype, n_prompts, group, prefills):
+    model = smp.sync_weights(_model(), dtype)
+    prompts = _runs(_prompts((PROMPT_LENGTHS + (4, 12))[:n_prompts]), group)
+    temperature = 1.0 if dtype == jnp.float32 else 0.0
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=temperature, top_p=0.9, prompt_bucket=16,
+                             cache_segment=4, return_entropy=True)
+    every_row = smp.generate(model, prompts, jax.random.key(5), cfg)
+    assert not repeats
+    grouped = smp.generate(model, prompts, jax.random.key(5), cfg, group=group)
+    rows = round_up(len(prompts), power_of_two=True)  # the batch bucket
+    assert [(times, smp.cache_row_groups(rows, dtype)) for times, _ in repeats] == (
+        [] if prefills == rows else [(rows // prefills, smp.cache_row_groups(rows, dtype))])
+    # Every row still draws its own tokens: the runs' responses differ.
+    tokens = np.asarray(grouped.tokens_BT)
+    if temperature:
+        assert len({tuple(t) for t in tokens[:group]}) > 1
+    np.testing.assert_array_equal(tokens, np.asarray(every_row.tokens_BT))
+    for name in ("valid_BT", "response_mask_BT", "finished_B", "response_lengths_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(grouped, name)), np.asarray(getattr(every_row, name)))
+    # A prefill of fewer rows may sum its products in another order: float32 within the decode
+    # bound; bf16 within one bf16 rounding of an activation, as on a mesh.
+    atol = FP32_DECODE_ATOL if dtype == jnp.float32 else 1e-2
+    for name in ("logp_BT", "logp_truncated_BT", "log_kept_mass_BT", "entropy_BT"):
+        np.testing.assert_allclose(np.asarray(getattr(grouped, name)), np.asarray(getattr(every_row, name)),
+                                   rtol=0, atol=atol, err_msg=name)
+
+
+def test_group_prefill_on_meshes_matches_one_device(repeats):
+    model = _model(n_heads=8, n_kv_heads=4, head_dim=8)
+    prompts = _runs(_prompts((3, 16, 7, 11)), 4)
+    cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=16, cache_segment=4)
+    ref = smp.generate(smp.sync_weights(model, jnp.float32), prompts, jax.random.key(0), cfg)
+    for data, mdl, grouped in ((2, 4, True), (4, 2, True), (8, 1, False)):  # 4 runs over 8 shards: not whole
+        repeats.clear()
+        mesh = shd.make_mesh(data, mdl)
+        out = smp.generate(smp.sync_weights(model, jnp.float32, mesh), prompts, jax.random.key(0), cfg, mesh=mesh,
+                           group=4)
+        assert bool(repeats) == grouped, mesh.shape
+        np.testing.assert_array_equal(np.asarray(out.tokens_BT), np.asarray(ref.tokens_BT), err_msg=str(mesh.shape))
+        np.testing.assert_allclose(np.asarray(out.logp_BT), np.asarray(ref.logp_BT), rtol=0, atol=1e-5)
+
+
+def test_group_that_does_not_fit_the_prompts_is_refused(model):
+    cfg = smp.SamplingConfig(max_new_tokens=4)
+    prompts = _runs(_prompts((3, 5, 2)), 4)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="positive int"):
+            smp.generate(model, prompts, jax.random.key(0), cfg, group=bad)
+    with pytest.raises(ValueError, match="does not divide the batch of 12"):
+        smp.generate(model, prompts, jax.random.key(0), cfg, group=5)
+    with pytest.raises(ValueError, match="prompt 4 differs from prompt 3"):
+        smp.generate(model, prompts, jax.random.key(0), cfg, group=3)
+    with pytest.raises(ValueError, match="prompt 1 differs from prompt 0"):
+        smp.generate(model, _prompts((3, 5, 2, 7)), jax.random.key(0), cfg, group=2)
 
 
 def test_cache_sizes_double_up_to_the_budget():
