@@ -10,6 +10,7 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Tests compare against float64 NumPy only where they say so; default stays float32.
 
 # The runs the tests start as subprocesses (tiny experiments, chaos kills, studies, benchmarks)
 # reuse each other's compiled programs through JAX's persistent compilation cache: a tiny run
@@ -25,7 +26,6 @@ _SUBPROCESS_CACHE = tempfile.mkdtemp(prefix=f"rl_mismatch_jax_cache_{os.environ.
 atexit.register(shutil.rmtree, _SUBPROCESS_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _SUBPROCESS_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-# Tests compare against float64 NumPy only where they say so; default stays float32.
 
 import contextlib  # noqa: E402
 
