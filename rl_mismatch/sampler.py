@@ -525,7 +525,8 @@ def _real_rows(rollout: Rollout, B: int) -> Rollout:
 def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool, group: int = 1):
     """``(program, state, tokens_BP, valid_BP, B)``: the compiled sampler for the bucket of
     ``prompts`` and its inputs, padded to the bucket (``B`` real rows; all rows marked as
-    padding if ``blank``)."""
+    padding if ``blank``). The program prefills once per run of ``group`` prompts where the
+    padded batch and its data shards hold whole runs, else every row."""
     context = model.config.max_seq_len - cfg.max_new_tokens
     if context <= 0:
         raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the "
