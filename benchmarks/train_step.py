@@ -1,6 +1,7 @@
 """Train-step throughput on SmolLM2-135M: rl_mismatch's jitted step vs HF transformers + torch AdamW.
 
     python benchmarks/train_step.py [--dtypes=fp32,bf16] [--steps=3] [--batch=8] [--seq_len=256]
+                                    [--prompt_len=0] [--group=1] [--microbatches=1]
                                     [--keep_logits] [--remat=layer] [--skip_hf] [--random_init]
                                     [--cpu_devices=1] [--torch_device=cpu]
 
@@ -25,6 +26,12 @@ One process measures, for each compute dtype:
   the LM head at the step's shapes, forward and both backward products, best of 3 each. It says
   whether a framework's own dot is the limit on the host: its floor against the other's.
 
+With ``--group=G`` the batch is GRPO-shaped: its prompts come in runs of G identical rows
+(``TrainBatch.group``). Ours then computes each prompt once (``share_prompts``, its default) and
+is measured a second time computing every row in full (``share_prompts=False``), to show what the
+sharing saves; HF computes every row, as TRL's GRPO trainer does. The FLOP rates count every row
+in full (the work a trainer without sharing does), so with sharing they are effective rates.
+
 Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
 one untimed step (compilation / warm-up). The achieved FLOP rate counts the forward and
 backward matmuls both sides run: 6 × body parameters per token, plus 6 × the LM head's V × D per
@@ -46,6 +53,10 @@ _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measu
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per configuration (after one untimed step).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (prompt + response).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "Prompt tokens per sequence (0: min(64, seq_len / 4)).")
+_GROUP = flags.DEFINE_integer("group", 1, "Rows per prompt: the prompts come in runs of this many identical rows "
+                              "(GRPO's group); ours is then also timed computing every row in full.")
+_MICROBATCHES = flags.DEFINE_integer("microbatches", 1, "Our make_train_step(n_microbatches=...).")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Measure only rl_mismatch.")
 _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Random weights of SmolLM2's config instead of the "
                                  "pretrained ones (throughput does not depend on the values).")
@@ -63,11 +74,15 @@ _FUSED = flags.DEFINE_bool("hf_fused_adamw", True, "torch.optim.AdamW(fused=True
                            "(~3x faster than its default per-tensor loop here), so the baseline is not handicapped.")
 
 
-def _batch_arrays(vocab: int, batch: int, seq_len: int, seed: int = 0):
-    """A rollout-shaped batch: 64-token prompts, the rest response; no padding (HF pads nothing)."""
+def _batch_arrays(vocab: int, batch: int, seq_len: int, prompt: int, group: int, seed: int = 0):
+    """A rollout-shaped batch: ``prompt``-token prompts, each repeated in a run of ``group`` rows,
+    the rest response; no padding (HF pads nothing)."""
+    if batch % group or not 0 < prompt < seq_len:
+        raise ValueError(f"--group={group} must divide --batch={batch}, and --prompt_len={prompt} lie in "
+                         f"(0, --seq_len={seq_len}).")
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab, (batch, seq_len)).astype(np.int32)
-    prompt = min(64, seq_len // 4)
+    tokens[:, :prompt] = np.repeat(tokens[::group, :prompt], group, axis=0)
     response = np.zeros((batch, seq_len), bool)
     response[:, prompt:] = True
     sampler_logp = np.where(response, -rng.uniform(0.5, 8.0, (batch, seq_len)), 0.0).astype(np.float32)
@@ -92,7 +107,7 @@ def _time_steps(run_step, steps: int) -> tuple[float, float, float]:
     return min(walls), float(np.median(walls)), min(cpus)
 
 
-def _ours(model, dtype_name, arrays, steps, mesh=None):
+def _ours(model, dtype_name, arrays, steps, mesh=None, share_prompts=True):
     import jax
     import jax.numpy as jnp
     import optax
@@ -103,11 +118,12 @@ def _ours(model, dtype_name, arrays, steps, mesh=None):
     opt = optax.adamw(1e-6, weight_decay=0.0)
     graphdef, state = ts.init_train_state(model, opt, compute_dtype=dtype_name, key=jax.random.key(0), mesh=mesh)
     step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype_name,
-                              keep_logits=_KEEP_LOGITS.value, mesh=mesh)
+                              keep_logits=_KEEP_LOGITS.value, mesh=mesh, n_microbatches=_MICROBATCHES.value,
+                              share_prompts=share_prompts)
     tokens, response, sampler_logp, advantages = arrays
     batch = ts.TrainBatch(jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jnp.asarray(response),
                           jnp.asarray(sampler_logp), jnp.asarray(advantages),
-                          score_from=_first_response_column(response))
+                          score_from=_first_response_column(response), group=_GROUP.value)
     holder = {"state": state}  # the step donates its input state: always pass the newest
 
     def run():
@@ -224,7 +240,8 @@ def main(argv):
     hf_config = config.to_hf_config()
     state_dict = to_hf_state_dict(model)
     tokens_per_step = _BATCH.value * _SEQ_LEN.value
-    arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value)
+    arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value,
+                           _PROMPT_LEN.value or min(64, _SEQ_LEN.value // 4), _GROUP.value)
     body, head = matmul_params(config)
     scored = _SEQ_LEN.value - _first_response_column(arrays[1])  # positions whose logits are computed
     flops_per_token = 6 * (body + head * scored / _SEQ_LEN.value)
@@ -232,7 +249,9 @@ def main(argv):
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads, HF on {_TORCH_DEVICE.value}); "
           f"ours keep_logits={_KEEP_LOGITS.value}, "
-          f"remat={_REMAT.value}, mesh={None if mesh is None else dict(mesh.shape)}; "
+          f"remat={_REMAT.value}, mesh={None if mesh is None else dict(mesh.shape)}, "
+          f"n_microbatches={_MICROBATCHES.value}; prompt {_first_response_column(arrays[1])} tokens in runs of "
+          f"{_GROUP.value} rows; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n"
           f"machine: {machine()}")
 
@@ -244,6 +263,11 @@ def main(argv):
         msg = (f"[{dtype_name}] XLA matmul peak {peak:6.1f} GFLOP/s\n"
                f"  ours: {ours_tps:6.1f} tok/s  (step {best:5.2f} s best, {median:5.2f} s median, {cpu:5.2f} CPU-s; "
                f"first step {first:5.1f} s)  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of peak")
+        if _GROUP.value > 1:
+            _, full_best, full_median, _ = _ours(model, dtype_name, arrays, _STEPS.value, mesh, share_prompts=False)
+            msg += (f"\n  ours computing every row in full (share_prompts=False): {tokens_per_step / full_best:6.1f} "
+                    f"tok/s  (step {full_best:5.2f} s best, {full_median:5.2f} s median); each prompt once: "
+                    f"{full_best / best:.2f}x")
         if not _SKIP_HF.value:
             hf_first, hf_best, hf_median, hf_cpu = _hf(state_dict, hf_config, dtype_name, arrays, _STEPS.value)
             hf_tps = tokens_per_step / hf_best

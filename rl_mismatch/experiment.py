@@ -466,7 +466,8 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
     step_fn = train_step.make_train_step(
         graphdef, optimizer, cfg.loss, compute_dtype=trainer_dtype,
         n_microbatches=cfg.trainer.n_microbatches, mesh=mesh, loss_scale=loss_scale,
-        temperature=cfg.sampler.temperature, keep_logits=cfg.trainer.keep_logits)
+        temperature=cfg.sampler.temperature, keep_logits=cfg.trainer.keep_logits,
+        share_prompts=cfg.trainer.share_prompts)
     loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}
     return _Parts(mesh, sampler_mesh, tok, batches, sampling, evaluator, graphdef, step_fn, loop)
 
@@ -638,7 +639,8 @@ class _Run:
         # The step lays the batch out over its mesh's data axis itself (from the sampler's devices
         # when the sampler has its own).
         train_batch = train_step.TrainBatch.from_rollout(
-            rollout, advantages, truncated=cfg.sampler.logp == "truncated", with_entropy=cfg.sampler.return_entropy)
+            rollout, advantages, truncated=cfg.sampler.logp == "truncated", with_entropy=cfg.sampler.return_entropy,
+            group=cfg.rollout.group_size)
         t2 = time.perf_counter()
 
         device_metrics = self._update(train_batch, host["lengths"].astype(np.float64).mean())

@@ -197,7 +197,9 @@ class TrainerSettings:
         "projections" also keeps the projections' outputs, "none" keeps everything.
       keep_logits: ``make_train_step(keep_logits=...)``: keep every LM-head chunk's float32
         logits for the backward pass instead of recomputing them.
-      The last two trade memory for compute and change no number beyond summation order, so a
+      share_prompts: ``make_train_step(share_prompts=...)``: compute each GRPO group's prompt
+        once in the forward and backward, not once per response.
+      The last three trade memory or compute and change no number beyond summation order, so a
       run may resume with other values (benchmarks/README.md has CPU timings).
     """
 
@@ -207,6 +209,7 @@ class TrainerSettings:
     loss_scale_growth_interval: int = 2000
     remat: str = "layer"
     keep_logits: bool = False
+    share_prompts: bool = True
 
     def __post_init__(self):
         try:
@@ -409,8 +412,8 @@ class EvalSettings:
 # numbers: evaluation draws nothing and leaves the state alone; the data and model-cache
 # directories are places, and what is stored there is a function of the other settings, so a
 # run or study workdir can be moved); dotted for a setting in a group.
-RESUMABLE_KEYS = ("steps", "checkpoint", "log", "eval", "trainer.remat", "trainer.keep_logits", "task.data_dir",
-                  "model.cache_dir")
+RESUMABLE_KEYS = ("steps", "checkpoint", "log", "eval", "trainer.remat", "trainer.keep_logits",
+                  "trainer.share_prompts", "task.data_dir", "model.cache_dir")
 
 
 @dataclasses.dataclass(frozen=True)

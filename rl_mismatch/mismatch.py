@@ -142,6 +142,13 @@ def _check_rescore_options(temperature, score_from, token_chunk, keep_logits, T)
     check_chunk_options(token_chunk, keep_logits)
 
 
+def check_group(group, B: int) -> None:
+    """Raises ValueError unless ``group`` is a positive int dividing the batch of ``B`` rows."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or B % group:
+        raise ValueError(f"group={group!r} must be a positive int dividing the batch ({B} rows): the rows "
+                         "of one prompt come in runs of group consecutive rows.")
+
+
 def check_chunk_options(token_chunk, keep_logits) -> None:
     """Raises ValueError unless ``token_chunk`` and ``keep_logits`` are valid :func:`rescore` options."""
     if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk <= 0:
@@ -190,16 +197,22 @@ def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_ch
 
 
 def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, with_entropy,
-             score_from, token_chunk, keep_logits):
+             score_from, token_chunk, keep_logits, group):
     _check_rescore_args(tokens_BT, valid_BT, positions_BT, response_mask_BT)
     B, T = tokens_BT.shape
     _check_rescore_options(temperature, score_from, token_chunk, keep_logits, T)
+    check_group(group, B)
     valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
     # Column t is predicted from column t − 1: queries [score_from − 1, T − 1), targets
     # [score_from, T). Slicing happens before the LM head (on hidden states) or, for a plain
     # logits function, on the [B, T] results, never on a [B, T, V] array.
     targets_BM = tokens_BT[:, score_from:]
-    if hasattr(model, "hidden_states") and hasattr(model, "logits"):
+    if group > 1 and score_from > 1 and hasattr(model, "grouped_hidden_states") and hasattr(model, "logits"):
+        h_BMD = model.grouped_hidden_states(tokens_BT, prefix=score_from - 1, group=group,
+                                            positions_BT=positions_BT, valid_BT=valid_BT)[:, :-1]
+        lp_BM, ent_BM = _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_chunk,
+                                       keep_logits)
+    elif hasattr(model, "hidden_states") and hasattr(model, "logits"):
         h_BTD = model.hidden_states(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT)
         lp_BM, ent_BM = _score_chunked(model, h_BTD[:, score_from - 1:T - 1], targets_BM,
                                        temperature, with_entropy, token_chunk, keep_logits)
@@ -237,7 +250,7 @@ DEFAULT_TOKEN_CHUNK = 128
 def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
             *, positions_BT: jax.Array | None = None, response_mask_BT: jax.Array | None = None,
             temperature: float = 1.0, score_from: int = 1,
-            token_chunk: int = DEFAULT_TOKEN_CHUNK, keep_logits: bool = False) -> jax.Array:
+            token_chunk: int = DEFAULT_TOKEN_CHUNK, keep_logits: bool = False, group: int = 1) -> jax.Array:
     """Trainer log-probs of the rollout tokens, teacher-forced, aligned with the sampler's.
 
     ``logp_BT[:, t] = log softmax(z_{t−1} / temperature)[tokens_BT[:, t]]``, where ``z`` are the
@@ -276,13 +289,20 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
         (its cost on a SmolLM2 train step: benchmarks/README.md). True: every chunk's
         logits are kept for the backward pass, [B, T − score_from, V] float32 in all, as a
         plain ``logits_BTV`` forward would; for short responses and small vocabularies.
+      group: static; rows come in runs of ``group`` that share their columns before
+        ``score_from − 1`` (a GRPO batch: one prompt, ``group`` responses, ``score_from`` its
+        prompt width). A model with ``grouped_hidden_states`` (a ``Decoder``) then computes
+        those columns once per run; the result is the same up to float32 summation order.
+        The caller guarantees the shared columns are equal (the train step checks them).
+        Ignored where ``score_from`` is 1 and by a plain logits function.
 
     Returns:
       float32 ``logp_BT``, same columns as the sampler's stored log-probs.
 
     Raises:
       ValueError: mis-shaped or non-integer tokens, a non-positive temperature, ``score_from``
-        outside ``[1, T)``, a non-positive ``token_chunk`` or a non-bool ``keep_logits``.
+        outside ``[1, T)``, a non-positive ``token_chunk``, a non-bool ``keep_logits`` or a
+        ``group`` that does not divide the batch.
 
     Example:
       >>> import jax.numpy as jnp
@@ -291,14 +311,14 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
       [0.0, -1.3863, -1.3863]
     """
     return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, False,
-                    score_from, token_chunk, keep_logits)
+                    score_from, token_chunk, keep_logits, group)
 
 
 def rescore_with_entropy(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
                          positions_BT: jax.Array | None = None,
                          response_mask_BT: jax.Array | None = None, temperature: float = 1.0,
                          score_from: int = 1, token_chunk: int = DEFAULT_TOKEN_CHUNK,
-                         keep_logits: bool = False) -> tuple[jax.Array, jax.Array]:
+                         keep_logits: bool = False, group: int = 1) -> tuple[jax.Array, jax.Array]:
     """:func:`rescore` plus the trainer's entropy of the distribution each token came from.
 
     ``entropy_BT[:, t] = H(softmax(z_{t−1} / temperature))``, zeroed where ``logp_BT`` is
@@ -309,7 +329,7 @@ def rescore_with_entropy(model, tokens_BT: jax.Array, valid_BT: jax.Array | None
       ``(logp_BT, entropy_BT)``.
     """
     return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, True,
-                    score_from, token_chunk, keep_logits)
+                    score_from, token_chunk, keep_logits, group)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -49,6 +49,14 @@ leaves like the parameters they belong to, scalars replicated, and the batch spl
 ``data``. Micro-batch m takes rows m, m + n, m + 2n, …, so that every micro-batch is spread
 over all data shards (a contiguous split would put each micro-batch on a few devices).
 
+GRPO groups. When the batch's rows come in runs of ``group`` responses to one prompt
+(`TrainBatch.group`) and it holds a multiple of n × group × data-axis size rows, micro-batch m
+takes whole runs m, m + n, m + 2n, … (still spread over every data shard), and the forward
+computes each run's prompt once (``Decoder.grouped_hidden_states``, ``share_prompts``): the
+layers see ``B/group · prompt + B · response`` tokens instead of ``B · (prompt + response)``.
+The noise scale's small batches are then whole groups. Otherwise rows are split as above and
+every row is computed in full.
+
 Example (tiny model, one device):
 
 >>> import optax, jax, jax.numpy as jnp
@@ -106,6 +114,10 @@ class TrainBatch(struct.PyTreeNode):
         before it must be outside the response mask (the step checks). A rollout's ``prompt_width`` skips the LM
         head over the prompt (what ``logits_to_keep`` does in HF-based trainers); 1 scores
         every column. Each distinct value is one compiled step.
+      group: static; the rows come in runs of ``group`` consecutive rows with the same prompt
+        (GRPO's group size), equal on every column before ``score_from − 1`` (the step checks).
+        The step then runs each prompt through the model once per run and keeps each run in
+        one micro-batch (see `make_train_step`). 1: no such structure.
     """
 
     tokens_BT: jax.Array
@@ -115,10 +127,11 @@ class TrainBatch(struct.PyTreeNode):
     advantages_B: jax.Array
     sampler_entropy_BT: jax.Array | None = None
     score_from: int = struct.field(pytree_node=False, default=1)
+    group: int = struct.field(pytree_node=False, default=1)
 
     @classmethod
     def from_rollout(cls, rollout, advantages_B: jax.Array, *, truncated: bool = False,
-                     with_entropy: bool = False) -> TrainBatch:
+                     with_entropy: bool = False, group: int = 1) -> TrainBatch:
         """The batch of a `rl_mismatch.sampler.Rollout` and its advantages.
 
         Args:
@@ -127,13 +140,15 @@ class TrainBatch(struct.PyTreeNode):
           truncated: use the log-probs of the truncated (top-k/top-p) distribution that was
             sampled from, rather than of the full distribution.
           with_entropy: pass the rollout's entropies on (only if the sampler recorded them).
+          group: the rollout's rows are runs of ``group`` responses to one prompt (what
+            ``sampler.generate(..., group=)`` was given).
         """
         return cls(tokens_BT=rollout.tokens_BT, valid_BT=rollout.valid_BT,
                    response_mask_BT=rollout.response_mask_BT,
                    sampler_logp_BT=rollout.logp_truncated_BT if truncated else rollout.logp_BT,
                    advantages_B=advantages_B,
                    sampler_entropy_BT=rollout.entropy_BT if with_entropy else None,
-                   score_from=max(1, rollout.prompt_width))
+                   score_from=max(1, rollout.prompt_width), group=group)
 
 
 class TrainState(struct.PyTreeNode):
@@ -428,6 +443,27 @@ def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
         raise ValueError(
             f"Batch size {shape[0]} must be a multiple of n_microbatches × data-axis size = "
             f"{n_micro} × {data_size}; pad the batch (all-False masks) or change n_microbatches.")
+    mismatch.check_group(batch.group, shape[0])
+    if batch.group > 1 and batch.score_from > 1:
+        _check_shared_prompts(batch)
+
+
+def _check_shared_prompts(batch: TrainBatch) -> None:
+    """Raises ValueError unless each run of ``batch.group`` rows is equal on the columns the step
+    computes once per run (before ``score_from − 1``). One small reduction and host read."""
+    G, width = batch.group, batch.score_from - 1
+
+    def differs(x_BT):  # [B/G]: does any row of the run differ from its first row there?
+        runs = x_BT[:, :width].reshape(-1, G, width)
+        return jnp.any(runs != runs[:, :1], axis=(1, 2))
+
+    bad = np.flatnonzero(np.asarray(differs(batch.tokens_BT) | differs(batch.valid_BT.astype(bool))))
+    if bad.size:
+        first = int(bad[0]) * G
+        raise ValueError(
+            f"batch.group={G} but rows {first}..{first + G - 1} differ on their first {width} columns "
+            f"(the prompt, before score_from − 1 = {width}); {bad.size} run(s) differ in all. Give each "
+            "prompt's responses as consecutive rows, or build the batch with group=1.")
 
 
 def _noise_metrics(sq_big, mask_BT, sq_n=None, seqs_n=None) -> dict[str, jax.Array]:
@@ -472,7 +508,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                     loss_config: losses.LossConfig, *, compute_dtype: Any, n_microbatches: int = 1,
                     mesh: jax.sharding.Mesh | None = None, loss_scale: precision.LossScale | None = None,
                     temperature: float = 1.0, token_chunk: int = 256,
-                    keep_logits: bool = False) -> TrainStep:
+                    keep_logits: bool = False, share_prompts: bool = True) -> TrainStep:
     """Builds the jitted train step (see the module docstring for what one step computes).
 
     Args:
@@ -497,6 +533,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         each chunk's logits, so the step never holds more than one chunk's; True keeps all
         [B, T − score_from, V] float32 logits for the backward pass (what a trainer that
         materialises the logits holds): faster on CPU, for that memory.
+      share_prompts: for a batch with ``group`` > 1 (`TrainBatch`), run each run's prompt
+        through the forward and backward once (``Decoder.grouped_hidden_states``): a GRPO
+        batch's layers then see ``B/group · prompt + B · response`` tokens instead of
+        ``B · (prompt + response)``. The same numbers up to float32 summation order. False
+        computes every row in full (to compare).
 
     Returns:
       A `TrainStep` ``step(state, batch, **opt_signals) -> (state, metrics)``. The input
@@ -537,11 +578,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}.")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
+    if not isinstance(share_prompts, bool):
+        raise ValueError(f"share_prompts must be a bool, got {share_prompts!r}.")
     loss_scale = precision.make_loss_scale(compute_dtype) if loss_scale is None else loss_scale
     if not isinstance(loss_scale, (precision.DynamicLossScale, precision.NoOpLossScale)):
         raise ValueError(f"loss_scale must be a precision.DynamicLossScale or NoOpLossScale, got {loss_scale!r}.")
     spec = _StepSpec(graphdef, optax.with_extra_args_support(optimizer), loss_config, compute_dtype,
-                     n_microbatches, mesh, loss_scale, temperature, token_chunk, keep_logits)
+                     n_microbatches, mesh, loss_scale, temperature, token_chunk, keep_logits, share_prompts)
     data_size = 1 if mesh is None else mesh.shape[shd.DATA]
     return TrainStep(functools.partial(_train_step, spec), mesh,
                      lambda batch: _check_batch(batch, n_microbatches, data_size))
@@ -561,6 +604,19 @@ class _StepSpec:
     temperature: float
     token_chunk: int
     keep_logits: bool
+    share_prompts: bool
+
+    def run_length(self, batch: TrainBatch) -> int:
+        """The rows each micro-batch takes together: ``batch.group`` where every micro-batch
+        can hold whole runs spread evenly over the data axis, else 1 (see `make_train_step`)."""
+        data = 1 if self.mesh is None else self.mesh.shape[shd.DATA]
+        whole_runs = batch.group > 1 and batch.tokens_BT.shape[0] % (self.n_micro * batch.group * data) == 0
+        return batch.group if whole_runs else 1
+
+    def shared_group(self, batch: TrainBatch) -> int:
+        """The ``group`` the rescoring computes each prompt once for (1: every row in full)."""
+        share = self.share_prompts and batch.score_from > 1
+        return self.run_length(batch) if share else 1
 
     @property
     def defer_is_mean(self) -> bool:
@@ -616,8 +672,10 @@ def _train_step(s: _StepSpec, state: TrainState, batch: TrainBatch,
     return new_state, metrics
 
 
-def _micro_grads(s: _StepSpec, params, ls_state, mb: TrainBatch, normalizer):
-    """Scaled float32 gradient of the micro-batch's share of the whole-batch loss, and its log-probs."""
+def _micro_grads(s: _StepSpec, params, ls_state, mb: TrainBatch, normalizer, group: int):
+    """Scaled float32 gradient of the micro-batch's share of the whole-batch loss, and its log-probs.
+    ``group``: the runs whose prompt the forward computes once (`_StepSpec.shared_group` of the
+    whole batch)."""
 
     def loss_fn(p):
         model = nnx.merge(s.graphdef, p)
@@ -626,7 +684,8 @@ def _micro_grads(s: _StepSpec, params, ls_state, mb: TrainBatch, normalizer):
             model.activation_sharding = NamedSharding(s.mesh, P(shd.DATA, None, None))
         logp_BT = mismatch.rescore(model, mb.tokens_BT, mb.valid_BT, response_mask_BT=mb.response_mask_BT,
                                    temperature=s.temperature, score_from=mb.score_from,
-                                   token_chunk=s.token_chunk, keep_logits=s.keep_logits)
+                                   token_chunk=s.token_chunk, keep_logits=s.keep_logits,
+                                   group=group)
         # One update per rollout: π_old is π_θ itself, detached (its value, not its gradient).
         old_BT = jax.lax.stop_gradient(logp_BT)
         loss, _ = losses.compute_policy_loss(logp_BT, old_BT, mb.sampler_logp_BT, mb.advantages_B,
@@ -642,18 +701,24 @@ def _micro_grads(s: _StepSpec, params, ls_state, mb: TrainBatch, normalizer):
 def _accumulate_grads(s: _StepSpec, params, ls_state, batch: TrainBatch, normalizer):
     """The scaled whole-batch gradient, the trainer's log-probs [B, T], and the per-micro-batch
     noise inputs ``(|G_m|², sequences_m)`` for `_noise_metrics` (``()`` with one micro-batch)."""
+    group = s.shared_group(batch)
     if s.n_micro == 1:
-        grads, logp_BT = _micro_grads(s, params, ls_state, batch, normalizer)
+        grads, logp_BT = _micro_grads(s, params, ls_state, batch, normalizer, group)
         return grads, logp_BT, ()
     B, T = batch.tokens_BT.shape
+    n, run = s.n_micro, s.run_length(batch)
     inv_scale_sq = 1.0 / jnp.square(ls_state.scale)
 
-    def split(x):  # [B, ...] -> [n, B/n, ...]; micro-batch m = rows m, m + n, …
-        x = x.reshape(B // s.n_micro, s.n_micro, *x.shape[1:]).swapaxes(0, 1)
+    def split(x):  # [B, ...] -> [n, B/n, ...]; micro-batch m = runs m, m + n, … of `run` rows
+        x = x.reshape(B // (n * run), n, run, *x.shape[1:]).swapaxes(0, 1).reshape(n, B // n, *x.shape[1:])
         return s.constrain(x, P(None, shd.DATA))
 
+    def merge(x):  # split's inverse
+        x = x.reshape(n, B // (n * run), run, *x.shape[2:]).swapaxes(0, 1).reshape(B, *x.shape[2:])
+        return s.constrain(x, P(shd.DATA))
+
     def body(acc, mb):
-        g, logp = _micro_grads(s, params, ls_state, mb, normalizer)
+        g, logp = _micro_grads(s, params, ls_state, mb, normalizer, group)
         # This micro-batch's share N_m/N of the normaliser: its gradient divided by the share is
         # the gradient of its own loss (G_small of the noise-scale estimator).
         share = losses.loss_normalizer(mb.response_mask_BT, s.loss_config) / jnp.maximum(normalizer, 1.0)
@@ -663,7 +728,7 @@ def _accumulate_grads(s: _StepSpec, params, ls_state, batch: TrainBatch, normali
 
     acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
     grads, (logp_nbT, sq_n, seqs_n) = jax.lax.scan(body, acc0, jax.tree.map(split, batch))
-    logp_BT = s.constrain(logp_nbT.swapaxes(0, 1).reshape(B, T), P(shd.DATA))
+    logp_BT = merge(logp_nbT)
     if s.defer_is_mean:
         is_mean = losses.is_batch_mean(logp_BT, batch.sampler_logp_BT, batch.response_mask_BT, s.loss_config)
         inv = 1.0 / jnp.where(is_mean > 0, is_mean, 1.0)  # as the loss itself guards a zero mean

@@ -147,6 +147,54 @@ def test_attention_gradient_within_its_rounding(dtype, tol):
         assert np.all(err <= tol * size + 1e-30), (name, float((err / (size + 1e-30)).max()))
 
 
+def _runs_of(G, prefix, T, run_pads, ends, vocab, seed=0):
+    """Runs of G rows sharing their first ``prefix`` columns (a GRPO batch): left padding per run,
+    each row's own end (right padding after it)."""
+    rng = np.random.default_rng(seed)
+    runs = len(run_pads)
+    shared = np.repeat(rng.integers(1, vocab, (runs, prefix)), G, axis=0)
+    tokens = np.concatenate([shared, rng.integers(1, vocab, (runs * G, T - prefix))], axis=1)
+    col = np.arange(T)[None]
+    valid = (col >= np.repeat(run_pads, G)[:, None]) & (col < np.asarray(ends)[:, None])
+    return jnp.asarray(tokens, jnp.int32), jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("variant,causal_block", [(v, 128) for v in sorted(VARIANTS)] + [("llama_tied", 4)])
+def test_grouped_hidden_states_equal_the_full_forward(variant, causal_block, monkeypatch):
+    """Each run's shared columns computed once (`grouped_hidden_states`) against every row in
+    full: float32, the same terms with the keys in the same order, only the matmuls' blocking
+    differs, so the forward agrees to the KV-cache test's 2e-5 and the gradient of every
+    parameter to 1e-5 of its largest entry (test_rescore's bound for the same kind of change).
+    Runs with different left padding, one padded past the shared columns; rows ending early.
+    causal_block 4: the shared columns' attention runs in query blocks."""
+    monkeypatch.setattr(decoder, "_CAUSAL_BLOCK", causal_block)
+    cfg = tiny_config(**VARIANTS[variant])
+    graphdef, params = nnx.split(_randomise(Decoder(cfg, rngs=nnx.Rngs(0))))
+    G, prefix, T = 3, 9, 15
+    tokens, valid = _runs_of(G, prefix, T, [0, 2, 10], [15, 12, 10, 15, 14, 13, 15, 11, 15], cfg.vocab_size)
+    own = valid[:, prefix:, None]  # padding positions' outputs are never read
+    weights = jax.random.normal(jax.random.key(1), (9, T - prefix, cfg.d_model))
+
+    def hidden(p, grouped):
+        model = nnx.merge(graphdef, p)
+        if grouped:
+            return model.grouped_hidden_states(tokens, prefix=prefix, group=G, valid_BT=valid)
+        return model.hidden_states(tokens, valid_BT=valid)[:, prefix:]
+
+    full, got = (np.where(own, hidden(params, g), 0) for g in (False, True))
+    assert got.shape == (9, T - prefix, cfg.d_model)
+    np.testing.assert_allclose(got, full, atol=2e-5, rtol=0)
+    grads = [jax.grad(lambda p: jnp.sum(jnp.where(own, hidden(p, g), 0) * weights))(params) for g in (False, True)]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))),
+                                   err_msg=jax.tree_util.keystr(path))
+    model = nnx.merge(graphdef, params)
+    for kwargs, match in (({"prefix": 0, "group": G}, "prefix=0"), ({"prefix": T, "group": G}, "prefix=15"),
+                          ({"prefix": prefix, "group": 4}, "group=4")):
+        with pytest.raises(ValueError, match=match):
+            model.grouped_hidden_states(tokens, valid_BT=valid, **kwargs)
+
+
 def test_grown_cache_decodes_like_one_allocation():
     cfg = tiny_config()
     model = _randomise(Decoder(cfg, rngs=nnx.Rngs(0)))

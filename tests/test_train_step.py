@@ -440,6 +440,105 @@ def test_noise_scale_counts_only_sequences_with_response_tokens():
 
 
 # --------------------------------------------------------------------------------------------
+# GRPO groups: each run's prompt computed once
+
+
+def _grouped_batch(B=16, G=4, prompt=6, response=7, seed=0) -> ts.TrainBatch:
+    """B/G runs of G rows with the same left-padded prompt (padding differs per run), then each
+    row's own response of 1..``response`` tokens."""
+    rng = np.random.default_rng(seed)
+    T = prompt + response
+    prompts = np.repeat(rng.integers(0, _CFG.vocab_size, (B // G, prompt)), G, axis=0)
+    tokens = np.concatenate([prompts, rng.integers(0, _CFG.vocab_size, (B, response))], axis=1).astype(np.int32)
+    col = np.arange(T)[None]
+    ends = prompt + rng.integers(1, response + 1, B)[:, None]
+    valid = (col >= np.repeat(rng.integers(0, 3, B // G), G)[:, None]) & (col < ends)
+    resp = (col >= prompt) & (col < ends)
+    sampler_logp = np.where(resp, -rng.uniform(0.5, 8.0, (B, T)), 0.0).astype(np.float32)
+    adv = rng.normal(size=B).astype(np.float32)
+    return ts.TrainBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(resp), jnp.asarray(sampler_logp),
+                         jnp.asarray(adv), score_from=prompt, group=G)
+
+
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """Counts the traces of `Decoder.grouped_hidden_states`: proof that a step shared its prompts."""
+    calls = []
+    original = Decoder.grouped_hidden_states
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs["group"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "grouped_hidden_states", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mesh_shape,n_micro,shared", [
+    (None, 1, True), (None, 2, True), ((2, 2), 2, True), ((4, 2), 1, True),
+    ((4, 2), 2, False),  # 16 rows do not hold 2 micro-batches x 4 data shards of whole runs of 4
+])
+def test_shared_prompts_change_no_step(mesh_shape, n_micro, shared, grouped_calls):
+    """share_prompts=True (each run's prompt through the model once) against False (every row in
+    full), both with the batch's runs kept whole in micro-batches: the same sums in another order
+    (the _REORDER_RTOL bounds), the noise scale's small-batch norms included."""
+    mesh = None if mesh_shape is None else shd.make_mesh(*mesh_shape)
+    batch = _grouped_batch()
+    results = {}
+    for share in (True, False):
+        graphdef, _ = nnx.split(_model())
+        step = ts.make_train_step(graphdef, _SGD, losses.LossConfig(), compute_dtype="f32", n_microbatches=n_micro,
+                                  mesh=mesh, share_prompts=share)
+        state = _state(mesh)
+        before = _np(state.params)
+        calls_before = len(grouped_calls)
+        state, metrics = step(state, batch)
+        results[share] = (jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, before), _np(metrics))
+        assert len(grouped_calls) - calls_before == (1 if share and shared else 0)
+    _assert_same_step(results[True], results[False])
+    np.testing.assert_allclose(results[True][1]["opt/grad_sq_small"], results[False][1]["opt/grad_sq_small"],
+                               rtol=_REORDER_RTOL)
+
+
+def test_micro_batches_hold_whole_runs():
+    """With runs of G kept whole, micro-batch m holds runs m, m + n, …: the step's small-batch
+    gradient norms are those of steps on exactly those rows."""
+    batch = _grouped_batch(B=16, G=4)
+    _, whole = _one_step(None, 2, batch=batch)
+    sq = []
+    for runs in ([0, 2], [1, 3]):
+        rows = np.concatenate([np.arange(4 * r, 4 * r + 4) for r in runs])
+        sub = jax.tree.map(lambda x: x[rows], batch)
+        _, metrics = _one_step(None, 1, batch=sub)
+        # The step's |G_m|² is of micro-batch m's own loss (its share of the normaliser divided
+        # out): the squared gradient norm of a step on its rows alone.
+        sq.append(float(metrics["opt/grad_sq_big"]))
+    np.testing.assert_allclose(whole["opt/grad_sq_small"], np.mean(sq), rtol=_REORDER_RTOL)
+
+
+def test_grouped_batch_errors():
+    opt = optax.sgd(0.1)
+    graphdef, state = ts.init_train_state(_model(), opt, compute_dtype="f32", key=jax.random.key(0))
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32")
+    with pytest.raises(ValueError, match="group=3 must be a positive int dividing the batch"):
+        step(state, _grouped_batch().replace(group=3))
+    batch = _grouped_batch()
+    tokens = np.asarray(batch.tokens_BT).copy()
+    tokens[9, 4] += 1  # row 9 of the run of rows 8..11: its prompt differs
+    with pytest.raises(ValueError, match=r"rows 8\.\.11 differ on their first 5 columns"):
+        step(state, batch.replace(tokens_BT=jnp.asarray(tokens)))
+    valid = np.asarray(batch.valid_BT).copy()
+    valid[0, :5] = ~valid[0, :5]
+    with pytest.raises(ValueError, match=r"rows 0\.\.3 differ"):
+        step(state, batch.replace(valid_BT=jnp.asarray(valid)))
+    tokens[9, 4] -= 1
+    tokens[9, 5] += 1  # the last prompt column is each row's own (score_from − 1 = 5): allowed
+    state, _ = step(state, batch.replace(tokens_BT=jnp.asarray(tokens)))
+    with pytest.raises(ValueError, match="share_prompts"):
+        ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", share_prompts=1)
+
+
+# --------------------------------------------------------------------------------------------
 # Arguments
 
 

@@ -25,7 +25,9 @@ sits at position 0 whatever its padding. ``logits_BTV[:, t]`` predicts ``tokens_
 Layers are stacked along a leading ``layers`` axis. The full-sequence forward (training,
 rescoring) applies them with ``lax.scan``: one compiled block keeps compile time flat in depth,
 and the backward pass recomputes each layer (``remat``). ``Decoder.hidden_states`` and
-``Decoder.logits`` split the forward before the LM head for callers that apply it in pieces.
+``Decoder.logits`` split the forward before the LM head for callers that apply it in pieces;
+``Decoder.grouped_hidden_states`` is the same forward for rows that share a prompt, computing
+it once per group.
 KV-cache decoding unrolls the layers (see ``Decoder.decode``).
 """
 
@@ -407,6 +409,30 @@ def _attention_in_row_groups(q_BTNH, k_groups, v_groups, allowed_BTS) -> jax.Arr
         jnp.split(q_BTNH, n), k_groups, v_groups, jnp.split(allowed_BTS, n))], axis=0)
 
 
+def _grouped_attention(q, k, v, *, prefix, group, allowed_prefix, allowed_own):
+    """Attention of `Decoder.grouped_hidden_states`' layout, one row per run of ``group``
+    sequences: ``[runs, prefix + group · R, ·, H]``, the run's shared columns then its rows.
+
+    The shared columns attend causally among themselves (`_causal_attention`). Each row's own
+    columns attend to the shared keys and values, repeated to the run's rows, followed by their
+    own: the key order of the full sequence, so each query sums the same terms as in
+    `Decoder.hidden_states`. ``allowed_prefix`` [runs, prefix, prefix] and ``allowed_own``
+    [B, R, prefix + R] are the masks. Returns ``(out, None)`` in ``q``'s layout.
+    """
+    runs, _, N, H = q.shape
+    B, R = runs * group, allowed_own.shape[1]
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [., T, K, H] -> [., K, T, H]
+    out_shared = _causal_attention(q[:, :prefix], heads_first(k[:, :prefix]), heads_first(v[:, :prefix]),
+                                   allowed_prefix)
+
+    def with_shared(x):  # the run's shared keys before each row's own: [B, K, prefix + R, H]
+        own = heads_first(x[:, prefix:].reshape(B, R, *x.shape[2:]))
+        return jnp.concatenate([jnp.repeat(heads_first(x[:, :prefix]), group, axis=0), own], axis=2)
+
+    out_own = _attention(q[:, prefix:].reshape(B, R, N, H), with_shared(k), with_shared(v), allowed_own)
+    return jnp.concatenate([out_shared, out_own.reshape(runs, group * R, N, H)], axis=1), None
+
+
 def _write_slots(cache_BKSH: jax.Array, new_BKTH: jax.Array, start: jax.Array) -> jax.Array:
     """``cache[:, :, start:start + T] = new`` (cast to the cache dtype), in place.
 
@@ -511,12 +537,11 @@ class Block(nnx.Module):
         self.down = _param(rngs, (F, D), (MLP, EMBED), pd)
         self.config = config
 
-    def __call__(self, x_BTD, positions_BT, keys_fn, *, causal: bool = False):
-        """``keys_fn(k_BTKH, v_BTKH) -> (keys, values, allowed_BTS, aux)`` supplies the keys
-        attended and the mask. ``causal``: the keys are the chunk itself, [B, K, T, H] arrays
-        (slot t is position t), and the mask causal, so attention may skip the blocks above the
-        diagonal (`_causal_attention`). Otherwise they are the chunk written into a cache: one
-        [B / R, K, S, H] array per row group (`KVCache`)."""
+    def __call__(self, x_BTD, positions_BT, attend):
+        """``attend(q_BTNH, k_BTKH, v_BTKH) -> (out_BTNH, aux)`` is the attention itself, given
+        this chunk's queries, keys and values after RoPE: the caller decides which keys each
+        query sees (the chunk itself, causally; a KV cache it writes them into; a group's shared
+        prompt). Returns ``(x_BTD, aux)``."""
         c = self.config
         h = _rms_norm(x_BTD, self.attn_norm[...], c.rms_eps)
         q = _dot("btd,dnh->btnh", h, self.q[...])
@@ -531,8 +556,7 @@ class Block(nnx.Module):
             k = _rms_norm(k, self.k_norm[...], c.rms_eps)
         q = _rope(q, positions_BT, c.rope_theta)
         k = _rope(k, positions_BT, c.rope_theta)
-        k_all, v_all, allowed_BTS, aux = keys_fn(k, v)
-        attn = (_causal_attention if causal else _attention_in_row_groups)(q, k_all, v_all, allowed_BTS)
+        attn, aux = attend(q, k, v)
         # One contraction dim (n, h flattened; both reshapes are free): with two, XLA orders
         # them (h, n) and transposes the activations and the whole o weight at every call.
         B, T, N, H = attn.shape
@@ -634,21 +658,73 @@ class Decoder(nnx.Module):
         causal = jnp.tril(jnp.ones((T, T), bool))
         allowed_BTS = causal[None] & valid_BT[:, None, :]
 
-        def keys_fn(k, v):
-            return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed_BTS, None
+        def attend(q, k, v):
+            return _causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed_BTS), None
 
+        return self._final_norm(self._layer_scan(self._embed(tokens_BT), positions_BT, attend))
+
+    def grouped_hidden_states(self, tokens_BT, *, prefix: int, group: int, positions_BT=None,
+                              valid_BT=None) -> jax.Array:
+        """:meth:`hidden_states` of columns ``[prefix, T)`` of rows that share their first
+        ``prefix`` columns in runs of ``group``: [B, T − prefix, D] in ``dtype``.
+
+        A GRPO batch holds each prompt ``group`` times. Here each run's shared columns go through
+        the layers once, and the run's rows attend to their keys and values, so the
+        layers see ``B/group · prefix + B · (T − prefix)`` tokens instead of ``B · T``; under
+        differentiation the shared columns' cotangents are summed over the run. The result equals
+        ``hidden_states(...)[:, prefix:]`` up to float32 summation order: every token is computed
+        from the same inputs, and each query attends to the same keys in the same order.
+
+        Layout: one row per run, ``[B/group, prefix + group · (T − prefix), D]``, the shared
+        columns first, then the run's rows one after another. The projections and the MLP see
+        one [tokens, D] matrix either way; only attention needs the structure (`_grouped_attention`).
+        ``activation_sharding`` applies to this layout, so a mesh splits the runs over ``data``.
+
+        The caller guarantees that ``tokens_BT`` and ``valid_BT`` (and ``positions_BT``, if
+        given) are equal within each run on columns ``[0, prefix)``; only the first row of each
+        run is read there. Rows with ``prefix`` or more columns of left padding are fine.
+
+        Raises:
+          ValueError: ``prefix`` not in ``[1, T)``, or ``group`` not a positive divisor of B.
+        """
+        B, T = tokens_BT.shape
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix < T:
+            raise ValueError(f"prefix={prefix!r} must be an int in [1, {T}).")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1 or B % group:
+            raise ValueError(f"group={group!r} must be a positive int dividing the batch ({B} rows).")
+        R, runs = T - prefix, B // group
+        valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
+        if positions_BT is None:
+            positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
+
+        def runs_layout(x_BT):  # [B, T, ...] -> [B/group, prefix + group·R, ...]
+            shared, own = x_BT[::group, :prefix], x_BT[:, prefix:]
+            return jnp.concatenate([shared, own.reshape(runs, group * R, *own.shape[2:])], axis=1)
+
+        valid_P = valid_BT[::group, :prefix]
+        allowed_prefix = jnp.tril(jnp.ones((prefix, prefix), bool))[None] & valid_P[:, None, :]
+        # A row's query sees its run's valid shared columns, then its own columns causally.
+        own_causal = jnp.tril(jnp.ones((R, R), bool))[None] & valid_BT[:, None, prefix:]
+        shared_seen = jnp.broadcast_to(jnp.repeat(valid_P, group, axis=0)[:, None, :], (B, R, prefix))
+        allowed_own = jnp.concatenate([shared_seen, own_causal], axis=2)
+        attend = functools.partial(_grouped_attention, prefix=prefix, group=group,
+                                   allowed_prefix=allowed_prefix, allowed_own=allowed_own)
+        x = self._layer_scan(runs_layout(self._embed(tokens_BT)), runs_layout(positions_BT), attend)
+        return self._final_norm(x[:, prefix:].reshape(B, R, -1))
+
+    def _layer_scan(self, x_BTD, positions_BT, attend):
+        """Every layer over ``x_BTD`` with ``lax.scan``, each rematerialised as ``self.remat`` says."""
         graphdef, state = nnx.split(self.blocks)
 
         def layer(x, block_state):
-            return nnx.merge(graphdef, block_state)(x, positions_BT, keys_fn, causal=True)[0]
+            return nnx.merge(graphdef, block_state)(x, positions_BT, attend)[0]
 
         if self.remat != "none":
             layer = jax.checkpoint(layer, prevent_cse=False, policy=_REMAT_POLICIES[self.remat])
         layer = _residuals_as_bits(layer)
-
         x, _ = jax.lax.scan(lambda x, layer_state: (self._constrain(layer(x, layer_state)), None),
-                            self._constrain(self._embed(tokens_BT)), state)
-        return self._final_norm(x)
+                            self._constrain(x_BTD), state)
+        return x
 
     def _constrain(self, x_BTD):
         if self.activation_sharding is None:
@@ -722,12 +798,13 @@ class Decoder(nnx.Module):
             block = nnx.merge(graphdef, layers[layer])
             k_cache, v_cache = cache.k[layer], cache.v[layer]
 
-            def keys_fn(k, v, k_cache=k_cache, v_cache=v_cache):
+            def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
                 k_cache = write(k_cache, k.transpose(0, 2, 1, 3))
                 v_cache = write(v_cache, v.transpose(0, 2, 1, 3))
-                return as_compute(k_cache, k), as_compute(v_cache, v), allowed_BTS, (k_cache, v_cache)
+                out = _attention_in_row_groups(q, as_compute(k_cache, k), as_compute(v_cache, v), allowed_BTS)
+                return out, (k_cache, v_cache)
 
-            x, (k_cache, v_cache) = block(x, positions_BT, keys_fn)
+            x, (k_cache, v_cache) = block(x, positions_BT, attend)
             new_k.append(k_cache)
             new_v.append(v_cache)
         new_cache = KVCache(tuple(new_k), tuple(new_v), valid_BS, start + T)
