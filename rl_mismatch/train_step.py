@@ -457,12 +457,15 @@ def _check_shared_prompts(batch: TrainBatch) -> None:
         runs = x_BT[:, :width].reshape(-1, G, width)
         return jnp.any(runs != runs[:, :1], axis=(1, 2))
 
-    bad = np.flatnonzero(np.asarray(differs(batch.tokens_BT) | differs(batch.valid_BT.astype(bool))))
-    if bad.size:
-        first = int(bad[0]) * G
+    bad = differs(batch.tokens_BT) | differs(batch.valid_BT.astype(bool))
+    # Scalars only reach the host (as the response-mask check above): on a multi-process mesh
+    # the [B/G] flags are not all addressable here.
+    n_bad, first = (int(x) for x in jax.device_get((jnp.sum(bad), jnp.argmax(bad))))
+    if n_bad:
+        first *= G
         raise ValueError(
             f"batch.group={G} but rows {first}..{first + G - 1} differ on their first {width} columns "
-            f"(the prompt, before score_from − 1 = {width}); {bad.size} run(s) differ in all. Give each "
+            f"(the prompt, before score_from − 1 = {width}); {n_bad} run(s) differ in all. Give each "
             "prompt's responses as consecutive rows, or build the batch with group=1.")
 
 
