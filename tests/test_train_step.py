@@ -475,7 +475,7 @@ def grouped_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("mesh_shape,n_micro,shared", [
-    (None, 1, True), (None, 2, True), ((2, 2), 2, True), ((4, 2), 1, True),
+    (None, 1, True), (None, 2, True), ((2, 2), 2, True),
     ((4, 2), 2, False),  # 16 rows do not hold 2 micro-batches x 4 data shards of whole runs of 4
 ])
 def test_shared_prompts_change_no_step(mesh_shape, n_micro, shared, grouped_calls):
