@@ -28,7 +28,7 @@ CASES = {  # script: (tiny flags, regexes its output must match)
          "--length_batch=2", "--repeats=1"],
         [r"\| bfloat16 \| 2 \| \d+ \| \d+ \| [\d.]+x \|", r"\| 8 \| \d+ \|"]),
     "train_step.py": (
-        ["--dtypes=bf16", "--batch=4", "--group=2", "--microbatches=2", "--seq_len=16", "--steps=1"],
+        ["--dtypes=bf16", "--batch=2", "--group=2", "--seq_len=16", "--steps=1"],
         [r"ours: +[\d.]+ tok/s", r"HF: +[\d.]+ tok/s", r"ours/HF = [\d.]+x",
          r"every row in full \(share_prompts=False\): +[\d.]+ tok/s .* each prompt once: [\d.]+x",
          r"XLA +[\d.]+ s = \d+% of our step, torch +[\d.]+ s = \d+% of HF's step; XLA/torch = [\d.]+x"]),
