@@ -117,7 +117,7 @@ class TrainBatch(struct.PyTreeNode):
       group: static; the rows come in runs of ``group`` consecutive rows with the same prompt
         (GRPO's group size), equal on every column before ``score_from − 1`` (the step checks).
         The step then runs each prompt through the model once per run and keeps each run in
-        one micro-batch (see `make_train_step`). 1: no such structure.
+        one micro-batch (the module docstring's "GRPO groups"). 1: no such structure.
     """
 
     tokens_BT: jax.Array
@@ -611,7 +611,7 @@ class _StepSpec:
 
     def run_length(self, batch: TrainBatch) -> int:
         """The rows each micro-batch takes together: ``batch.group`` where every micro-batch
-        can hold whole runs spread evenly over the data axis, else 1 (see `make_train_step`)."""
+        can hold whole runs spread evenly over the data axis, else 1 (the module docstring's "GRPO groups")."""
         data = 1 if self.mesh is None else self.mesh.shape[shd.DATA]
         whole_runs = batch.group > 1 and batch.tokens_BT.shape[0] % (self.n_micro * batch.group * data) == 0
         return batch.group if whole_runs else 1
