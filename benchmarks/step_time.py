@@ -34,9 +34,10 @@ default a temporary directory deleted at the end). Nothing in the library is cha
   (step 0 compiles the sampler and the train step; step 1 is left out as well, as the issue's
   "30 steady steps of 32" counts them). Each
   step's time is ``time/step_s - time/checkpoint_s``: a step that saves a checkpoint (every 4th:
-  ``checkpoint.every``) is timed without the save's synchronous part, the array copy to host
-  memory and the metrics file's fsync; the files themselves are written by a background thread,
-  which the steps after a save do include. The CV with the saves left in is shown beside it.
+  ``checkpoint.every``) is timed without the save's synchronous part (the array copy to host
+  memory and the metrics file's fsync) and, on a CPU backend, without the wait before the update
+  for the background thread writing the files (it writes while the step samples). The CV with the
+  saves left in is shown beside it.
   A step's response bucket is ``(rollout/prompt_width, k)``, k = how many of the sampler's KV
   cache sizes (``sampler.cache_sizes(max_new_tokens, SamplingConfig.cache_segment)``: the cache
   starts at prompt + ``cache_segment`` slots and doubles up to prompt + budget) its decoding

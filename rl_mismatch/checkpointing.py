@@ -322,6 +322,12 @@ class Checkpointer:
             self._manager.check_for_errors()
         except Exception as e:
             raise CheckpointSaveError(f"Saving a checkpoint in {self.directory!r} failed: {_first_line(e)}") from e
+        finally:
+            # Orbax 0.12.8 adds this wait to the next save's "waiting for the previous save" time,
+            # and warns there when it exceeds 1 s ("consider checkpointing less frequently"). A
+            # wait the caller chose is not one: the next save found nothing pending.
+            if hasattr(self._manager, "_wait_for_prev_save_duration"):
+                self._manager._wait_for_prev_save_duration = 0.0
 
     def close(self) -> None:
         """Waits for the pending save and releases the manager (also when the save failed).

@@ -27,7 +27,8 @@ one pass of the loop) is the sum of ``time/eval_s`` (below), ``time/sample_s`` (
 and generation), ``time/score_s`` (decoding, rewards, advantages), ``time/train_s`` (the
 update, waited for), ``time/write_s`` (writing the previous step's metrics row and sampled
 replies) and ``time/checkpoint_s`` (saving the state after the previous step when a checkpoint
-is due: the metrics file's fsync and the save's synchronous part); ``time/tokens_per_s`` is the generated tokens over
+is due: the metrics file's fsync and the save's synchronous part, and on a CPU backend the wait
+for its background write before the update); ``time/tokens_per_s`` is the generated tokens over
 ``time/sample_s``, and ``time/compile_s`` the seconds JAX spent tracing and compiling during the
 step (the first step's compile time, and any recompilation later; it is part of the phase that
 compiled).
@@ -482,6 +483,11 @@ class _Run:
         self.parts = _build(cfg, workdir, score_fns)
         self.sampler_dtype = parse_dtype(cfg.sampler.dtype)
         self.ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=cfg.checkpoint.max_to_keep)
+        # A save writes in the background while the step samples. On a CPU backend its host copy
+        # of the state and the update's buffers share the same memory, and the update is the
+        # step's memory peak: the save is finished before the update there, so the two peaks do
+        # not add. On an accelerator the update's buffers are device memory and the save goes on.
+        self.save_done_before_update = jax.default_backend() == "cpu"
         self.loop = self.parts.loop
         # The k3 signal is the previous step's (the current one is computed inside the step); None
         # before the first step, which the detector ignores. Checkpointed with the data position.
@@ -547,7 +553,9 @@ class _Run:
                 self._save_if_due(step)  # The state after the previous step.
                 t1 = time.perf_counter()
                 host_metrics, device_metrics, samples = self._traced_step(step)
-                self.writer.hold(step, {**host_metrics, "time/checkpoint_s": t1 - t0}, device_metrics)
+                # The save's start here, and its end if the step waited for it before the update.
+                host_metrics["time/checkpoint_s"] += t1 - t0
+                self.writer.hold(step, host_metrics, device_metrics)
                 # Only now does a save cover this step: its row is held and `last_k3` is its k3, so
                 # a save after an error here continues exactly.
                 self.state_intact, self.completed = True, step + 1
@@ -642,12 +650,15 @@ class _Run:
             rollout, advantages, truncated=cfg.sampler.logp == "truncated", with_entropy=cfg.sampler.return_entropy,
             group=cfg.rollout.group_size)
         t2 = time.perf_counter()
-
-        device_metrics = self._update(train_batch, host["lengths"].astype(np.float64).mean())
+        if self.save_done_before_update:
+            self.ckpt.wait()  # A pending save (see __init__); at once when none is.
         t3 = time.perf_counter()
 
-        times = {"time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
-                 **({"time/eval_s": eval_s} if eval_metrics else {})}
+        device_metrics = self._update(train_batch, host["lengths"].astype(np.float64).mean())
+        t4 = time.perf_counter()
+
+        times = {"time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/checkpoint_s": t3 - t2,
+                 "time/train_s": t4 - t3, **({"time/eval_s": eval_s} if eval_metrics else {})}
         host_metrics = {**_host_metrics(cfg, scores, host, rollout.prompt_width), **eval_metrics, **times,
                         "time/tokens_per_s": host["lengths"].sum() / max(times["time/sample_s"], 1e-9)}
         due = cfg.log.samples_every and step % cfg.log.samples_every == 0

@@ -250,6 +250,32 @@ def test_a_failed_background_save_is_reported(tmp_path, monkeypatch):
     assert Checkpointer(tmp_path / "ckpt").all_steps() == [1, 3]
 
 
+def test_a_chosen_wait_is_not_reported_as_a_save_waiting_for_the_previous(tmp_path, monkeypatch, caplog):
+    """The run waits for each save before its update (on CPU); orbax would count that wait as the
+    next save's wait for the previous one and warn "consider checkpointing less frequently"."""
+    from orbax.checkpoint import checkpoint_manager
+
+    class Slow:  # The background write takes at least 0.4 s.
+        def result(self, timeout=None):
+            time.sleep(0.4)
+
+    async_save = ocp.StandardCheckpointHandler.async_save
+
+    async def slow_save(self, *args, **kwargs):
+        return [*await async_save(self, *args, **kwargs), Slow()]
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", slow_save)
+    monkeypatch.setattr(checkpoint_manager, "_WAIT_FOR_PREV_SAVE_WARNING_THRESHOLD_SECS", 0.2)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    with caplog.at_level("WARNING"):
+        ckpt.save(1, _state(), {})
+        ckpt.wait()
+        ckpt.save(2, _state(), {})
+        ckpt.close()
+    assert ckpt.all_steps() == [1, 2]
+    assert not [r for r in caplog.records if "Waiting for previous save" in r.getMessage()]
+
+
 def test_wait_reports_a_failed_background_save(tmp_path, monkeypatch):
     class FullDisk:
         def result(self, timeout=None):

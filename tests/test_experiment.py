@@ -216,6 +216,42 @@ def test_tiny_end_to_end(tiny_run, tiny_cfg):
 
 
 @pytest.mark.slow
+def test_a_save_is_on_disk_before_the_update_on_cpu(tmp_path, tiny_cfg, monkeypatch):
+    """On a CPU backend a pending save's host copy would share memory with the update's buffers:
+    each step waits for the save it started (the save of the previous step's state) before its
+    update, which then finds that checkpoint complete, and the wait is part of the step's
+    time/checkpoint_s."""
+    from rl_mismatch.checkpointing import Checkpointer
+
+    events = []  # ("save", step) / ("wait",) / ("update", step run, newest complete checkpoint)
+    save, wait, update = Checkpointer.save, Checkpointer.wait, experiment._Run._update
+
+    def save_spy(self, step, *args, **kwargs):
+        events.append(("save", step))
+        return save(self, step, *args, **kwargs)
+
+    def wait_spy(self):
+        events.append(("wait",))
+        return wait(self)
+
+    def update_spy(self, *args, **kwargs):
+        events.append(("update", self.completed, self.ckpt.latest_step()))
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", save_spy)
+    monkeypatch.setattr(Checkpointer, "wait", wait_spy)
+    monkeypatch.setattr(experiment._Run, "_update", update_spy)
+    experiment.run(tiny_cfg(steps=3, **{"checkpoint.every": 1}), tmp_path)
+    assert jax.default_backend() == "cpu"
+    # Step s > 0 saves the state after step s - 1 before it samples, and waits before its update.
+    steps = [("wait",), ("update", 0, None)] + [e for s in (1, 2) for e in (("save", s), ("wait",), ("update", s, s))]
+    assert events[:len(steps)] == steps
+    assert [e for e in events[len(steps):] if e != ("wait",)] == [("save", 3)]  # After the last step.
+    rows = read_metrics(tmp_path)
+    assert all(r["time/checkpoint_s"] > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
 def test_plot_draws_runs(tiny_run, tmp_path):
     from experiments import plot
 
