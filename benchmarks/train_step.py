@@ -30,7 +30,10 @@ With ``--group=G`` the batch is GRPO-shaped: its prompts come in runs of G ident
 (``TrainBatch.group``). Ours then computes each prompt once (``share_prompts``, its default) and
 is measured a second time computing every row in full (``share_prompts=False``), to show what the
 sharing saves; HF computes every row, as TRL's GRPO trainer does. The FLOP rates count every row
-in full (the work a trainer without sharing does), so with sharing they are effective rates.
+in full (the work a trainer without sharing does), so with sharing they are effective rates; the
+line "FLOPs computed" gives ours on the matmul FLOPs it does run, its body counting each group's
+shared prompt columns once (its first P - 1: the last prompt column stays each row's own), when
+the step holds whole groups (the batch a multiple of ``--microbatches`` x G x the data devices).
 
 Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
 one untimed step (compilation / warm-up). The achieved FLOP rate counts the forward and
@@ -264,6 +267,13 @@ def main(argv):
                f"  ours: {ours_tps:6.1f} tok/s  (step {best:5.2f} s best, {median:5.2f} s median, {cpu:5.2f} CPU-s; "
                f"first step {first:5.1f} s)  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of peak")
         if _GROUP.value > 1:
+            data = 1 if mesh is None else mesh.devices.size
+            if _BATCH.value % (max(_MICROBATCHES.value, 1) * _GROUP.value * data) == 0:
+                prefix = _first_response_column(arrays[1]) - 1
+                body_tokens = _BATCH.value // _GROUP.value * prefix + _BATCH.value * (_SEQ_LEN.value - prefix)
+                computed = 6 * (body * body_tokens + head * _BATCH.value * scored) / best / 1e9
+                msg += (f"\n  FLOPs computed (each prompt once: {body_tokens} tokens through the body, not "
+                        f"{tokens_per_step}): {computed:6.1f} GFLOP/s = {computed / peak:5.1%} of peak")
             _, full_best, full_median, _ = _ours(model, dtype_name, arrays, _STEPS.value, mesh, share_prompts=False)
             msg += (f"\n  ours computing every row in full (share_prompts=False): {tokens_per_step / full_best:6.1f} "
                     f"tok/s  (step {full_best:5.2f} s best, {full_median:5.2f} s median); each prompt once: "

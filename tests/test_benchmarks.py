@@ -31,6 +31,7 @@ CASES = {  # script: (tiny flags, regexes its output must match)
         ["--dtypes=bf16", "--batch=2", "--group=2", "--seq_len=16", "--steps=1"],
         [r"ours: +[\d.]+ tok/s", r"HF: +[\d.]+ tok/s", r"ours/HF = [\d.]+x",
          r"every row in full \(share_prompts=False\): +[\d.]+ tok/s .* each prompt once: [\d.]+x",
+         r"FLOPs computed \(each prompt once: 29 tokens through the body, not 32\): +[\d.]+ GFLOP/s",
          r"XLA +[\d.]+ s = \d+% of our step, torch +[\d.]+ s = \d+% of HF's step; XLA/torch = [\d.]+x"]),
     "rl_loop.py": (
         ["--steps=2", "--max_new_tokens=4", "--prompts=2", "--group=2", "--dtypes=bf16"],
