@@ -77,6 +77,9 @@ class StepLog:
       step 22 (23/30) | reward 0.438 acc 0.438 fmt 1.000 | len 17.4 fin 1.00 | k3 1.99e-02
         dp_max 6.01e-01 | lr x1.000 | 22.8 s (sample 5.7, train 17.1) 61 tok/s | ETA 2m59s
 
+    The parentheses hold the step's phases: ``compile`` (tracing and compiling, inside the other
+    phases), ``checkpoint`` (a save's time in the step) and ``eval`` when they took any.
+
     Args:
       steps: the run's total steps.
       every: log every N-th step (and the last).
@@ -107,10 +110,11 @@ class StepLog:
 
     def format(self, row: Row) -> str:
         step = int(row["step"])
-        compile_s = row.get("time/compile_s", 0.0)
+        compile_s, save_s = row.get("time/compile_s", 0.0), row.get("time/checkpoint_s", 0.0)
         times = (f"{_num(row, 'time/step_s', '.1f')} s (sample {_num(row, 'time/sample_s', '.1f')}, "
                  f"train {_num(row, 'time/train_s', '.1f')}"
                  + (f", compile {compile_s:.1f}" if outcomes.is_scalar(compile_s) and compile_s >= 0.05 else "")
+                 + (f", checkpoint {save_s:.1f}" if outcomes.is_scalar(save_s) and save_s >= 0.05 else "")
                  + (f", eval {row['time/eval_s']:.1f}" if outcomes.is_scalar(row.get("time/eval_s")) else "") + ")")
         eta = self.eta_seconds(step)
         parts = [

@@ -17,12 +17,13 @@ def test_step_lines_are_numbered_as_the_metrics_with_an_eta_from_the_steady_step
     lines = []
     log = console.StepLog(steps=10, every=1, emit=lines.append)
     log(_row(0, 60.0, **{"time/compile_s": 50.0}))  # The compiling step: no estimate from it.
-    log(_row(1, 4.0))
-    log(_row(2, 6.0, **{"eval/accuracy": 0.375, "time/eval_s": 1.5}))
+    log(_row(1, 4.0, **{"time/checkpoint_s": 0.01}))  # No save: a few ms of flushing the metrics file.
+    log(_row(2, 6.0, **{"eval/accuracy": 0.375, "time/eval_s": 1.5, "time/checkpoint_s": 2.3}))
     assert lines[0].startswith("step 0 (1/10) | ") and "compile 50.0" in lines[0] and "ETA" not in lines[0]
     assert lines[1].startswith("step 1 (2/10) | ") and lines[1].endswith("| ETA 32s")  # 8 steps x 4 s.
     assert "| eval acc 0.375 |" in lines[2] and "eval 1.5)" in lines[2] and lines[2].endswith("| ETA 35s")
-    assert "320 tok/s" in lines[1] and "compile" not in lines[1]
+    assert "(sample 1.0, train 2.0, checkpoint 2.3, eval 1.5)" in lines[2]
+    assert "320 tok/s" in lines[1] and "compile" not in lines[1] and "checkpoint" not in lines[1]
     log(_row(9, 5.0))  # The last step: no ETA.
     assert lines[-1].startswith("step 9 (10/10)") and "ETA" not in lines[-1]
     log({"step": 10, "eval/accuracy": 0.5, "eval/format": 1.0, "eval/response_length_mean": 18.0,
