@@ -33,7 +33,7 @@ sharing saves; HF computes every row, as TRL's GRPO trainer does. The FLOP rates
 in full (the work a trainer without sharing does), so with sharing they are effective rates; the
 line "FLOPs computed" gives ours on the matmul FLOPs it does run, its body counting each group's
 shared prompt columns once (its first P - 1: the last prompt column stays each row's own), when
-the step holds whole groups (the batch a multiple of ``--microbatches`` x G x the data devices).
+the step holds whole groups (``train_step.holds_whole_runs``).
 
 Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
 one untimed step (compilation / warm-up). The achieved FLOP rate counts the forward and
@@ -267,8 +267,10 @@ def main(argv):
                f"  ours: {ours_tps:6.1f} tok/s  (step {best:5.2f} s best, {median:5.2f} s median, {cpu:5.2f} CPU-s; "
                f"first step {first:5.1f} s)  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of peak")
         if _GROUP.value > 1:
+            from rl_mismatch.train_step import holds_whole_runs
+
             data = 1 if mesh is None else mesh.devices.size
-            if _BATCH.value % (max(_MICROBATCHES.value, 1) * _GROUP.value * data) == 0:
+            if holds_whole_runs(_BATCH.value, _GROUP.value, _MICROBATCHES.value, data):
                 prefix = _first_response_column(arrays[1]) - 1
                 body_tokens = _BATCH.value // _GROUP.value * prefix + _BATCH.value * (_SEQ_LEN.value - prefix)
                 computed = 6 * (body * body_tokens + head * _BATCH.value * scored) / best / 1e9

@@ -593,6 +593,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                      lambda batch: _check_batch(batch, n_microbatches, data_size))
 
 
+def holds_whole_runs(rows: int, group: int, n_microbatches: int, data: int = 1) -> bool:
+    """Whether a batch of ``rows`` in runs of ``group`` splits into ``n_microbatches`` micro-batches
+    of whole runs spread evenly over ``data`` shards: the condition for computing each run's prompt
+    once (the module docstring's "GRPO groups"). False for ``group`` 1."""
+    return group > 1 and rows % (n_microbatches * group * data) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class _StepSpec:
     """What `make_train_step` fixes for every call of the step: static under jit."""
@@ -613,8 +620,7 @@ class _StepSpec:
         """The rows each micro-batch takes together: ``batch.group`` where every micro-batch
         can hold whole runs spread evenly over the data axis, else 1 (the module docstring's "GRPO groups")."""
         data = 1 if self.mesh is None else self.mesh.shape[shd.DATA]
-        whole_runs = batch.group > 1 and batch.tokens_BT.shape[0] % (self.n_micro * batch.group * data) == 0
-        return batch.group if whole_runs else 1
+        return batch.group if holds_whole_runs(batch.tokens_BT.shape[0], batch.group, self.n_micro, data) else 1
 
     def shared_group(self, batch: TrainBatch) -> int:
         """The ``group`` the rescoring computes each prompt once for (1: every row in full)."""
