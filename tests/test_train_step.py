@@ -12,6 +12,8 @@ Numerical bounds used below (float32 unit roundoff u = 2**-24 ≈ 6e-8):
   ``atol = _REORDER_RTOL · max|Δ|`` and scalar metrics with ``rtol = _REORDER_RTOL``.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +137,34 @@ def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype, count_co
     assert (compiles.traces, compiles.lowerings, compiles.n) == (0, 0, 0)
     assert int(state.step) == 5
     assert float(metrics["lr/scale"]) == 1.0 and int(metrics["lr/length_trigger/surge_step"]) == -1
+
+
+def _matrix_products(hlo: str):
+    """(operand dtypes, output dims) of every ``dot`` in a compiled program's HLO text."""
+    found = []
+    for computation in re.split(r"\n(?=\S)", hlo):  # one computation per unindented block
+        dtypes = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+        for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
+            found.append(((dtypes[m.group(2)], dtypes[m.group(3)]), [int(d) for d in m.group(1).split(",") if d]))
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="about XLA:CPU's choice of kernel")
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_matrix_product_of_a_bf16_step_is_bf16_on_cpu(grouped):
+    """The decoder's custom backward rules exist so that every matmul of a bf16 step, forward and
+    backward, takes bf16 operands (`decoder._mixed_einsum`, `_softmax_attention`). XLA:CPU runs a
+    matmul it has no bf16 kernel for (e.g. JAX's own rule, whose float32 cotangents promote the
+    backward products) in float32, at less than half the speed: in its compiled program that is
+    a dot of float32 operands. Vector products (an output dimension of 1: the float32 sums of
+    `decoder._sum_rows`) are float32 by design."""
+    batch = _grouped_batch() if grouped else _batch()
+    graphdef, _ = nnx.split(_model())
+    step = ts.make_train_step(graphdef, _SGD, losses.LossConfig(), compute_dtype="bf16", n_microbatches=2)
+    products = _matrix_products(step.lower(_state(dtype="bf16"), batch).compile().as_text())
+    matrices = [(dtypes, dims) for dtypes, dims in products if 1 not in dims]
+    assert len(matrices) >= 3 * 7  # the parse sees them: 7 projections, forward + 2 backward products
+    assert [m for m in matrices if m[0] != ("bf16", "bf16")] == []
 
 
 def test_each_chained_detector_is_logged():
