@@ -16,15 +16,19 @@ if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
 from experiments.host import cpu_line  # noqa: E402
+from rl_mismatch.host_memory import malloc_pages, restart_with_huge_pages  # noqa: E402, F401  (the scripts' first call)
 
 
 def machine() -> str:
     """One line naming the CPU the figures come from (:func:`experiments.host.cpu_line`: model,
-    cores, AVX-512 and the bf16 instructions). Recorded with every benchmark because the ratios
-    depend on it: the same code measured 0.73x HF on a Sapphire Rapids host (AMX) and 1.68x on a
-    Zen 5 host (AVX512-BF16, no AMX) in the fp32 train step.
+    cores, AVX-512 and the bf16 instructions) and how malloc maps large blocks. Recorded with
+    every benchmark because the ratios depend on it: the same code measured 0.73x HF on a
+    Sapphire Rapids host (AMX) and 1.68x on a Zen 5 host (AVX512-BF16, no AMX) in the fp32 train
+    step. Every script restarts under huge-page-backed malloc mappings first, as the main job
+    does, where the host allows it (`rl_mismatch.host_memory`); both sides of a comparison run
+    under it.
     """
-    return cpu_line()
+    return f"{cpu_line()}; malloc: {malloc_pages()}"
 
 
 def cpu_data_mesh(n: int):

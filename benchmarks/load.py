@@ -16,7 +16,7 @@ import tempfile
 
 from absl import app, flags
 
-from _common import machine, timed
+from _common import machine, restart_with_huge_pages, timed
 
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Cache directory (default: a fresh temporary one, so "
                                  "the first load is a real cold conversion).")
@@ -67,4 +67,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as the main job runs (rl_mismatch.host_memory)
     app.run(main)

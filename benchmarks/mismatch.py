@@ -30,7 +30,7 @@ from flax import nnx
 from rl_mismatch import mismatch
 from rl_mismatch.models import load_pretrained
 
-from _common import machine, timed
+from _common import machine, restart_with_huge_pages, timed
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (prompt + response).")
@@ -105,4 +105,5 @@ def main(argv):
             print(f"[{dtype}] max |{k} − unchunked| log-prob = {np.abs(lp - ref).max():.2e}")
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as the main job runs (rl_mismatch.host_memory)
     app.run(main)

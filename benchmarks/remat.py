@@ -19,7 +19,7 @@ The LM head, the loss and the optimizer are left out: they do not depend on the 
 import numpy as np
 from absl import app, flags
 
-from _common import machine, timed
+from _common import machine, restart_with_huge_pages, timed
 
 _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measure (fp32, bf16, fp16).")
 _REMATS = flags.DEFINE_list("remats", ["layer", "projections", "none"], "Decoder(remat=...) policies to compare.")
@@ -79,4 +79,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as the main job runs (rl_mismatch.host_memory)
     app.run(main)

@@ -56,7 +56,7 @@ import time
 
 from absl import app, flags
 
-from _common import machine
+from _common import machine, restart_with_huge_pages
 
 _STEPS = flags.DEFINE_integer("steps", 8, "RL steps per side (the first is reported apart: compile / warm-up).")
 _PROMPTS = flags.DEFINE_integer("prompts", 4, "Prompts per step (rollout.prompts_per_step).")
@@ -336,4 +336,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as the main job runs (rl_mismatch.host_memory)
     app.run(main)

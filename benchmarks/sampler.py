@@ -39,7 +39,7 @@ from rl_mismatch import sampler as smp
 from rl_mismatch.models import from_hf_state_dict, load_state_dict
 from rl_mismatch.models.config import ModelConfig
 
-from _common import cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, timed
+from _common import cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, restart_with_huge_pages, timed
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Sampler dtypes.")
@@ -171,4 +171,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as the main job runs (rl_mismatch.host_memory)
     app.run(main)

@@ -98,7 +98,7 @@ import time
 
 from absl import app, flags
 
-from _common import machine
+from _common import machine, restart_with_huge_pages
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MAIN_CONFIG = "experiments/configs/default.py"
@@ -519,4 +519,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as the main job runs (rl_mismatch.host_memory)
     app.run(main)

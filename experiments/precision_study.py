@@ -9,6 +9,11 @@ the plot ``experiments.precision_report``.
 ``--model=tiny`` uses a random tiny decoder and random prompts (a smoke test of the pipeline).
 """
 
+if __name__ == "__main__":  # first, before the imports below: the restart runs this script anew
+    from rl_mismatch.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # huge-page-backed malloc mappings, see rl_mismatch.host_memory
+
 import os
 import time
 

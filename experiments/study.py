@@ -13,6 +13,11 @@ whatever runs the workdir holds.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below: the restart runs this script anew
+    from rl_mismatch.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # huge-page-backed malloc mappings, see rl_mismatch.host_memory
+
 import sys
 
 from absl import app, flags, logging

@@ -18,6 +18,11 @@ shared file system.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below: the restart runs this script anew
+    from rl_mismatch.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # huge-page-backed malloc mappings, see rl_mismatch.host_memory
+
 import json
 import os
 import re
@@ -27,7 +32,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rl_mismatch import console, experiment
+from rl_mismatch import console, experiment, host_memory
 from rl_mismatch.experiment_config import ExperimentConfig
 from rl_mismatch.workdir_lock import WorkdirBusyError
 
@@ -113,8 +118,8 @@ def main(argv: list[str]) -> None:
         if _COORDINATOR.value or _DISTRIBUTED.value:
             jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-        logging.info("Process %d/%d, %d devices; workdir %s.", jax.process_index(), jax.process_count(),
-                     jax.device_count(), _WORKDIR.value)
+        logging.info("Process %d/%d, %d devices; workdir %s; malloc: %s.", jax.process_index(), jax.process_count(),
+                     jax.device_count(), _WORKDIR.value, host_memory.malloc_pages())
         experiment.run(cfg, _WORKDIR.value)
     except (ValueError, OSError, WorkdirBusyError) as e:
         # Bad input or a failed write: the message says what, where and how to go on; a traceback

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -63,3 +64,65 @@ def test_freed_arena_blocks_leave_the_rss():
 def test_without_malloc_trim_it_does_nothing(monkeypatch):
     monkeypatch.setattr(host_memory, "_malloc_trim", lambda: None)
     assert host_memory.release_free_memory() is False
+
+
+# --------------------------------------------------------------------------------------------
+# Huge pages for malloc's mappings
+
+_LINUX = host_memory.Host("linux", (2, 36), "madvise")
+
+
+def test_huge_page_environment_adds_the_tunable_where_it_changes_something():
+    env = host_memory.huge_page_environment({"PATH": "/bin"}, _LINUX)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    # Other tunables are kept, the new one appended.
+    env = host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, _LINUX)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("environ,host", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, {}),  # already given: the restarted process
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}),  # the user chose otherwise
+    ({"RL_MISMATCH_HUGE_PAGES": "0"}, {}),                 # opted out
+    ({}, {"platform": "darwin", "glibc": None}),
+    ({}, {"glibc": None}),                                # musl
+    ({}, {"glibc": (2, 34)}),                             # no hugetlb tunable before 2.35
+    ({}, {"thp_mode": "always"}),                         # the kernel already backs every mapping
+    ({}, {"thp_mode": "never"}),
+    ({}, {"thp_mode": None}),                             # no transparent huge pages at all
+])
+def test_huge_page_environment_is_none_where_a_restart_changes_nothing(environ, host):
+    assert host_memory.huge_page_environment(environ, _LINUX._replace(**host)) is None
+
+
+_RESTARTED = textwrap.dedent("""
+    import ctypes, json, os, sys
+    from rl_mismatch import host_memory
+    print("started", flush=True)
+    host_memory.restart_with_huge_pages()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    block = libc.malloc(256 << 20)  # one 256 MiB mapping, as XLA:CPU's temporaries get
+    ctypes.memset(block, 1, 256 << 20)  # touched: resident
+    with open("/proc/self/smaps_rollup") as f:
+        huge = [int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")][0] << 10
+    print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:], "huge": huge}))
+""")
+
+
+@pytest.mark.skipif(host_memory.huge_page_environment({}) is None,
+                    reason="a restart changes nothing on this host (see huge_page_environment)")
+def test_a_restarted_script_runs_again_with_huge_page_mappings():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
+    run = lambda extra: subprocess.run([sys.executable, "-c", _RESTARTED, "--flag=1"], check=True,
+                                       capture_output=True, text=True, env={**env, **extra}).stdout.splitlines()
+    out = run({})
+    # The script ran twice from its start (a new process image), with the same arguments.
+    assert out[:2] == ["started", "started"], out
+    result = json.loads(out[-1])
+    assert result["tunables"] == "glibc.malloc.hugetlb=1" and result["argv"] == ["--flag=1"]
+    assert result["huge"] >= 128 << 20  # most of the array in 2 MiB pages
+    # Opted out: one run, 4 KiB pages (NumPy would ask for huge pages itself: malloc, as XLA does).
+    out = run({host_memory.OPT_OUT: "0"})
+    assert out[0] == "started" and out[1] != "started"
+    assert json.loads(out[-1])["huge"] < 16 << 20
