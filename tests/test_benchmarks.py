@@ -32,7 +32,9 @@ CASES = {  # script: (tiny flags, regexes its output must match)
         [r"ours: +[\d.]+ tok/s", r"HF: +[\d.]+ tok/s", r"ours/HF = [\d.]+x",
          r"every row in full \(share_prompts=False\): +[\d.]+ tok/s .* each prompt once: [\d.]+x",
          r"FLOPs computed \(each prompt once: 29 tokens through the body, not 32\): +[\d.]+ GFLOP/s",
-         r"XLA +[\d.]+ s = \d+% of our step, torch +[\d.]+ s = \d+% of HF's step; XLA/torch = [\d.]+x"]),
+         # The floor at the tokens the step computes; HF's step computes every row, so no share of it.
+         r"matrix products alone \(29 tokens through the body;.* XLA +[\d.]+ s = \d+% of our step, "
+         r"torch +[\d.]+ s; XLA/torch = [\d.]+x"]),
     "rl_loop.py": (
         ["--steps=2", "--max_new_tokens=4", "--prompts=2", "--group=2", "--dtypes=bf16"],
         [r"\| ours \| bf16 sampler, fp32 trainer \| [\d.]+ \| [\d.]+ \([\d.]+\) \| [\d.]+ \| - \| [\d.]+ \| \d+ \| [\d.]+x \|",
