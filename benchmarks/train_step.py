@@ -183,7 +183,7 @@ def _gemm_floor(config, dtype_name: str, rows: int, scored_rows: int, repeats: i
     XLA's dW takes x^T as a [K, M] row-major array, the layout the compiled step gives its weight
     gradients (a cheap transposed copy, not timed). Given x itself, XLA:CPU has no bf16 kernel
     for a left operand contracted along its rows: it converts both operands to float32 and runs
-    a float32 product, less than half as fast, which the step never does (tests/test_decoder.py
+    a float32 product, less than half as fast, which the step never does (tests/test_train_step.py
     checks the step's program).
     """
     import jax

@@ -112,8 +112,10 @@ def huge_page_environment(environ: Mapping[str, str], host: Host | None = None) 
 
 
 def malloc_pages() -> str:
-    """How this process's malloc maps large blocks, for a run's log: "huge pages" or "default pages"."""
-    return "huge pages" if HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "") else "default pages"
+    """How this process's large malloc blocks are paged, for a run's log."""
+    if HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+        return "huge pages"
+    return "huge pages (the kernel's THP mode is always)" if _thp_mode() == "always" else "default pages"
 
 
 def restart_with_huge_pages() -> None:
@@ -130,4 +132,7 @@ def restart_with_huge_pages() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]], environ)
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], environ)
+    except OSError:  # the interpreter cannot be executed again (a frozen or embedded one): go on as is
+        return

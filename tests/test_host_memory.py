@@ -126,3 +126,16 @@ def test_a_restarted_script_runs_again_with_huge_page_mappings():
     out = run({host_memory.OPT_OUT: "0"})
     assert out[0] == "started" and out[1] != "started"
     assert json.loads(out[-1])["huge"] < 16 << 20
+
+
+def test_a_failed_restart_goes_on_as_it_started(monkeypatch):
+    monkeypatch.setattr(host_memory, "huge_page_environment", lambda environ: {"GLIBC_TUNABLES": "x"})
+    calls = []
+
+    def execve(*args):
+        calls.append(args)
+        raise OSError("exec format error")
+
+    monkeypatch.setattr(host_memory.os, "execve", execve)
+    host_memory.restart_with_huge_pages()  # returns instead of raising
+    assert len(calls) == 1 and calls[0][2] == {"GLIBC_TUNABLES": "x"}
