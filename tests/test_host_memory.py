@@ -121,7 +121,7 @@ def test_a_restarted_script_runs_again_with_huge_page_mappings():
     assert out[:2] == ["started", "started"], out
     result = json.loads(out[-1])
     assert result["tunables"] == "glibc.malloc.hugetlb=1" and result["argv"] == ["--flag=1"]
-    assert result["huge"] >= 128 << 20  # most of the array in 2 MiB pages
+    assert result["huge"] >= 128 << 20  # most of the block in 2 MiB pages
     # Opted out: one run, 4 KiB pages (NumPy would ask for huge pages itself: malloc, as XLA does).
     out = run({host_memory.OPT_OUT: "0"})
     assert out[0] == "started" and out[1] != "started"
