@@ -432,41 +432,53 @@ def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
     if batch.advantages_B.shape != shape[:1]:
         raise ValueError(f"batch.advantages_B has shape {batch.advantages_B.shape}, expected ({shape[0]},).")
     mismatch.check_score_from(batch.score_from, shape[1])  # before tracing, with the other checks
-    # The trainer gives columns before score_from no log-prob: a response token there would enter
-    # the loss and metrics with log π = 0. (One small reduction; the rollout is ready by now.)
-    if batch.score_from > 1 and bool(jnp.any(batch.response_mask_BT[:, :batch.score_from])):
-        raise ValueError(
-            f"batch.response_mask_BT marks tokens before score_from={batch.score_from}, which the trainer "
-            "does not score; lower score_from to the first response column (TrainBatch.from_rollout "
-            "uses the rollout's prompt_width).")
+    mismatch.check_group(batch.group, shape[0])
+    if batch.score_from > 1:
+        _check_columns(batch)
     if shape[0] % (n_micro * data_size):
         raise ValueError(
             f"Batch size {shape[0]} must be a multiple of n_microbatches × data-axis size = "
             f"{n_micro} × {data_size}; pad the batch (all-False masks) or change n_microbatches.")
-    mismatch.check_group(batch.group, shape[0])
-    if batch.group > 1 and batch.score_from > 1:
-        _check_shared_prompts(batch)
 
 
-def _check_shared_prompts(batch: TrainBatch) -> None:
-    """Raises ValueError unless each run of ``batch.group`` rows is equal on the columns the step
-    computes once per run (before ``score_from − 1``). One small reduction and host read."""
-    G, width = batch.group, batch.score_from - 1
-
-    def differs(x_BT):  # [B/G]: does any row of the run differ from its first row there?
-        runs = x_BT[:, :width].reshape(-1, G, width)
-        return jnp.any(runs != runs[:, :1], axis=(1, 2))
-
-    bad = differs(batch.tokens_BT) | differs(batch.valid_BT.astype(bool))
-    # Scalars only reach the host (as the response-mask check above): on a multi-process mesh
-    # the [B/G] flags are not all addressable here.
-    n_bad, first = (int(x) for x in jax.device_get((jnp.sum(bad), jnp.argmax(bad))))
+def _check_columns(batch: TrainBatch) -> None:
+    """Raises ValueError if the response mask marks a column before ``score_from`` (the trainer
+    gives those no log-prob: such a token would enter the loss and metrics with log π = 0), or if
+    a run of ``batch.group`` rows differs on the columns the step computes once per run (before
+    ``score_from − 1``). One jitted reduction and one host read of three scalars."""
+    early, n_bad, first = (int(x) for x in jax.device_get(_column_flags(
+        batch.tokens_BT, batch.valid_BT, batch.response_mask_BT, np.int32(batch.score_from), group=batch.group)))
+    if early:
+        raise ValueError(
+            f"batch.response_mask_BT marks tokens before score_from={batch.score_from}, which the trainer "
+            "does not score; lower score_from to the first response column (TrainBatch.from_rollout "
+            "uses the rollout's prompt_width).")
     if n_bad:
+        G, width = batch.group, batch.score_from - 1
         first *= G
         raise ValueError(
             f"batch.group={G} but rows {first}..{first + G - 1} differ on their first {width} columns "
             f"(the prompt, before score_from − 1 = {width}); {n_bad} run(s) differ in all. Give each "
             "prompt's responses as consecutive rows, or build the batch with group=1.")
+
+
+@functools.partial(jax.jit, static_argnames="group")
+def _column_flags(tokens_BT, valid_BT, mask_BT, score_from, *, group: int):
+    """``(any response token before score_from, runs that differ before score_from − 1, the first
+    such run)``. ``score_from`` is traced and the columns are masked, not sliced: one compilation
+    per batch shape, whatever the prompt width. Scalars only, so on a multi-process mesh every
+    process reads them (the [B/G] flags are not all addressable on one)."""
+    col_T = jnp.arange(tokens_BT.shape[1])
+    early = jnp.any(mask_BT.astype(bool) & (col_T < score_from))
+    if group == 1:
+        return early, jnp.int32(0), jnp.int32(0)
+
+    def differs(x_BT):  # [B/G]: does any row of the run differ from its first row there?
+        runs = x_BT.reshape(-1, group, x_BT.shape[1])
+        return jnp.any((runs != runs[:, :1]) & (col_T < score_from - 1), axis=(1, 2))
+
+    bad = differs(tokens_BT) | differs(valid_BT.astype(bool))
+    return early, jnp.sum(bad, dtype=jnp.int32), jnp.argmax(bad).astype(jnp.int32)
 
 
 def _noise_metrics(sq_big, mask_BT, sq_n=None, seqs_n=None) -> dict[str, jax.Array]:

@@ -568,6 +568,16 @@ def test_grouped_batch_errors():
         ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", share_prompts=1)
 
 
+def test_batch_checks_compile_once_whatever_the_prompt_width():
+    """The step's column checks take score_from traced: a new prompt width compiles nothing."""
+    batch = _grouped_batch()  # prompts of 6 columns: score_from 2..6 all valid
+    ts._check_batch(batch.replace(score_from=2), 1, 1)
+    compiled = ts._column_flags._cache_size()
+    for score_from in (3, 5, 6):
+        ts._check_batch(batch.replace(score_from=score_from), 1, 1)
+    assert ts._column_flags._cache_size() == compiled
+
+
 # --------------------------------------------------------------------------------------------
 # Arguments
 
