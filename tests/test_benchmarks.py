@@ -43,6 +43,10 @@ CASES = {  # script: (tiny flags, regexes its output must match)
         ["--config=experiments/configs/tiny.py", "--skip_main_job", "--skip_cv"],
         [r"\| parameters \(float32 masters\) \| [\d.]+ \|", r"\| runtime baseline \(measured\) \| [\d.]+ \|",
          r"\| sum \| [\d.]+ \| incomplete \|"]),
+    "refault.py": (
+        ["--gib=0.02", "--pauses=0,0.1", "--repeats=1"],
+        [r"kernel free page reporting \(page_reporting module\): (yes|no)", r"first touch: +[\d.]+ s",
+         r"after a +0\.0 s pause: +[\d.]+ s \(system +[\d.]+ s\)", r"after a +0\.1 s pause: +[\d.]+ s"]),
     "remat.py": (
         ["--dtypes=bf16", "--repeats=1", "--batch=1", "--seq_len=16"],
         [r"layer +[\d.]+ s best.*1\.00x layer", r"projections +[\d.]+ s best", r"none +[\d.]+ s best"]),
