@@ -49,8 +49,10 @@ default a temporary directory deleted at the end). Nothing in the library is cha
   CV = sample standard deviation (ddof 1) / mean. Reported: per bucket its steps, mean and CV;
   the CV of the bucket with the most steps (the headline; the first in (width, k) order on a
   tie); the CV over all steady steps; per part of the step (``time/sample_s``, ``score_s``,
-  ``train_s``, ``write_s``, ``checkpoint_s``) the median and CV over the steady steps; and any
-  compile time after the warm-up steps (a recompilation inside the steady steps).
+  ``train_s``, ``write_s``, ``checkpoint_s``) and of the process's CPU seconds in it
+  (``time/cpu_user_s``, ``cpu_system_s``: a spread in system time is the host's page faults)
+  the median and CV over the steady steps; and any compile time after the warm-up steps (a
+  recompilation inside the steady steps).
 
 Memory, part by part (MiB = 2^20 bytes), against the peak RSS of phase A (of phase B if A is
 skipped). Parameter count n from the loaded model:
@@ -118,6 +120,7 @@ _JSON = flags.DEFINE_string("json", "", "Also write every figure to this JSON fi
 _CV_TARGET, _WALL_TARGET_S, _RSS_TARGET = 0.15, 180.0, 2.0
 _MIB = 2**20
 _PARTS = ("sample_s", "score_s", "train_s", "write_s", "checkpoint_s")
+_CPU = ("cpu_user_s", "cpu_system_s")  # the process's CPU seconds in the step: the kernel's share is page faults
 
 # The runtime baseline and the job's shapes, in a process of their own. argv[1]: the config file.
 _SHAPES = r"""
@@ -320,7 +323,7 @@ def step_cv(rows: list[dict], warmup: int, cache_sizes: list[int], checkpoint_ev
                             cv_with_saves=_cv([raw[i] for i in idx])))
     largest = max(buckets, key=lambda b: len(b["steps"])) if buckets else None
     parts = {p: dict(median_s=statistics.median(r.get(f"time/{p}", 0.0) for r in steady),
-                     cv=_cv([r.get(f"time/{p}", 0.0) for r in steady])) for p in _PARTS} if steady else {}
+                     cv=_cv([r.get(f"time/{p}", 0.0) for r in steady])) for p in _PARTS + _CPU} if steady else {}
     return dict(warmup=warmup, steady_steps=len(steady), step_s=net, step_s_with_saves=raw, buckets=buckets,
                 headline=largest, cv_all=_cv(net), cv_all_with_saves=_cv(raw), parts=parts,
                 saves=[r["step"] for r in steady if r["step"] and r["step"] % checkpoint_every == 0],
@@ -393,7 +396,7 @@ def _report_cv(b: dict, shapes: dict) -> None:
     mean_all = statistics.mean(cv["step_s"]) if cv["step_s"] else float("nan")
     print(f"| all steady steps | {cv['steady_steps']} | {mean_all:.3f} | {_fmt_cv(cv['cv_all'])} | "
           f"{_fmt_cv(cv['cv_all_with_saves'])} |")
-    print("\n| part of the steady step | median s | CV |\n|---|---|---|")
+    print("\n| part of the steady step (then its CPU seconds) | median s | CV |\n|---|---|---|")
     for part, v in cv["parts"].items():
         print(f"| time/{part} | {v['median_s']:.3f} | {_fmt_cv(v['cv'])} |")
     recompiled = (f"{cv['recompile_s']:.1f} s compiling in steps {cv['recompile_steps']}"

@@ -31,7 +31,10 @@ is due: the metrics file's fsync and the save's synchronous part, and on a CPU b
 for its background write before the update); ``time/tokens_per_s`` is the generated tokens over
 ``time/sample_s``, and ``time/compile_s`` the seconds JAX spent tracing and compiling during the
 step (the first step's compile time, and any recompilation later; it is part of the phase that
-compiled).
+compiled). ``time/cpu_user_s`` and ``time/cpu_system_s`` are the CPU seconds the process used
+during the step, all threads, in user code and in the kernel (page faults, file writes): a step
+slower than its neighbours with more system time points at the host's memory, not the code
+(docs/profiling.md).
 With ``eval.every > 0``, every ``eval.every``-th step also carries ``eval/*``, the greedy accuracy
 on the task's eval split (``rl_mismatch.evaluation``) of the policy that samples the step, and
 ``time/eval_s``; after the last update, a row of its own at step ``steps`` holds the trained
@@ -72,6 +75,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -137,6 +141,12 @@ def _compile_seconds() -> float:
     if _clock is None:  # Registered once per process; listeners cannot be removed.
         _clock = _CompileClock()
     return _clock.seconds
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU seconds this process has used so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,7 +559,7 @@ class _Run:
         try:
             for step in range(self.start, cfg.steps):
                 self.ckpt.check()  # A failed background save stops the run now, not at the next save.
-                t0, c0 = time.perf_counter(), _compile_seconds()
+                t0, c0, cpu0 = time.perf_counter(), _compile_seconds(), _cpu_seconds()
                 self._save_if_due(step)  # The state after the previous step.
                 t1 = time.perf_counter()
                 host_metrics, device_metrics, samples = self._traced_step(step)
@@ -563,7 +573,9 @@ class _Run:
                 self.writer.write_samples(step, samples)
                 self.writer.flush(keep_newest=True)  # The previous step's row.
                 t3 = time.perf_counter()
-                times = {"time/write_s": t3 - t2, "time/step_s": t3 - t0, "time/compile_s": _compile_seconds() - c0}
+                user, system = np.subtract(_cpu_seconds(), cpu0)
+                times = {"time/write_s": t3 - t2, "time/step_s": t3 - t0, "time/compile_s": _compile_seconds() - c0,
+                         "time/cpu_user_s": float(user), "time/cpu_system_s": float(system)}
                 self.writer.amend(step, times)
                 if step == self.start:
                     logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,

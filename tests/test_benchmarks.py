@@ -109,6 +109,10 @@ def test_step_time_reports_the_parts_and_the_cv_of_the_run_metrics(tmp_path):
     assert (f"| step-time CV, largest bucket ({in_largest.sum()} steps) | {cv(net[in_largest]):.1%} | <= 15% |"
             in proc.stdout)
     assert f"| step-time CV, all 3 steady steps | {cv(net):.1%} |" in proc.stdout
+    for key in ("train_s", "cpu_system_s"):  # a part of the step, and the kernel's CPU seconds in it
+        x = np.array([r[f"time/{key}"] for r in steady])
+        assert results["cv_run"]["cv"]["parts"][key]["median_s"] == pytest.approx(np.median(x), rel=1e-9)
+        assert f"| time/{key} | {np.median(x):.3f} |" in proc.stdout
 
     # The memory parts, their sum against the main job's peak RSS, and the main job's wall time.
     memory = results["memory"]

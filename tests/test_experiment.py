@@ -201,6 +201,12 @@ def test_tiny_end_to_end(tiny_run, tiny_cfg):
     for r in rows:
         assert abs(sum(r.get(k, 0.0) for k in parts) - r["time/step_s"]) <= 0.05 * r["time/step_s"], r
     assert max(r["time/checkpoint_s"] for r in rows) > 10 * rows[0]["time/checkpoint_s"]  # Step 0 saves nothing.
+    # CPU seconds of the step, not of the process so far: at most every core busy for the whole step
+    # (+0.1 s for the kernel's per-tick accounting); the first step compiles, on the CPU.
+    for r in rows:
+        assert 0 <= r["time/cpu_system_s"] and 0 <= r["time/cpu_user_s"], r
+        assert r["time/cpu_user_s"] + r["time/cpu_system_s"] <= os.cpu_count() * r["time/step_s"] + 0.1, r
+    assert rows[0]["time/cpu_user_s"] > 0.25 * rows[0]["time/compile_s"]  # 2 test workers may share 2 cores
     # One step's noise-scale estimate is +inf when its |G|^2 estimate is <= 0 (documented).
     assert all(not math.isnan(r["opt/grad_noise_scale"]) for r in rows)
     # The first step compiles; later steps reuse the programs (one prompt width for the run).
