@@ -1,7 +1,8 @@
 r"""The main job's step-time steadiness, wall time and peak memory, part by part.
 
     python benchmarks/step_time.py [--steps=32] [--warmup=2] [--config=experiments/configs/default.py]
-                                   [--skip_main_job] [--skip_cv] [--nolive_bytes] [--workdir=DIR] [--json=PATH]
+                                   [--skip_main_job] [--skip_cv] [--nolive_bytes] [--compilation_cache]
+                                   [--workdir=DIR] [--json=PATH]
 
 ``--config`` names another job's config file (``experiments/configs/tiny.py``: a check in a minute,
 as tests/test_benchmarks.py runs it); with both phases skipped only the shapes, the parts known
@@ -23,7 +24,9 @@ default a temporary directory deleted at the end). Nothing in the library is cha
   ``optim.optimizer().init``). Running it first also leaves the model cache
   (``~/.cache/rl_mismatch``) warm, so phase A never times the one-off GGUF dequantization.
 * Phase A, the main job (``--skip_main_job`` to skip): ``--config=<config>`` exactly as the
-  README runs it, the config's own steps. Timed wall-clock from the process's start to its exit
+  README runs it, the config's own steps, compiling from scratch as on a fresh machine: the
+  phases run with the scripts' compilation cache off (``RL_MISMATCH_COMPILATION_CACHE=0``,
+  ``experiments/compile_cache.py``) unless ``--compilation_cache``. Timed wall-clock from the process's start to its exit
   (imports, dataset build, model load, compilation, every step, the last checkpoint and the
   summary); its peak RSS is that process's own (``os.wait4``'s ``ru_maxrss``). Also reported
   from its ``metrics.jsonl``: the sum of ``time/step_s``, the first step and its
@@ -110,6 +113,8 @@ _STEPS = flags.DEFINE_integer("steps", 32, "Phase B: steps of the CV run (--conf
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Phase B: the first steps, left out of the steady state.")
 _SKIP_MAIN_JOB = flags.DEFINE_bool("skip_main_job", False, "Skip phase A (the main job: wall time, peak RSS).")
 _SKIP_CV = flags.DEFINE_bool("skip_cv", False, "Skip phase B (the step-time CV run).")
+_CACHE = flags.DEFINE_bool("compilation_cache", False, "Let the phases use the scripts' default compilation cache "
+                           "(a second run then reads its programs from disk); off: compiled as on a fresh machine.")
 _LIVE_BYTES = flags.DEFINE_bool(
     "live_bytes", True, "Run each phase under a wrapper that samples the live JAX arrays' bytes (else the plain "
     "python -m experiments.train).")
@@ -234,7 +239,8 @@ def _run_child(argv: list[str]) -> tuple[float, int, int]:
     """Runs ``argv`` from the repository root, its output to our stderr (stdout carries the
     results); returns (wall s from start to exit, its own peak RSS in bytes, exit code)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=_ROOT, stdout=sys.stderr)
+    env = dict(os.environ, **({} if _CACHE.value else {"RL_MISMATCH_COMPILATION_CACHE": "0"}))
+    proc = subprocess.Popen(argv, cwd=_ROOT, stdout=sys.stderr, env=env)
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:

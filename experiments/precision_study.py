@@ -22,7 +22,7 @@ from absl import app, flags
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import precision_report
+from experiments import compile_cache, precision_report
 from rl_mismatch import precision_study as ps
 from rl_mismatch.models import Decoder, load_pretrained, tiny_config
 
@@ -46,6 +46,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the task dataset is pre
 def main(argv):
     del argv
     start = time.perf_counter()
+    print(f"XLA compilation cache: {compile_cache.enable()}.")
     if not _EXCESS_PRECISION.value:
         # Read when the XLA backend starts, which is below (nothing has touched a device yet).
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false"

@@ -22,6 +22,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import compile_cache
 from rl_mismatch import console, experiment, study
 from rl_mismatch.workdir_lock import WorkdirBusyError
 
@@ -37,6 +38,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
     console.quiet_library_logs()
     try:
+        logging.info("XLA compilation cache: %s.", compile_cache.enable())
         spec, path = study.load_study(_STUDY.value)
         try:
             seeds = [int(s) for s in _SEEDS.value]

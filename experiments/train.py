@@ -32,6 +32,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import compile_cache
 from rl_mismatch import console, experiment, host_memory
 from rl_mismatch.experiment_config import ExperimentConfig
 from rl_mismatch.workdir_lock import WorkdirBusyError
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> None:
                                        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
         logging.info("Process %d/%d, %d devices; workdir %s; malloc: %s.", jax.process_index(), jax.process_count(),
                      jax.device_count(), _WORKDIR.value, host_memory.malloc_pages())
+        logging.info("XLA compilation cache: %s.", compile_cache.enable())
         experiment.run(cfg, _WORKDIR.value)
     except (ValueError, OSError, WorkdirBusyError) as e:
         # Bad input or a failed write: the message says what, where and how to go on; a traceback
