@@ -46,10 +46,11 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the task dataset is pre
 def main(argv):
     del argv
     start = time.perf_counter()
-    print(f"XLA compilation cache: {compile_cache.enable()}.")
     if not _EXCESS_PRECISION.value:
         # Read when the XLA backend starts, which is below (nothing has touched a device yet).
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false"
+    # JAX's cache key includes XLA_FLAGS: programs compiled without that flag are never read here.
+    print(f"XLA compilation cache: {compile_cache.enable()}.")
     if _MODEL.value == "tiny":
         model = Decoder(tiny_config(), rngs=nnx.Rngs(_SEED.value))
         prompts = ps.random_prompts(_NUM_PROMPTS.value, model.config.vocab_size, seed=_SEED.value)
