@@ -104,6 +104,7 @@ import time
 from absl import app, flags
 
 from _common import machine, restart_with_huge_pages
+from experiments import compile_cache  # importable once _common has put the checkout on sys.path
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MAIN_CONFIG = "experiments/configs/default.py"
@@ -239,7 +240,9 @@ def _run_child(argv: list[str]) -> tuple[float, int, int]:
     """Runs ``argv`` from the repository root, its output to our stderr (stdout carries the
     results); returns (wall s from start to exit, its own peak RSS in bytes, exit code)."""
     start = time.perf_counter()
-    env = dict(os.environ, **({} if _CACHE.value else {"RL_MISMATCH_COMPILATION_CACHE": "0"}))
+    env = dict(os.environ)
+    if not _CACHE.value:  # compiled from scratch, as on a fresh machine
+        env[compile_cache.OPT_OUT] = "0"
     proc = subprocess.Popen(argv, cwd=_ROOT, stdout=sys.stderr, env=env)
     try:
         _, status, usage = os.wait4(proc.pid, 0)

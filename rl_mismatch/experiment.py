@@ -573,9 +573,9 @@ class _Run:
                 self.writer.write_samples(step, samples)
                 self.writer.flush(keep_newest=True)  # The previous step's row.
                 t3 = time.perf_counter()
-                user, system = np.subtract(_cpu_seconds(), cpu0)
+                user, system = (now - before for now, before in zip(_cpu_seconds(), cpu0))
                 times = {"time/write_s": t3 - t2, "time/step_s": t3 - t0, "time/compile_s": _compile_seconds() - c0,
-                         "time/cpu_user_s": float(user), "time/cpu_system_s": float(system)}
+                         "time/cpu_user_s": user, "time/cpu_system_s": system}
                 self.writer.amend(step, times)
                 if step == self.start:
                     logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,

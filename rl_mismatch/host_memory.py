@@ -28,9 +28,10 @@ and 0.6 s of system time per train step on 2 cores. glibc ≥ 2.35 backs its map
 transparent huge pages (2 MiB) when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: the
 same train step then took ~1000 page faults (``benchmarks/README.md``, "Main job"). The setting
 is read once, when the process starts, so :func:`restart_with_huge_pages` re-executes the running
-script under it (the scripts under ``experiments/`` and ``benchmarks/`` call it first). Where it would change nothing it does
-nothing: not Linux, an older glibc, transparent huge pages set to ``never`` or already ``always``
-for every mapping, the setting already given, or ``RL_MISMATCH_HUGE_PAGES=0``.
+script under it (the scripts under ``experiments/`` and ``benchmarks/`` call it first). Where it
+would change nothing it does nothing: not Linux, an older glibc, transparent huge pages set to
+``never`` or already ``always`` for every mapping, the setting already given, or
+``RL_MISMATCH_HUGE_PAGES=0``.
 """
 
 from __future__ import annotations

@@ -41,12 +41,18 @@ print(json.dumps([line, jax.config.jax_compilation_cache_dir, jax.config.jax_com
 """
 
 
+def _fresh_env(tmp_path, **changes):
+    """This environment without any cache setting (the test suite's own included), with the cache
+    home in ``tmp_path/xdg`` and every compilation kept, however short."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", compile_cache.OPT_OUT))}
+    return {**env, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            **changes}
+
+
 def _enable_in_subprocess(tmp_path, **env_changes):
     """compile_cache.enable() and one compilation in a fresh process (JAX's cache settings are
     per process); returns (log line, cache dir, max size)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", compile_cache.OPT_OUT))}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=str(REPO), **env_changes)
+    env = _fresh_env(tmp_path, PYTHONPATH=str(REPO), **env_changes)
     proc = subprocess.run([sys.executable, "-c", _ENABLE], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,8 +80,7 @@ def test_a_directory_the_user_chose_wins_and_the_opt_out_turns_it_off(tmp_path):
 def test_a_second_run_reads_its_programs_from_the_cache(tmp_path):
     """Two tiny runs of experiments/train.py on the default cache: the second compiles nothing new
     (no program is added) and reads the first one's programs (their access times move)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", compile_cache.OPT_OUT))}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = _fresh_env(tmp_path)
     cache = pathlib.Path(compile_cache.default_dir({"XDG_CACHE_HOME": str(tmp_path / "xdg")}))
 
     def run(name):
