@@ -268,6 +268,44 @@ def test_split_down_projection_changes_no_value():
         np.asarray(jax.jit(lambda x, w: decoder._dot("btf,fd->btd", x, w))(x, w), np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_rope_gradient_is_the_inverse_rotation(dtype):
+    """RoPE's backward pass (`_rotate`'s own rule, a speed choice on CPU) is the transpose of the
+    rotation: against the float64 product of each position's [H, H] rotation matrix, built
+    entry by entry, transposed, with the cotangent. Bound: float32 products and sums (2^-22 of
+    the sum of |terms|) plus one rounding to the compute dtype. And it has none of the pads
+    JAX's own rule makes of the halves' slices."""
+    B, T, N, H, theta = 2, 7, 3, 8, 10_000.0
+    kx, kg = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (B, T, N, H)).astype(dtype)
+    g = jax.random.normal(kg, (B, T, N, H)).astype(dtype)
+    positions = jnp.array([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 5, 1000, 1001, 40_000]])  # pads, far positions
+    rope = lambda x: decoder._rope(x, positions, theta)
+    out, vjp = jax.vjp(rope, x)
+    (d_x,) = vjp(g)
+    assert d_x.dtype == jnp.dtype(dtype)
+
+    half = H // 2
+    inv_freq = 1.0 / (theta ** (np.arange(half, dtype=np.float32) / half))  # the angles as the forward has them
+    angles = np.asarray(positions, np.float32)[..., None] * inv_freq
+    cos, sin = np.cos(angles).astype(np.float64), np.sin(angles).astype(np.float64)
+    R = np.zeros((B, T, H, H))  # out[i] = sum_j R[i, j] x[j]
+    for i in range(half):
+        R[:, :, i, i] = R[:, :, i + half, i + half] = cos[..., i]
+        R[:, :, i, i + half], R[:, :, i + half, i] = -sin[..., i], sin[..., i]
+    g64 = np.asarray(g, np.float64)
+    want = np.einsum("btji,btnj->btni", R, g64)  # R^T g
+    terms = np.einsum("btji,btnj->btni", np.abs(R), np.abs(g64))
+    unit = {"float32": 0.0, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}[dtype]  # one rounding to dtype
+    np.testing.assert_array_less(np.abs(np.asarray(d_x, np.float64) - want), 2.0 ** -22 * terms + unit * np.abs(want) + 1e-30)
+    # The forward is the rotation too, to the same bound.
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - np.einsum("btij,btnj->btni", R, x64)),
+                                 2.0 ** -22 * np.einsum("btij,btnj->btni", np.abs(R), np.abs(x64))
+                                 + unit * np.abs(np.einsum("btij,btnj->btni", R, x64)) + 1e-30)
+    assert "pad" not in str(jax.make_jaxpr(lambda x, g: jax.vjp(rope, x)[1](g))(x, g))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("remat", ["layer", "projections", "none"])
 def test_residuals_as_bits_change_no_gradient(dtype, remat, monkeypatch):

@@ -245,10 +245,34 @@ def _rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array
     half = x_BTNH.shape[-1] // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
     angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    return _rotate(x_BTNH, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+
+
+@jax.custom_vjp
+def _rotate(x_BTNH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Each pair (x_i, x_{i+H/2}) rotated by its angle, in float32, rounded once to x's dtype.
+
+    Its backward pass rotates the cotangent back by the same angle, the same kind of fusion as
+    the forward. JAX's own rule transposes the halves' slices and concatenation into pads and
+    adds, which XLA:CPU runs several times slower than the forward (benchmarks/README.md).
+    The angles get no gradient (they come from integer positions).
+    """
+    half = x_BTNH.shape[-1] // 2
     x = x_BTNH.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def _rotate_fwd(x_BTNH, cos, sin):
+    return _rotate(x_BTNH, cos, sin), (cos, sin)
+
+
+def _rotate_bwd(residuals, g_BTNH):
+    cos, sin = residuals
+    return _rotate(g_BTNH, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
 def _silu(x: jax.Array) -> jax.Array:
