@@ -194,7 +194,8 @@ class TrainerSettings:
       n_microbatches: gradient accumulation steps per RL step (divides the batch).
       loss_scale_initial, loss_scale_growth_interval: dynamic loss scaling (float16 only).
       remat: ``Decoder(remat=...)``: "layer" keeps each layer's input and recomputes the rest,
-        "projections" also keeps the projections' outputs, "none" keeps everything.
+        "projections" also keeps the projections' outputs, "none" keeps everything but SiLU's
+        float32 intermediates.
       keep_logits: ``make_train_step(keep_logits=...)``: keep every LM-head chunk's float32
         logits for the backward pass instead of recomputing them.
       share_prompts: ``make_train_step(share_prompts=...)``: compute each GRPO group's prompt

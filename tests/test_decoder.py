@@ -306,6 +306,34 @@ def test_rope_gradient_is_the_inverse_rotation(dtype):
     assert "pad" not in str(jax.make_jaxpr(lambda x, g: jax.vjp(rope, x)[1](g))(x, g))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_silu_intermediates_recomputed_change_no_gradient(dtype, monkeypatch):
+    """remat="none" keeps everything but the SiLU's float32 intermediates, which the backward pass
+    recomputes from its input (`_silu_recomputed`, a speed and memory choice): the gradient is
+    that of keeping them bit for bit, and the layer scan stacks fewer [layers, B, T, d_ff] arrays, none of
+    them float32 in half precision."""
+    cfg = tiny_config()
+    graphdef, params = nnx.split(_randomise(Decoder(cfg, dtype=dtype, remat="none", rngs=nnx.Rngs(0))))
+    tokens, valid = _left_padded(3, 10, [0, 4, 2], cfg.vocab_size)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(tokens, valid_BT=valid)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * valid)
+
+    def mlp_stacks():  # dtypes of the forward layer scan's [layers, B, T, d_ff] outputs
+        scan = next(e for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns if e.primitive.name == "scan")
+        return [str(v.aval.dtype) for v in scan.outvars if v.aval.shape == (cfg.n_layers, 3, 10, cfg.d_ff)]
+
+    recomputed, stacks = jax.jit(jax.grad(loss))(params), mlp_stacks()
+    monkeypatch.setattr(decoder, "_silu_recomputed", decoder._silu)  # JAX's own linearisation
+    kept, kept_stacks = jax.jit(jax.grad(loss))(params), mlp_stacks()
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(kept), jax.tree.leaves(recomputed)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(path))
+    assert len(stacks) < len(kept_stacks), (stacks, kept_stacks)
+    if dtype != "float32":
+        assert "float32" in kept_stacks and "float32" not in stacks, (stacks, kept_stacks)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("remat", ["layer", "projections", "none"])
 def test_residuals_as_bits_change_no_gradient(dtype, remat, monkeypatch):

@@ -285,6 +285,18 @@ def _silu(x: jax.Array) -> jax.Array:
     return (x32 * jax.nn.sigmoid(x32)).astype(x.dtype)
 
 
+# `_silu` keeping only its input for the backward pass, which recomputes the float32 upcast and
+# sigmoid from it: for the layer scan with `remat="none"`. JAX's linearisation of `_silu` keeps
+# float32 values of the input's size (the upcast, the sigmoid and what the derivative needs of
+# them), and with nothing recomputed the scan stacks them: float32 [layers, B, T, d_ff] arrays,
+# 377 MB each for SmolLM2 at 8 x 256, written and read at every step. The recomputation is
+# elementwise on the same input, so the gradient is the same bit for bit (tests/test_decoder.py);
+# the train step with `remat="none"` is 8-20% faster on CPU (benchmarks/README.md). Not under the
+# other policies: they recompute the layer's forward in the backward pass anyway, and this would
+# compute the sigmoid a third time. ``prevent_cse`` is off: it runs inside the layer scan.
+_silu_recomputed = jax.checkpoint(_silu, prevent_cse=False)
+
+
 # Rows from which a bf16 decoding step on CPU splits the down projection, see `_down_projection`.
 _SPLIT_DOWN_MIN_ROWS = 32
 
@@ -561,11 +573,12 @@ class Block(nnx.Module):
         self.down = _param(rngs, (F, D), (MLP, EMBED), pd)
         self.config = config
 
-    def __call__(self, x_BTD, positions_BT, attend):
+    def __call__(self, x_BTD, positions_BT, attend, *, recompute_silu: bool = False):
         """``attend(q_BTNH, k_BTKH, v_BTKH) -> (out_BTNH, aux)`` is the attention itself, given
         this chunk's queries, keys and values after RoPE: the caller decides which keys each
         query sees (the chunk itself, causally; a KV cache it writes them into; a group's shared
-        prompt). Returns ``(x_BTD, aux)``."""
+        prompt). ``recompute_silu``: keep only the SiLU's input for the backward pass
+        (`_silu_recomputed`). Returns ``(x_BTD, aux)``."""
         c = self.config
         h = _rms_norm(x_BTD, self.attn_norm[...], c.rms_eps)
         q = _dot("btd,dnh->btnh", h, self.q[...])
@@ -586,7 +599,8 @@ class Block(nnx.Module):
         B, T, N, H = attn.shape
         x_BTD = x_BTD + _dot("bte,ed->btd", attn.reshape(B, T, N * H), self.o[...].reshape(N * H, -1))
         h = _rms_norm(x_BTD, self.mlp_norm[...], c.rms_eps)
-        gated = _silu(_dot("btd,df->btf", h, self.gate[...])) * _dot("btd,df->btf", h, self.up[...])
+        silu = _silu_recomputed if recompute_silu else _silu
+        gated = silu(_dot("btd,df->btf", h, self.gate[...])) * _dot("btd,df->btf", h, self.up[...])
         return x_BTD + _down_projection(gated, self.down[...]), aux
 
 
@@ -601,7 +615,8 @@ class Decoder(nnx.Module):
       remat: what the backward pass of the full-sequence forward keeps from each layer's forward
         (see :meth:`hidden_states`): ``"layer"`` only the layer's input, everything else is
         recomputed; ``"projections"`` also the outputs of the seven projection matmuls;
-        ``"none"`` everything (no recomputation, most memory).
+        ``"none"`` everything but the SiLU's float32 intermediates (`_silu_recomputed`): no
+        matmul recomputed, most memory.
       rngs: initialisation randomness.
 
     Attribute ``activation_sharding`` (default None): a sharding for the ``[B, T, D]`` hidden
@@ -741,7 +756,7 @@ class Decoder(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
 
         def layer(x, block_state):
-            return nnx.merge(graphdef, block_state)(x, positions_BT, attend)[0]
+            return nnx.merge(graphdef, block_state)(x, positions_BT, attend, recompute_silu=self.remat == "none")[0]
 
         if self.remat != "none":
             layer = jax.checkpoint(layer, prevent_cse=False, policy=_REMAT_POLICIES[self.remat])
