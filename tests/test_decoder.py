@@ -286,9 +286,10 @@ def test_rope_gradient_is_the_inverse_rotation(dtype):
     assert d_x.dtype == jnp.dtype(dtype)
 
     half = H // 2
-    inv_freq = 1.0 / (theta ** (np.arange(half, dtype=np.float32) / half))  # the angles as the forward has them
-    angles = np.asarray(positions, np.float32)[..., None] * inv_freq
-    cos, sin = np.cos(angles).astype(np.float64), np.sin(angles).astype(np.float64)
+    inv_freq = 1.0 / (theta ** (np.arange(half, dtype=np.float32) / half))
+    angles = jnp.asarray(np.asarray(positions, np.float32)[..., None] * inv_freq)
+    # XLA's own float32 cosines and sines, as the forward has them: the check is of the rotation.
+    cos, sin = np.asarray(jnp.cos(angles), np.float64), np.asarray(jnp.sin(angles), np.float64)
     R = np.zeros((B, T, H, H))  # out[i] = sum_j R[i, j] x[j]
     for i in range(half):
         R[:, :, i, i] = R[:, :, i + half, i + half] = cos[..., i]
@@ -297,7 +298,8 @@ def test_rope_gradient_is_the_inverse_rotation(dtype):
     want = np.einsum("btji,btnj->btni", R, g64)  # R^T g
     terms = np.einsum("btji,btnj->btni", np.abs(R), np.abs(g64))
     unit = {"float32": 0.0, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}[dtype]  # one rounding to dtype
-    np.testing.assert_array_less(np.abs(np.asarray(d_x, np.float64) - want), 2.0 ** -22 * terms + unit * np.abs(want) + 1e-30)
+    np.testing.assert_array_less(np.abs(np.asarray(d_x, np.float64) - want),
+                                 2.0 ** -22 * terms + unit * np.abs(want) + 1e-30)
     # The forward is the rotation too, to the same bound.
     x64 = np.asarray(x, np.float64)
     np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - np.einsum("btij,btnj->btni", R, x64)),
@@ -310,8 +312,8 @@ def test_rope_gradient_is_the_inverse_rotation(dtype):
 def test_silu_intermediates_recomputed_change_no_gradient(dtype, monkeypatch):
     """remat="none" keeps everything but the SiLU's float32 intermediates, which the backward pass
     recomputes from its input (`_silu_recomputed`, a speed and memory choice): the gradient is
-    that of keeping them bit for bit, and the layer scan stacks fewer [layers, B, T, d_ff] arrays, none of
-    them float32 in half precision."""
+    that of keeping them bit for bit, and the layer scan stacks fewer [layers, B, T, d_ff]
+    arrays, none of them float32 in half precision."""
     cfg = tiny_config()
     graphdef, params = nnx.split(_randomise(Decoder(cfg, dtype=dtype, remat="none", rngs=nnx.Rngs(0))))
     tokens, valid = _left_padded(3, 10, [0, 4, 2], cfg.vocab_size)
