@@ -26,9 +26,10 @@ default a temporary directory deleted at the end). Nothing in the library is cha
 * Phase A, the main job (``--skip_main_job`` to skip): ``--config=<config>`` exactly as the
   README runs it, the config's own steps, compiling from scratch as on a fresh machine: the
   phases run with the scripts' compilation cache off (``RL_MISMATCH_COMPILATION_CACHE=0``,
-  ``experiments/compile_cache.py``) unless ``--compilation_cache``. Timed wall-clock from the process's start to its exit
-  (imports, dataset build, model load, compilation, every step, the last checkpoint and the
-  summary); its peak RSS is that process's own (``os.wait4``'s ``ru_maxrss``). Also reported
+  ``experiments/compile_cache.py``) unless ``--compilation_cache``. Timed wall-clock from the
+  process's start to its exit (imports, dataset build, model load, compilation, every step, the
+  last checkpoint and the summary); its peak RSS is that process's own (``os.wait4``'s
+  ``ru_maxrss``). Also reported
   from its ``metrics.jsonl``: the sum of ``time/step_s``, the first step and its
   ``time/compile_s``, and the time outside the steps (wall - sum).
 * Phase B, the step-time CV (``--skip_cv`` to skip): ``--config=<config>:<--steps>
