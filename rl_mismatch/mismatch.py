@@ -177,12 +177,17 @@ def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_ch
     differentiation the scan would stack every chunk's logits as residuals for the backward
     pass (all [B·M, V] of them), so unless ``keep_logits`` each chunk is rematerialised: the
     backward recomputes its LM-head matmul and softmax from the hidden states.
+
+    ``token_chunk`` is the most positions a chunk holds: the fewest chunks that respect it share
+    the positions equally, so padding adds less than one row per chunk (384 positions run as two
+    chunks of 192, not as two of 256 with a third of the second one padding).
     """
     B, M, D = h_BMD.shape
     n = -(-(B * M) // token_chunk)
-    pad = n * token_chunk - B * M
-    h = jnp.pad(h_BMD.reshape(B * M, D), ((0, pad), (0, 0))).reshape(n, 1, token_chunk, D)
-    y = jnp.pad(targets_BM.reshape(B * M), (0, pad)).reshape(n, 1, token_chunk)
+    size = -(-(B * M) // n)
+    pad = n * size - B * M
+    h = jnp.pad(h_BMD.reshape(B * M, D), ((0, pad), (0, 0))).reshape(n, 1, size, D)
+    y = jnp.pad(targets_BM.reshape(B * M), (0, pad)).reshape(n, 1, size)
 
     def one(args):  # (lp, entropy or None): None is an empty pytree, the scan stacks nothing for it
         return _score_next(model.logits(args[0]), args[1], temperature, with_entropy)
@@ -282,7 +287,8 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
         1.0 for a greedy sampler, which records temperature-1 log-probs.
       score_from: static; the first column scored. Pass a rollout's ``prompt_width`` (its
         responses start there) to skip the prompt's LM-head work.
-      token_chunk: static; positions per LM-head chunk (chunked path only).
+      token_chunk: static; the most positions per LM-head chunk (chunked path only); the
+        positions are shared equally among the fewest chunks this allows.
       keep_logits: static, matters only under differentiation (chunked path only). False:
         the backward pass recomputes each chunk's logits, so memory holds one chunk's
         ``token_chunk × V`` float32 logits at a time; the price is a second LM-head matmul
