@@ -122,7 +122,7 @@ class Workload:
       n_microbatches: trainer micro-batches; 0 = one row per device per micro-batch.
       remat: ``Decoder(remat=...)``: "layer", "projections" or "none".
       trainer_dtype, sampler_dtype: compute dtypes (the masters are float32 whatever the trainer's).
-      token_chunk: LM-head positions per chunk of the rescoring (``make_train_step``'s default).
+      token_chunk: the most LM-head positions per chunk of the rescoring (``make_train_step``'s default).
       cache_segment: the sampler's first KV-cache response capacity (``SamplingConfig``).
       keep_logits: the backward pass keeps the LM-head logits instead of recomputing them.
     """

@@ -540,7 +540,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         must match the one given to `init_train_state`.
       temperature: the sampler's temperature; logits are divided by it (as the sampler does)
         for the loss and the mismatch metrics alike.
-      token_chunk: positions per LM-head chunk of the rescoring (`mismatch.rescore`). Larger
+      token_chunk: the most positions per LM-head chunk of the rescoring (`mismatch.rescore`,
+        which shares the positions equally among the fewest chunks this allows). Larger
         than rescoring's forward-only default of 128 because the backward pass adds each
         chunk's [V, D] LM-head gradient into the total, once per chunk; 256 (about 50 MB of
         float32 SmolLM2 logits live per chunk) measured fastest (benchmarks/README.md).
