@@ -180,7 +180,7 @@ def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_ch
 
     ``token_chunk`` is the most positions a chunk holds: the fewest chunks that respect it share
     the positions equally, so padding adds less than one row per chunk (384 positions run as two
-    chunks of 192, not as two of 256 with a third of the second one padding).
+    chunks of 192, not as two of 256 with half of the second one padding).
     """
     B, M, D = h_BMD.shape
     n = -(-(B * M) // token_chunk)
