@@ -8,13 +8,20 @@ compute dtype one process compiles ``jax.grad`` of a scalar of ``Decoder.hidden_
 (SmolLM2-135M's shapes, random weights: the values do not matter) once per policy, then runs
 the compiled gradients in turn, ``--repeats`` rounds, so that a slow phase of a shared machine
 hits every policy alike. Printed per policy: best and median seconds, the best time relative to
-``"layer"``, and the compiled program's temporary memory (XLA's ``memory_analysis``), the other
-half of the trade: ``"layer"`` keeps one [B, T, D] input per layer, ``"none"`` every
-intermediate.
+``"layer"``, the median system CPU seconds of a call, and the compiled program's temporary
+memory (XLA's ``memory_analysis``), the other half of the trade: ``"layer"`` keeps one [B, T, D]
+input per layer, ``"none"`` every intermediate.
+
+Running the policies in turn is also how an RL loop runs its train step, between sampling calls:
+on a VM that takes freed memory back (free page reporting, ``refault.py``), each call faults its
+temporaries in again at the host's price, which the system seconds show. A policy timed alone
+in its process, call after call, does not pay it (benchmarks/README.md, section "Remat policies").
 
 The LM head, the loss and the optimizer are left out: they do not depend on the policy
 (``benchmarks/train_step.py --remat=...`` measures the whole step).
 """
+
+import resource
 
 import numpy as np
 from absl import app, flags
@@ -65,9 +72,12 @@ def main(argv):
             timed(grad, params)  # faults in the buffers; the first call is a few % slower
             compiled[remat] = grad, params
         times = {remat: [] for remat in compiled}
+        system = {remat: [] for remat in compiled}
         for _ in range(_REPEATS.value):
             for remat, (grad, params) in compiled.items():
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
                 times[remat].append(timed(grad, params)[0])
+                system[remat].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - before)
         base = min(times["layer"]) if "layer" in times else None
         print(f"[{name}]")
         for remat, (grad, _) in compiled.items():
@@ -75,7 +85,7 @@ def main(argv):
             rel = f"{best / base:5.2f}x layer" if base else ""
             temp = grad.memory_analysis().temp_size_in_bytes / 2 ** 20
             print(f"  {remat:12s} {best:6.3f} s best, {np.median(times[remat]):6.3f} s median  {rel}  "
-                  f"temporaries {temp:7.0f} MiB", flush=True)
+                  f"system {np.median(system[remat]):5.2f} s  temporaries {temp:7.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
