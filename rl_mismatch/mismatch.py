@@ -170,9 +170,9 @@ _CHUNKS_PER_ITERATION = 2
 
 
 def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_chunk, keep_logits):
-    """``_score_next(model.logits(h), ...)`` with the LM head applied ``token_chunk`` rows at a time.
+    """``_score_next(model.logits(h), ...)`` with the LM head applied at most ``token_chunk`` rows at a time.
 
-    Each chunk's logits (``token_chunk × V`` float32) are reduced to a log-prob while still in
+    Each chunk's logits (at most ``token_chunk × V`` float32) are reduced to a log-prob while still in
     cache and never written out whole; a ``lax.scan`` runs the chunks in sequence. Under
     differentiation the scan would stack every chunk's logits as residuals for the backward
     pass (all [B·M, V] of them), so unless ``keep_logits`` each chunk is rematerialised: the

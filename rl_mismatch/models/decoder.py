@@ -291,7 +291,7 @@ def _silu(x: jax.Array) -> jax.Array:
 # them), and with nothing recomputed the scan stacks them: float32 [layers, B, T, d_ff] arrays,
 # 377 MB each for SmolLM2 at 8 x 256, written and read at every step. The recomputation is
 # elementwise on the same input, so the gradient is the same bit for bit (tests/test_decoder.py);
-# the train step with `remat="none"` is 8-18% faster on CPU (benchmarks/README.md). Not under the
+# the train step with `remat="none"` is faster for it on CPU (benchmarks/README.md). Not under the
 # other policies: they recompute the layer's forward in the backward pass anyway, and this would
 # compute the sigmoid a third time. ``prevent_cse`` is off: it runs inside the layer scan.
 _silu_recomputed = jax.checkpoint(_silu, prevent_cse=False)
