@@ -117,7 +117,7 @@ def compile_decode_step(cfg: ModelConfig, mesh: jax.sharding.Mesh, work: sm.Work
 
     def step(state, tokens_B1, cache, key):
         model = nnx.merge(graphdef, state)
-        logits_B1V, cache = model.decode(tokens_B1, cache, layers=model.layer_states())
+        logits_B1V, cache = model.decode(tokens_B1, cache, layers=model.decoding_layers())  # no CPU-only layout
         tokens_B, logp_B, *_ = sampler.select_tokens(logits_B1V[:, 0], key, sampling)
         return tokens_B, logp_B, cache
 

@@ -317,8 +317,8 @@ def _sampler_parts(cfg: ModelConfig, mesh: MeshShape, work: Workload) -> list[Pa
              "rollout", "decode step", "argument"),
         Part(f"KV cache ({S} slots)", per_slot * S + rows_dev * S, "rollout", "decode step", "argument"),
         Part("KV cache: the previous size during the last growth", growth, "rollout"),
-        # Decoder.layer_states slices the stacked weights once per program; XLA:CPU copies them.
-        Part("sampler weights sliced per layer (layer_states)", cs * layer_weights, "rollout", "decode step", "temp",
+        # Decoder.decoding_layers slices the stacked weights once per program; XLA:CPU copies them.
+        Part("sampler weights sliced per layer (decoding_layers)", cs * layer_weights, "rollout", "decode step", "temp",
              estimated=True),
         Part("decoding step: fp32 logits and sampling (x4)", 4 * rows_dev * vocab * 4, "rollout", "decode step",
              "temp", estimated=True),

@@ -307,9 +307,8 @@ def cache_row_groups(batch: int, dtype, mesh: jax.sharding.Mesh | None = None) -
     step's attention is two batched matmuls per layer, and XLA:CPU runs each batched matmul on
     one thread; with the rows in two groups, each with its own cache buffers, it runs two
     independent ones side by side. The values are bitwise the same (rows never interact;
-    tests/test_sampler.py). Measured on two cores, SmolLM2 bf16, 128 new tokens
-    (benchmarks/README.md): batch 64 +4-5%, and +10% together with the decoder's split down
-    projection; batch 32 +3% / +8%; batch 16 nothing. Not used in float32 (no gain), on a mesh
+    tests/test_sampler.py). On two cores, SmolLM2 bf16, it is faster from 32 rows and makes no
+    difference at 16 (benchmarks/README.md). Not used in float32 (no gain), on a mesh
     whose data axis spans several devices (each device already runs its own program, and groups
     of consecutive rows would cut across the devices' shards), nor off CPU.
     """
@@ -353,7 +352,7 @@ def decode_loop(model: Decoder, prompt_BP, prompt_valid_BP, *, max_new_tokens: i
     U = B // group  # rows prefilled
     cache = constrain(init_cache(model.config, batch=U, max_len=P + sizes[0], dtype=model.dtype,
                                  row_groups=cache_row_groups(U, model.dtype, mesh)))
-    layers = model.layer_states()  # sliced once: loop invariants, not per-step copies
+    layers = model.decoding_layers(B)  # made once: loop invariants, not per-step copies
     logits_B1V, cache = model.decode(prompt_BP[::group], cache, valid_BT=prompt_valid_BP[::group], layers=layers,
                                      last_only=True)
     if group > 1:

@@ -301,17 +301,18 @@ def test_cache_row_groups_rule():
 
 def test_cpu_speed_layouts_change_no_value(monkeypatch):
     """bf16 sampling of 32 rows on CPU runs with the KV cache in two row groups and the decoding
-    step's down projection in two column halves (speed choices); with both turned off every
-    field of the rollout is bit for bit the same."""
+    step's down projection with its transposed weight on the left (speed choices); with both
+    turned off every field of the rollout is bit for bit the same."""
     model = smp.sync_weights(_model(), jnp.bfloat16)
     prompts = _prompts(PROMPT_LENGTHS * 5 + (4, 12))
     cfg = smp.SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, top_p=0.9, prompt_bucket=16,
                              cache_segment=4, return_entropy=True)
     assert len(prompts) == 32 and smp.cache_row_groups(32, jnp.bfloat16) == 2
+    assert decoder._left_down_projection(32, jnp.bfloat16)
     try:
         fast = smp.generate(model, prompts, jax.random.key(3), cfg)
         monkeypatch.setattr(smp, "_CPU_ROW_GROUPS", 1)
-        monkeypatch.setattr(decoder, "_SPLIT_DOWN_MIN_ROWS", 1 << 30)
+        monkeypatch.setattr(decoder, "_LEFT_DOWN_MIN_ROWS", 1 << 30)
         smp._compiled.cache_clear()  # the program is cached per (model, cfg, mesh)
         plain = smp.generate(model, prompts, jax.random.key(3), cfg)
     finally:

@@ -297,29 +297,36 @@ def _silu(x: jax.Array) -> jax.Array:
 _silu_recomputed = jax.checkpoint(_silu, prevent_cse=False)
 
 
-# Rows from which a bf16 decoding step on CPU splits the down projection, see `_down_projection`.
-_SPLIT_DOWN_MIN_ROWS = 32
+# Rows from which a bf16 decoding step on CPU runs the down projection with its weight on the left,
+# see `_down_projection`.
+_LEFT_DOWN_MIN_ROWS = 32
 
 
-def _down_projection(gated_BTF: jax.Array, w_FD: jax.Array) -> jax.Array:
+def _left_down_projection(rows: int, dtype) -> bool:
+    """Whether a decoding step of ``rows`` rows in ``dtype`` takes `_down_projection`'s
+    weight-on-the-left form."""
+    return dtype == jnp.bfloat16 and rows >= _LEFT_DOWN_MIN_ROWS and jax.default_backend() == "cpu"
+
+
+def _down_projection(gated_BTF: jax.Array, w_FD: jax.Array, w_DF: jax.Array | None = None) -> jax.Array:
     """The MLP's down projection ``gated @ w``.
 
-    A bf16 decoding step on XLA:CPU (one token, at least ``_SPLIT_DOWN_MIN_ROWS`` rows) computes
-    it as two matmuls, one per half of the output columns, concatenated. XLA:CPU spreads the one
-    [B, F] x [F, D] matmul (SmolLM2: 1536 -> 576, half the speed of the 576 -> 1536 gate/up
-    matmuls at 64 rows) poorly over its threads and runs the two independent halves side by
-    side. Each output column is the same sum either way, and the result is bitwise the same
-    (checked in tests/test_decoder.py); the weight halves are sliced once per program, outside
-    the decoding loop. With the row-grouped KV cache (`KVCache`) it made the batch-64 bf16
-    sampler faster (benchmarks/README.md). Not in float32 (slower, and not bitwise: XLA
-    picks another kernel) nor float16 (not bitwise), nor off CPU.
+    ``w_DF``, the same weight transposed (`Decoder.decoding_layers` makes it where
+    `_left_down_projection` says), turns a decoding step (one token) into ``(w_DF @ gated^T)^T``:
+    the weight is the product's left operand. On XLA:CPU the [B, F] x [F, D] product (SmolLM2:
+    1536 -> 576 at 64 rows) runs far slower than the same product with a [D, F] left operand
+    and a [D, B] result; the small [D, B] result is then transposed. The
+    optimization barrier keeps that order: without it XLA lays the result out as [B, D]
+    straight away, which brings back the slow kernel. Each output element is the same float32
+    sum either way, bit for bit (tests/test_decoder.py, tests/test_sampler.py); figures in
+    benchmarks/README.md.
     """
-    B, T, _ = gated_BTF.shape
-    D = w_FD.shape[1]
-    if (gated_BTF.dtype == jnp.bfloat16 and T == 1 and B >= _SPLIT_DOWN_MIN_ROWS and D % 2 == 0
-            and jax.default_backend() == "cpu"):
-        return jnp.concatenate([_dot("btf,fd->btd", gated_BTF, w) for w in jnp.split(w_FD, 2, axis=1)], axis=-1)
-    return _dot("btf,fd->btd", gated_BTF, w_FD)
+    B, T, F = gated_BTF.shape
+    if w_DF is None or T != 1:
+        return _dot("btf,fd->btd", gated_BTF, w_FD)
+    out_DB = jax.lax.dot_general(w_DF.astype(gated_BTF.dtype), gated_BTF.reshape(B, F), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(out_DB).T.astype(gated_BTF.dtype).reshape(B, 1, -1)
 
 
 # Query positions per block of the full-sequence (causal) attention, see `_causal_attention`.
@@ -549,6 +556,13 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
                    jnp.pad(cache.valid_BS, ((0, 0), (0, max_len - S))), cache.index)
 
 
+class DecodingLayer(NamedTuple):
+    """One layer's weights for `Decoder.decode` (from `Decoder.decoding_layers`)."""
+
+    state: nnx.State  # the layer's parameters, sliced out of the stacked blocks
+    down_DF: jax.Array | None  # the down projection's weight transposed, or None (`_down_projection`)
+
+
 class Block(nnx.Module):
     """Pre-norm decoder block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
 
@@ -573,12 +587,13 @@ class Block(nnx.Module):
         self.down = _param(rngs, (F, D), (MLP, EMBED), pd)
         self.config = config
 
-    def __call__(self, x_BTD, positions_BT, attend, *, recompute_silu: bool = False):
+    def __call__(self, x_BTD, positions_BT, attend, *, recompute_silu: bool = False, down_DF=None):
         """``attend(q_BTNH, k_BTKH, v_BTKH) -> (out_BTNH, aux)`` is the attention itself, given
         this chunk's queries, keys and values after RoPE: the caller decides which keys each
         query sees (the chunk itself, causally; a KV cache it writes them into; a group's shared
         prompt). ``recompute_silu``: keep only the SiLU's input for the backward pass
-        (`_silu_recomputed`). Returns ``(x_BTD, aux)``."""
+        (`_silu_recomputed`). ``down_DF``: the down projection's weight transposed, for a
+        decoding step (`DecodingLayer`). Returns ``(x_BTD, aux)``."""
         c = self.config
         h = _rms_norm(x_BTD, self.attn_norm[...], c.rms_eps)
         q = _dot("btd,dnh->btnh", h, self.q[...])
@@ -601,7 +616,7 @@ class Block(nnx.Module):
         h = _rms_norm(x_BTD, self.mlp_norm[...], c.rms_eps)
         silu = _silu_recomputed if recompute_silu else _silu
         gated = silu(_dot("btd,df->btf", h, self.gate[...])) * _dot("btd,df->btf", h, self.up[...])
-        return x_BTD + _down_projection(gated, self.down[...]), aux
+        return x_BTD + _down_projection(gated, self.down[...], down_DF), aux
 
 
 class Decoder(nnx.Module):
@@ -774,15 +789,24 @@ class Decoder(nnx.Module):
     def _final_norm(self, x_BTD):
         return _rms_norm(x_BTD, self.final_norm[...], self.config.rms_eps)
 
-    def layer_states(self) -> tuple[nnx.State, ...]:
-        """Each layer's parameters as its own arrays (slices of the stacked ``blocks``).
+    def decoding_layers(self, rows: int | None = None) -> tuple[DecodingLayer, ...]:
+        """Each layer's weights as its own arrays, for decoding steps of ``rows`` rows.
 
-        For a decoding loop: slice once, outside the loop, and pass the result to every
-        :meth:`decode` call. Slicing inside the loop copies every weight at every step (XLA does
-        not alias a slice of a loop-invariant buffer; 15-20% of an fp32 decode step).
+        For a decoding loop: make them once, outside the loop, and pass the result to every
+        :meth:`decode` call. Slicing the stacked ``blocks`` inside the loop copies every weight at
+        every step (XLA does not alias a slice of a loop-invariant buffer; 15-20% of an fp32
+        decode step). Where `_left_down_projection` says so for ``rows`` and this model's dtype,
+        each layer also holds its down projection's weight transposed (a quarter more weight
+        bytes for SmolLM2), which the decoding steps use (`_down_projection`). ``rows=None``
+        takes no such choice (an accelerator's layout, whatever the backend).
         """
         _, state = nnx.split(self.blocks)
-        return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.config.n_layers))
+        left = rows is not None and _left_down_projection(rows, self.dtype)
+        layers = []
+        for i in range(self.config.n_layers):
+            layer = jax.tree.map(lambda a, i=i: a[i], state)
+            layers.append(DecodingLayer(layer, layer["down"][...].T if left else None))
+        return tuple(layers)
 
     def decode(self, tokens_BT, cache: KVCache, *, positions_BT=None, valid_BT=None, layers=None,
                last_only: bool = False):
@@ -790,7 +814,7 @@ class Decoder(nnx.Module):
 
         Writes their keys/values into slots ``[cache.index, cache.index + T)`` and returns
         ``(logits_BTV, new_cache)``. Positions default to the count of valid tokens before each.
-        ``layers``: this model's :meth:`layer_states`, when the caller already sliced them.
+        ``layers``: this model's :meth:`decoding_layers`, when the caller already made them.
         ``last_only``: return the logits of the last position only ([B, 1, V]); a prefill
         needs nothing else, and the LM head over a whole prompt costs as much as ~5 layers.
 
@@ -824,7 +848,7 @@ class Decoder(nnx.Module):
         allowed_BTS = (jnp.arange(S)[None, :] <= query_slot_T[:, None])[None] & valid_BS[:, None, :]
 
         graphdef = nnx.graphdef(self.blocks)
-        layers = self.layer_states() if layers is None else layers
+        layers = self.decoding_layers(B) if layers is None else layers
         x = self._embed(tokens_BT)
 
         def write(groups, new_BKTH):  # each row group's slice of the new keys into its buffer
@@ -835,7 +859,7 @@ class Decoder(nnx.Module):
 
         new_k, new_v = [], []
         for layer in range(self.config.n_layers):
-            block = nnx.merge(graphdef, layers[layer])
+            block = nnx.merge(graphdef, layers[layer].state)
             k_cache, v_cache = cache.k[layer], cache.v[layer]
 
             def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
@@ -844,7 +868,7 @@ class Decoder(nnx.Module):
                 out = _attention_in_row_groups(q, as_compute(k_cache, k), as_compute(v_cache, v), allowed_BTS)
                 return out, (k_cache, v_cache)
 
-            x, (k_cache, v_cache) = block(x, positions_BT, attend)
+            x, (k_cache, v_cache) = block(x, positions_BT, attend, down_DF=layers[layer].down_DF)
             new_k.append(k_cache)
             new_v.append(v_cache)
         new_cache = KVCache(tuple(new_k), tuple(new_v), valid_BS, start + T)
