@@ -318,8 +318,8 @@ def _down_projection(gated_BTF: jax.Array, w_FD: jax.Array, w_DF: jax.Array | No
     and a [D, B] result; the small [D, B] result is then transposed. The
     optimization barrier keeps that order: without it XLA lays the result out as [B, D]
     straight away, which brings back the slow kernel. Each output element is the same float32
-    sum either way, bit for bit (tests/test_decoder.py, tests/test_sampler.py); figures in
-    benchmarks/README.md.
+    sum either way: the bf16 result is bit for bit the plain product's (tests/test_decoder.py,
+    tests/test_sampler.py); figures in benchmarks/README.md.
     """
     B, T, F = gated_BTF.shape
     if w_DF is None or T != 1:
