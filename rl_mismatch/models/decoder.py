@@ -794,11 +794,11 @@ class Decoder(nnx.Module):
 
         For a decoding loop: make them once, outside the loop, and pass the result to every
         :meth:`decode` call. Slicing the stacked ``blocks`` inside the loop copies every weight at
-        every step (XLA does not alias a slice of a loop-invariant buffer; 15-20% of an fp32
-        decode step). Where `_left_down_projection` says so for ``rows`` and this model's dtype,
-        each layer also holds its down projection's weight transposed (a quarter more weight
-        bytes for SmolLM2), which the decoding steps use (`_down_projection`). ``rows=None``
-        takes no such choice (an accelerator's layout, whatever the backend).
+        every step (XLA does not alias a slice of a loop-invariant buffer). Where
+        `_left_down_projection` says so for ``rows`` and this model's dtype, each layer also holds
+        its down projection's weight transposed (a quarter more weight bytes for SmolLM2), which
+        the decoding steps use (`_down_projection`). ``rows=None`` takes no such choice (an
+        accelerator's layout, whatever the backend).
         """
         _, state = nnx.split(self.blocks)
         left = rows is not None and _left_down_projection(rows, self.dtype)
@@ -848,7 +848,7 @@ class Decoder(nnx.Module):
         allowed_BTS = (jnp.arange(S)[None, :] <= query_slot_T[:, None])[None] & valid_BS[:, None, :]
 
         graphdef = nnx.graphdef(self.blocks)
-        layers = self.decoding_layers(B) if layers is None else layers
+        layers = self.decoding_layers(B if T == 1 else None) if layers is None else layers
         x = self._embed(tokens_BT)
 
         def write(groups, new_BKTH):  # each row group's slice of the new keys into its buffer
