@@ -38,8 +38,12 @@ the step holds whole groups (``train_step.holds_whole_runs``).
 Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
 one untimed step (compilation / warm-up). The achieved FLOP rate counts the forward and
 backward matmuls both sides run: 6 × body parameters per token, plus 6 × the LM head's V × D per
-scored position (attention's T² terms and our layer recomputation left out), reported as a
-fraction of the peak.
+scored position (attention's T² terms and our recomputation left out), reported as a fraction of
+the peak. The line "FLOPs computed" counts the matmuls our step runs (its own tokens through the
+body, each group's shared prompt once, see above), the recomputation included: under
+``--remat=layer`` the layers' forward again in the backward pass but for the down projection,
+without ``--keep_logits`` the LM head's forward again (``experiments.scaling_model.train_matmul_flops``;
+attention left out here too).
 """
 
 import typing
@@ -50,6 +54,7 @@ from absl import app, flags
 from rl_mismatch.models.decoder import Remat
 
 from _common import cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, restart_with_huge_pages, timed
+from experiments.scaling_model import train_matmul_flops  # importable once _common has put the checkout on sys.path
 
 _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measure.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per configuration (after one untimed step).")
@@ -270,6 +275,10 @@ def main(argv):
             prefix = _first_response_column(arrays[1]) - 1
             body_tokens = _BATCH.value // _GROUP.value * prefix + _BATCH.value * (_SEQ_LEN.value - prefix)
 
+    computed_flops = train_matmul_flops(config, remat=_REMAT.value, keep_logits=_KEEP_LOGITS.value,
+                                        body_tokens=body_tokens, head_positions=_BATCH.value * scored)
+    computed_what = (f"{'each prompt once: ' if body_tokens != tokens_per_step else ''}{body_tokens} tokens "
+                     f"through the body, recomputation included")
     for dtype_name in _DTYPES.value:
         peak = matmul_peak({"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
         first, best, median, cpu = _ours(model, dtype_name, arrays, _STEPS.value, mesh)
@@ -278,10 +287,8 @@ def main(argv):
         msg = (f"[{dtype_name}] XLA matmul peak {peak:6.1f} GFLOP/s\n"
                f"  ours: {ours_tps:6.1f} tok/s  (step {best:5.2f} s best, {median:5.2f} s median, {cpu:5.2f} CPU-s; "
                f"first step {first:5.1f} s)  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of peak")
-        if body_tokens != tokens_per_step:
-            computed = 6 * (body * body_tokens + head * _BATCH.value * scored) / best / 1e9
-            msg += (f"\n  FLOPs computed (each prompt once: {body_tokens} tokens through the body, not "
-                    f"{tokens_per_step}): {computed:6.1f} GFLOP/s = {computed / peak:5.1%} of peak")
+        computed = computed_flops / best / 1e9
+        msg += (f"\n  FLOPs computed ({computed_what}): {computed:6.1f} GFLOP/s = {computed / peak:5.1%} of peak")
         if _GROUP.value > 1:
             _, full_best, full_median, _ = _ours(model, dtype_name, arrays, _STEPS.value, mesh, share_prompts=False)
             msg += (f"\n  ours computing every row in full (share_prompts=False): {tokens_per_step / full_best:6.1f} "

@@ -381,6 +381,27 @@ class Utilisation:
     bandwidth: float = 0.6
 
 
+def train_matmul_flops(cfg: ModelConfig, *, remat: str, keep_logits: bool, body_tokens: int,
+                       head_positions: int, attention_pairs: int = 0) -> int:
+    """Matmul FLOPs of one train step, forward and backward, the recomputation included.
+
+    ``body_tokens`` pass through the layers, ``head_positions`` through the LM head, and the
+    blocked attention scores ``attention_pairs`` query-key pairs (``rows * attention_area(T)``).
+    A product costs 2 FLOPs per weight per token in the forward and twice that in the backward
+    (the input's and the weight's gradients): 6 per weight per token. On top of that:
+    ``Decoder(remat="layer")`` runs every layer's forward again in the backward pass, except its
+    down projection, whose output the backward does not need; ``"projections"`` keeps the
+    projections' outputs and recomputes the attention scores; ``"none"`` recomputes nothing.
+    Unless ``keep_logits``, the LM head's forward runs again too. Attention costs 4·heads·head_dim
+    per query-key pair per pass (the scores and the weighted sum)."""
+    L, D, F = cfg.n_layers, cfg.d_model, cfg.d_ff
+    recomputed = {"layer": matmul_params(cfg) - L * D * F, "projections": 0, "none": 0}[remat]
+    body = 2 * (3 * matmul_params(cfg) + recomputed) * body_tokens
+    head = 2 * (3 if keep_logits else 4) * D * cfg.vocab_size * head_positions
+    attention = 4 * L * cfg.n_heads * cfg.head_dim * attention_pairs * (3 if remat == "none" else 4)
+    return body + head + attention
+
+
 def step_time(cfg: ModelConfig, mesh: MeshShape, work: Workload, chip: Chip,
               util: Utilisation = Utilisation()) -> dict[str, float]:
     """Seconds of one step by phase (``generate``, ``sync``, ``train``, ``step``); the FSDP traffic
@@ -404,10 +425,8 @@ def step_time(cfg: ModelConfig, mesh: MeshShape, work: Workload, chip: Chip,
         done = size
     sync_bytes = weights * (1 - 1 / d)
 
-    matmul_passes, attn_passes = {"layer": (4, 4), "projections": (3, 4), "none": (3, 3)}[work.remat]
-    head_passes = 3 if work.keep_logits else 4
-    flops = work.rows * (T * 2 * nm * matmul_passes + R * 2 * D * V * head_passes
-                         + 4 * L * N * H * attention_area(T) * attn_passes)
+    flops = train_matmul_flops(cfg, remat=work.remat, keep_logits=work.keep_logits, body_tokens=work.rows * T,
+                               head_positions=work.rows * R, attention_pairs=work.rows * attention_area(T))
     compute = flops / n / (chip.flops(work.trainer_dtype) * util.mfu)
     # Per micro-batch each device gathers the float32 weights it lacks for the forward and the
     # recomputing backward, and reduce-scatters the gradient: ~3 x its model-split share.

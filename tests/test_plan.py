@@ -4,18 +4,20 @@ proof by compilation (experiments/plan.py) at a reduced size on 8 fake CPU devic
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 from experiments import plan
 from experiments import scaling_model as sm
-from rl_mismatch import sampler
+from rl_mismatch import mismatch, sampler
 from rl_mismatch.models import Decoder
 from rl_mismatch.models.config import ModelConfig, known_config, tiny_config
 
@@ -94,8 +96,42 @@ def test_analytic_model_counts():
     assert sm.attention_area(100) == 100 * 100 and sm.attention_area(256) == 128 * 128 + 128 * 256
     times = sm.step_time(cfg, sm.MeshShape(16, 4), work, sm.CHIPS["tpu-v5e"])
     assert 0 < times["sync"] < times["generate"] and times["step"] == times["generate"] + times["sync"] + times["train"]
-    # Training FLOPs: at least 8 N per token (forward, backward, recomputed forward under remat).
-    assert times["train_flops"] > 8 * sm.matmul_params(cfg) * work.rows * work.seq_len
+    # Training FLOPs: more than 6 N per token (forward, backward) plus the forward recomputed under
+    # remat="layer", all of it but the down projection (the products' count: the jaxpr test above).
+    recomputed = sm.matmul_params(cfg) - cfg.n_layers * cfg.d_model * cfg.d_ff
+    assert times["train_flops"] > (6 * sm.matmul_params(cfg) + 2 * recomputed) * work.rows * work.seq_len
+
+
+@pytest.mark.parametrize("remat", ["layer", "projections", "none"])
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_train_matmul_flops_are_the_programs_products(remat, keep_logits):
+    """train_matmul_flops against the products in the jaxpr of the rescoring's gradient (what the
+    train step differentiates), counted one by one: 2 FLOPs per multiply-add of every
+    dot_general, times the length of each scan around it. This checks the recomputation each remat
+    policy leaves in the program (under "layer" the layers' forward again but for the down
+    projection) and the LM head's recomputed chunks, not the formula against itself."""
+    cfg = tiny_config()
+    B, T, P = 3, 20, 10  # T <= 128: one attention block, T x T query-key pairs per row
+    graphdef, params = nnx.split(Decoder(cfg, remat=remat, rngs=nnx.Rngs(0)))
+    tokens = jnp.ones((B, T), jnp.int32)
+
+    def loss(params):
+        return mismatch.rescore(nnx.merge(graphdef, params), tokens, score_from=P, keep_logits=keep_logits).sum()
+
+    flops, todo = 0, [(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, 1)]
+    while todo:
+        jaxpr, times = todo.pop()
+        for e in jaxpr.eqns:
+            inner = times * (e.params["length"] if e.primitive.name == "scan" else 1)
+            todo.extend((j.jaxpr if hasattr(j, "jaxpr") else j, inner) for j in jax.extend.core.jaxprs_in_params(e.params))
+            if e.primitive.name != "dot_general":
+                continue
+            out = e.outvars[0].aval.shape
+            if len(out) > 1:  # a 1-D result is a norm scale's gradient summed over the tokens, not a matmul
+                (contracted, _), _ = e.params["dimension_numbers"]
+                flops += times * 2 * math.prod(out) * math.prod(e.invars[0].aval.shape[d] for d in contracted)
+    assert flops == sm.train_matmul_flops(cfg, remat=remat, keep_logits=keep_logits, body_tokens=B * T,
+                                          head_positions=B * (T - P), attention_pairs=B * sm.attention_area(T))
 
 
 # --------------------------------------------------------------------------------------------
