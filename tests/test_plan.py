@@ -97,7 +97,7 @@ def test_analytic_model_counts():
     times = sm.step_time(cfg, sm.MeshShape(16, 4), work, sm.CHIPS["tpu-v5e"])
     assert 0 < times["sync"] < times["generate"] and times["step"] == times["generate"] + times["sync"] + times["train"]
     # Training FLOPs: more than 6 N per token (forward, backward) plus the forward recomputed under
-    # remat="layer", all of it but the down projection (the products' count: the jaxpr test above).
+    # remat="layer", all of it but the down projection (the products' count: the jaxpr test below).
     recomputed = sm.matmul_params(cfg) - cfg.n_layers * cfg.d_model * cfg.d_ff
     assert times["train_flops"] > (6 * sm.matmul_params(cfg) + 2 * recomputed) * work.rows * work.seq_len
 
