@@ -214,6 +214,17 @@ def _truncation_mask(scaled_BV: jax.Array, top_k: int, top_p: float) -> jax.Arra
 _DRAW_BLOCK = 256
 
 
+def greedy(logp_BV: jax.Array) -> jax.Array:
+    """``jnp.argmax(logp_BV, axis=-1)``: per row the first index of the largest entry (of the first
+    NaN, if any), as a max and a min over the row. XLA:CPU runs ``argmax`` as a reduction of
+    (value, index) pairs that it does not vectorise, 4-6x slower than these two plain reductions
+    at the vocabulary's width (benchmarks/README.md), and greedy decoding pays it every step."""
+    V = logp_BV.shape[-1]
+    top_B1 = jnp.max(logp_BV, axis=-1, keepdims=True)  # NaN where the row has one
+    hit_BV = (logp_BV == top_B1) | jnp.isnan(logp_BV)
+    return jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def _last_positive(x_BN: jax.Array) -> jax.Array:
     """Index of the last entry > 0 in each row (0 if none)."""
     N = x_BN.shape[-1]
@@ -269,7 +280,7 @@ def select_tokens(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
         logp_trunc = jax.nn.log_softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
         log_kept = jax.nn.logsumexp(jnp.where(keep, logp_full, -jnp.inf), axis=-1)
     if cfg.temperature == 0:
-        tokens = jnp.argmax(logp_trunc, axis=-1)
+        tokens = greedy(logp_trunc)
     else:
         tokens = draw(logp_trunc, key)
     take = lambda a: jnp.take_along_axis(a, tokens[:, None], axis=-1)[:, 0]

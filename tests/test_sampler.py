@@ -171,6 +171,26 @@ def test_draw_follows_the_distribution():
     np.testing.assert_array_less(np.abs(counts - n * p), 5 * np.sqrt(n * p * (1 - p)) + 1)
 
 
+def test_greedy_is_argmax():
+    """`greedy` against numpy's argmax: the first index of the largest entry, ties included
+    (the first of equal maxima wins), rows of -inf only (index 0), -inf among finite entries, the
+    largest entry in the first and the last column, and a NaN, which argmax takes as the largest
+    (its first occurrence)."""
+    V = 1000
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((9, V)).astype(np.float32)
+    rows[1, [10, 400, 999]] = 50.0         # a three-way tie
+    rows[2] = -np.inf                      # nothing allowed
+    rows[3, rng.choice(V, 900, replace=False)] = -np.inf
+    rows[4, 0] = rows[5, V - 1] = 50.0     # the ends
+    rows[6, [20, 700]] = np.nan
+    rows[7, 5] = np.inf                    # a lone +inf
+    rows[8] = 0.0                          # all tied
+    got = np.asarray(jax.jit(smp.greedy)(jnp.asarray(rows)))
+    np.testing.assert_array_equal(got, np.argmax(rows, axis=-1))
+    np.testing.assert_array_equal(got[[1, 2, 4, 5, 6, 7, 8]], [10, 0, 0, V - 1, 20, 5, 0])
+
+
 def test_top_p_beyond_the_candidates():
     # Nearly flat logits over 1000 tokens: top-p 0.9 needs ~900 of them, more than the top-k
     # candidates searched first, so the exact full sort must take over.
