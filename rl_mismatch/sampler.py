@@ -217,8 +217,9 @@ _DRAW_BLOCK = 256
 def greedy(logp_BV: jax.Array) -> jax.Array:
     """``jnp.argmax(logp_BV, axis=-1)``: per row the first index of the largest entry (of the first
     NaN, if any), as a max and a min over the row. XLA:CPU runs ``argmax`` as a reduction of
-    (value, index) pairs that it does not vectorise, 4-6x slower than these two plain reductions
-    at the vocabulary's width (benchmarks/README.md), and greedy decoding pays it every step."""
+    (value, index) pairs that it does not vectorise, several times slower than these two plain
+    reductions at the vocabulary's width (benchmarks/README.md), and greedy decoding pays it every
+    step."""
     V = logp_BV.shape[-1]
     top_B1 = jnp.max(logp_BV, axis=-1, keepdims=True)  # NaN where the row has one
     hit_BV = (logp_BV == top_B1) | jnp.isnan(logp_BV)
