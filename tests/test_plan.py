@@ -123,7 +123,8 @@ def test_train_matmul_flops_are_the_programs_products(remat, keep_logits):
         jaxpr, times = todo.pop()
         for e in jaxpr.eqns:
             inner = times * (e.params["length"] if e.primitive.name == "scan" else 1)
-            todo.extend((j.jaxpr if hasattr(j, "jaxpr") else j, inner) for j in jax.extend.core.jaxprs_in_params(e.params))
+            todo.extend((j.jaxpr if hasattr(j, "jaxpr") else j, inner)
+                        for j in jax.extend.core.jaxprs_in_params(e.params))
             if e.primitive.name != "dot_general":
                 continue
             out = e.outvars[0].aval.shape
