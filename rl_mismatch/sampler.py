@@ -215,15 +215,21 @@ _DRAW_BLOCK = 256
 
 
 def greedy(logp_BV: jax.Array) -> jax.Array:
-    """``jnp.argmax(logp_BV, axis=-1)``: per row the first index of the largest entry (of the first
-    NaN, if any), as a max and a min over the row. XLA:CPU runs ``argmax`` as a reduction of
-    (value, index) pairs that it does not vectorise, several times slower than these two plain
-    reductions at the vocabulary's width (benchmarks/README.md), and greedy decoding pays it every
-    step."""
+    """``jnp.argmax(logp_BV, axis=-1)``: per row the first index of the largest entry, or of the
+    first NaN if the row has one (argmax ranks NaN above everything), as a max and a min over the
+    row. XLA:CPU runs ``argmax`` as a reduction of (value, index) pairs that it does not vectorise,
+    several times slower than these two plain reductions at the vocabulary's width
+    (benchmarks/README.md), and greedy decoding pays it every step. The NaNs are handled
+    explicitly: XLA:CPU's vectorised max need not propagate them (``xla_cpu_enable_fast_min_max``)."""
     V = logp_BV.shape[-1]
-    top_B1 = jnp.max(logp_BV, axis=-1, keepdims=True)  # NaN where the row has one
-    hit_BV = (logp_BV == top_B1) | jnp.isnan(logp_BV)
-    return jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    nan_BV = jnp.isnan(logp_BV)
+    top_B1 = jnp.max(jnp.where(nan_BV, -jnp.inf, logp_BV), axis=-1, keepdims=True)
+    index_V = jnp.arange(V, dtype=jnp.int32)
+    # A NaN's key is its index - V (negative), a maximum's its index, anything else V: the min is
+    # the first NaN if there is one, else the first maximum.
+    key_BV = jnp.where(nan_BV, index_V - V, jnp.where(logp_BV == top_B1, index_V, V))
+    first_B = jnp.min(key_BV, axis=-1)
+    return jnp.where(first_B < 0, first_B + V, first_B)
 
 
 def _last_positive(x_BN: jax.Array) -> jax.Array:

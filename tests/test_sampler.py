@@ -172,23 +172,26 @@ def test_draw_follows_the_distribution():
 
 
 def test_greedy_is_argmax():
-    """`greedy` against numpy's argmax: the first index of the largest entry, ties included
-    (the first of equal maxima wins), rows of -inf only (index 0), -inf among finite entries, the
-    largest entry in the first and the last column, and a NaN, which argmax takes as the largest
-    (its first occurrence)."""
-    V = 1000
+    """`greedy` against numpy's argmax at the vocabulary's width: the first index of the largest
+    entry, ties included (the first of equal maxima wins), rows of -inf only (index 0), -inf among
+    finite entries, the largest entry in the first and the last column, +inf, and NaN, which argmax
+    ranks above everything (its first occurrence), also after a larger finite entry and in a row of
+    NaN only: XLA:CPU's vectorised max drops NaNs, so a max-based argmax must handle them itself."""
+    V = 49152
     rng = np.random.default_rng(0)
-    rows = rng.standard_normal((9, V)).astype(np.float32)
-    rows[1, [10, 400, 999]] = 50.0         # a three-way tie
+    rows = rng.standard_normal((11, V)).astype(np.float32)
+    rows[1, [10, 400, V - 1]] = 50.0       # a three-way tie
     rows[2] = -np.inf                      # nothing allowed
-    rows[3, rng.choice(V, 900, replace=False)] = -np.inf
+    rows[3, rng.choice(V, V - 100, replace=False)] = -np.inf
     rows[4, 0] = rows[5, V - 1] = 50.0     # the ends
-    rows[6, [20, 700]] = np.nan
+    rows[6, [20, 30_000]] = np.nan
     rows[7, 5] = np.inf                    # a lone +inf
     rows[8] = 0.0                          # all tied
+    rows[9, 5], rows[9, 30_000] = 100.0, np.nan  # the NaN after a larger entry still wins
+    rows[10] = np.nan
     got = np.asarray(jax.jit(smp.greedy)(jnp.asarray(rows)))
     np.testing.assert_array_equal(got, np.argmax(rows, axis=-1))
-    np.testing.assert_array_equal(got[[1, 2, 4, 5, 6, 7, 8]], [10, 0, 0, V - 1, 20, 5, 0])
+    np.testing.assert_array_equal(got[[1, 2, 4, 5, 6, 7, 8, 9, 10]], [10, 0, 0, V - 1, 20, 5, 0, 30_000, 0])
 
 
 def test_top_p_beyond_the_candidates():
