@@ -8,6 +8,7 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
+import jax.extend  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 # Tests compare against float64 NumPy only where they say so; default stays float32.
@@ -72,6 +73,26 @@ def count_compiles():
     compilation cache still shows there).
     """
     return _count_compiles
+
+
+def _jaxpr_eqns(closed_jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it, each with how many times it runs per
+    call of the whole: the product of the lengths of the scans around it (1 elsewhere)."""
+    todo = [(closed_jaxpr.jaxpr, 1)]
+    while todo:
+        jaxpr, times = todo.pop()
+        for e in jaxpr.eqns:
+            inner = times * (e.params["length"] if e.primitive.name == "scan" else 1)
+            todo.extend((j.jaxpr if hasattr(j, "jaxpr") else j, inner)
+                        for j in jax.extend.core.jaxprs_in_params(e.params))
+            yield e, times
+
+
+@pytest.fixture
+def jaxpr_eqns():
+    """``for eqn, times in jaxpr_eqns(jax.make_jaxpr(f)(...)): ...``: every equation, nested ones
+    included, with its repeat count per call (`_jaxpr_eqns`)."""
+    return _jaxpr_eqns
 
 
 def _lay_out_hf_cache(cache, repo_id, files, *, commit=None, refs=("main",)):

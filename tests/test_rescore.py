@@ -4,7 +4,6 @@ decoder's mixed-precision matmuls and rematerialised layers."""
 import typing
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,23 +50,17 @@ def test_chunked_equals_full_logits(tie, dtype):
                 np.testing.assert_allclose(g, r, rtol=0, atol=ATOL)
 
 
-def test_chunks_share_the_positions_equally():
+def test_chunks_share_the_positions_equally(jaxpr_eqns):
     """token_chunk bounds a chunk: B·(T − P) = 30 positions under token_chunk=16 run as two chunks
     of 15 (no padding), not as 16 + 14 padded to 32 (the padding's LM-head work is wasted)."""
     model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
     tokens, valid, mask = _inputs()
 
     def head_rows(token_chunk):  # rows of every LM-head matmul in the rescoring's jaxpr
-        rows, todo = set(), [jax.make_jaxpr(lambda t, v: mismatch.rescore(
-            model, t, v, response_mask_BT=mask, score_from=P, token_chunk=token_chunk))(tokens, valid).jaxpr]
-        while todo:
-            jaxpr = todo.pop()
-            for e in jaxpr.eqns:
-                todo.extend(j.jaxpr if hasattr(j, "jaxpr") else j for j in jax.extend.core.jaxprs_in_params(e.params))
-                if any(v.aval.shape[-1:] == (model.config.vocab_size,) for v in e.outvars) and \
-                        e.primitive.name == "dot_general":
-                    rows.add(e.outvars[0].aval.shape[-2])
-        return rows
+        jaxpr = jax.make_jaxpr(lambda t, v: mismatch.rescore(
+            model, t, v, response_mask_BT=mask, score_from=P, token_chunk=token_chunk))(tokens, valid)
+        return {e.outvars[0].aval.shape[-2] for e, _ in jaxpr_eqns(jaxpr) if e.primitive.name == "dot_general"
+                and any(v.aval.shape[-1:] == (model.config.vocab_size,) for v in e.outvars)}
 
     assert head_rows(16) == {15}
     assert head_rows(30) == {30} and head_rows(7) == {6}  # one chunk; five of 6 (7 would pad 5)
