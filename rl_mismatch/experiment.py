@@ -11,7 +11,8 @@
   rollout   = generate(sampler, prompts, fold_in(rollout_key, s))
   rewards   = tasks.score(decode(rollout)) [+ overlong penalty]
   A         = compute_advantages(rewards, G)     group baseline over the global batch
-  state, m  = train_step(state, TrainBatch(rollout, A), response_length=mean |y|
+  batch     = TrainBatch(rollout trimmed to the KV-cache size its longest response ended in, A)
+  state, m  = train_step(state, batch, response_length=mean |y|
                          [, k3=the previous step's mismatch/k3, with the k3 trigger on])
               (the step rescores with the trainer and reports mismatch/*, is/*, opt/*, lr/scale)
   metrics   = reward/*, rollout/*, time/* on the host + m, written one step late
@@ -22,13 +23,14 @@ Metrics per step (``metrics.jsonl`` and TensorBoard): the train step's ``loss/*`
 learning rate in force, ``optim.learning_rate`` x ``lr/scale``; and per detector
 ``lr/<length|k3>_trigger/{scale,surge_step}``); ``reward/{mean,std,accuracy,format,
 overlong_penalty,zero_advantage_groups}``; ``rollout/{response_length_mean,_max,_min,
-finished_frac,prompt_length_mean,prompt_width}``. Timings: ``time/step_s`` (the wall time of
-one pass of the loop) is the sum of ``time/eval_s`` (below), ``time/sample_s`` (the weight sync
-and generation), ``time/score_s`` (decoding, rewards, advantages), ``time/train_s`` (the
-update, waited for), ``time/write_s`` (writing the previous step's metrics row and sampled
-replies) and ``time/checkpoint_s`` (saving the state after the previous step when a checkpoint
-is due: the metrics file's fsync and the save's synchronous part, and on a CPU backend the wait
-for its background write before the update); ``time/tokens_per_s`` is the generated tokens over
+finished_frac,prompt_length_mean,prompt_width,response_width}`` (``response_width``: the response
+columns the update ran on, `rl_mismatch.sampler.response_bucket`). Timings: ``time/step_s`` (the
+wall time of one pass of the loop) is the sum of ``time/eval_s`` (below), ``time/sample_s`` (the
+weight sync and generation), ``time/score_s`` (decoding, rewards, advantages), ``time/train_s``
+(the update, waited for), ``time/write_s`` (writing the previous step's metrics row and sampled
+replies) and ``time/checkpoint_s`` (saving the state after the previous step when a checkpoint is
+due: the metrics file's fsync and the save's synchronous part, and on a CPU backend the wait for
+its background write before the update); ``time/tokens_per_s`` is the generated tokens over
 ``time/sample_s``, and ``time/compile_s`` the seconds JAX spent tracing and compiling during the
 step (the first step's compile time, and any recompilation later; it is part of the phase that
 compiled). ``time/cpu_user_s`` and ``time/cpu_system_s`` are the CPU seconds the process used
@@ -464,7 +466,8 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
         shard_options=grain.sharding.ShardOptions(shard_index=jax.process_index(), shard_count=n_proc))
     sampling = sampler.SamplingConfig(
         max_new_tokens=N, temperature=cfg.sampler.temperature, top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
-        eos_ids=(tok.eos_id,), pad_id=tok.pad_id, return_entropy=cfg.sampler.return_entropy, prompt_bucket=bucket)
+        eos_ids=(tok.eos_id,), pad_id=tok.pad_id, return_entropy=cfg.sampler.return_entropy, prompt_bucket=bucket,
+        cache_segment=cfg.sampler.cache_segment)
     evaluator = _make_evaluator(cfg, tasks.load_split(name, tasks.EVAL_SPLIT, data_dir), tok, sampling,
                                 max_prompt_len, score_fns) if cfg.eval.every else None
 
@@ -656,11 +659,13 @@ class _Run:
         scores = self._score(step, batch, host)
         advantages = np.asarray(losses.compute_advantages(jnp.asarray(scores["rewards"]), cfg.rollout.group_size,
                                                           cfg.loss.advantage_mode))
-        # The step lays the batch out over its mesh's data axis itself (from the sampler's devices
-        # when the sampler has its own).
+        # The update runs on the response columns up to the cache size the sampler ended in, not
+        # the whole budget: one compilation per size reached. The step lays the batch out over its
+        # mesh's data axis itself (from the sampler's devices when the sampler has its own).
+        width = sampler.response_bucket(int(host["lengths"].max()), parts.sampling)
         train_batch = train_step.TrainBatch.from_rollout(
-            rollout, advantages, truncated=cfg.sampler.logp == "truncated", with_entropy=cfg.sampler.return_entropy,
-            group=cfg.rollout.group_size)
+            rollout.trimmed(width), advantages, truncated=cfg.sampler.logp == "truncated",
+            with_entropy=cfg.sampler.return_entropy, group=cfg.rollout.group_size)
         t2 = time.perf_counter()
         if self.save_done_before_update:
             self.ckpt.wait()  # A pending save (see __init__); at once when none is.
@@ -672,6 +677,7 @@ class _Run:
         times = {"time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/checkpoint_s": t3 - t2,
                  "time/train_s": t4 - t3, **({"time/eval_s": eval_s} if eval_metrics else {})}
         host_metrics = {**_host_metrics(cfg, scores, host, rollout.prompt_width), **eval_metrics, **times,
+                        "rollout/response_width": width,
                         "time/tokens_per_s": host["lengths"].sum() / max(times["time/sample_s"], 1e-9)}
         due = cfg.log.samples_every and step % cfg.log.samples_every == 0
         samples = _sampled_replies(cfg, batch.examples, scores, host, self.row_slice) if due else []

@@ -159,6 +159,11 @@ class SamplerSettings:
       logp: which sampler log-prob the loss sees as ``μ``: ``"full"`` (the untruncated
         distribution) or ``"truncated"`` (the renormalised distribution actually sampled).
       return_entropy: record the sampler's entropy (``rollout/entropy_mean``).
+      cache_segment: the KV cache's first size in response tokens, doubled up to ``max_new_tokens``
+        (`rl_mismatch.sampler.cache_sizes`; 0: the budget at once). These sizes are also the
+        response widths the update runs on (`rl_mismatch.sampler.response_bucket`): a smaller
+        segment gives the update narrower batches when every reply is short, at one more
+        compilation of the train step per size reached.
     """
 
     dtype: str = "bfloat16"
@@ -168,6 +173,7 @@ class SamplerSettings:
     top_p: float = 1.0
     logp: str = "full"
     return_entropy: bool = False
+    cache_segment: int = 64
 
     def __post_init__(self):
         try:
@@ -180,7 +186,7 @@ class SamplerSettings:
                  "same response (zero advantages).")
         try:
             SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                           top_k=self.top_k, top_p=self.top_p)
+                           top_k=self.top_k, top_p=self.top_p, cache_segment=self.cache_segment)
         except ValueError as e:
             raise ValueError(f"config.sampler: {e}") from None
 

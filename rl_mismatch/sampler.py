@@ -121,6 +121,32 @@ class Rollout:
     entropy_BT: jax.Array
     prompt_width: int = struct.field(pytree_node=False, default=0)
 
+    def trimmed(self, response_width: int) -> Rollout:
+        """This rollout with only its first ``response_width`` response columns: what a later
+        program over the rollout (the rescoring and update) needs when no response is longer.
+
+        The dropped columns hold padding only, so every per-sequence and per-token quantity over
+        the response mask is unchanged, and a program over ``[B, prompt_width + response_width]``
+        computes ``response_width / N`` of the response columns' work (N: the sampled width). Use
+        :func:`response_bucket` for the width, so that the later program compiles once per bucket.
+
+        Raises:
+          ValueError: ``response_width`` is not in ``[1, N]``, or a response is longer than it
+            (its tokens would be lost; this check reads the lengths to the host).
+        """
+        n = self.tokens_BT.shape[1] - self.prompt_width
+        if isinstance(response_width, bool) or not isinstance(response_width, int) or not 1 <= response_width <= n:
+            raise ValueError(f"response_width={response_width!r} must be an int in [1, {n}] (the sampled width).")
+        if response_width == n:
+            return self
+        longest = int(jax.device_get(jnp.max(self.response_lengths_B)))
+        if longest > response_width:
+            raise ValueError(f"response_width={response_width} would cut responses of up to {longest} tokens; "
+                             "trim to at least the longest response (response_bucket gives the width).")
+        end = self.prompt_width + response_width
+        return self.replace(**{f.name: getattr(self, f.name)[:, :end] for f in dataclasses.fields(self)
+                               if f.name.endswith("_BT")})
+
 
 # ----------------------------------------------------------------------------------------------
 # Weight sync.
@@ -310,6 +336,20 @@ def cache_sizes(max_new_tokens: int, cache_segment: int) -> tuple[int, ...]:
         sizes.append(size)
         size *= 2
     return (*sizes, max_new_tokens)
+
+
+def response_bucket(longest: int, cfg: SamplingConfig) -> int:
+    """The response width that holds responses of up to ``longest`` tokens: the smallest of
+    :func:`cache_sizes` that is at least ``longest``, i.e. the KV-cache size the decoding loop
+    ended in. A program over the rollout (`Rollout.trimmed`) then compiles once per cache size
+    reached, as the sampler's loop has one stage per size.
+
+    Raises:
+      ValueError: ``longest`` is negative or above ``cfg.max_new_tokens``.
+    """
+    if not 0 <= longest <= cfg.max_new_tokens:
+        raise ValueError(f"longest={longest} must lie in [0, max_new_tokens={cfg.max_new_tokens}].")
+    return next(size for size in cache_sizes(cfg.max_new_tokens, cfg.cache_segment) if size >= longest)
 
 
 # KV-cache row groups of a half-precision decoding loop on CPU, and the fewest rows per group.

@@ -213,6 +213,9 @@ def test_tiny_end_to_end(tiny_run, tiny_cfg):
     assert rows[0]["time/compile_s"] > 0
     assert all(r["time/compile_s"] < 0.5 * rows[0]["time/compile_s"] for r in rows[2:])
     assert len({r["rollout/prompt_width"] for r in rows}) == 1
+    # The update ran on the cache size each step's longest reply ended in (the one size of a
+    # 48-token budget under the default 64-token segment).
+    assert all(r["rollout/response_width"] == 48 >= r["rollout/response_length_max"] for r in rows)
     # bf16 sampler vs fp32 trainer: a small but nonzero mismatch.
     assert all(0 < r["mismatch/k3"] < 1e-2 for r in rows)
     # The overlong penalty spreads rewards within groups, so the policy gets gradients.

@@ -1,6 +1,7 @@
 """Tests for rl_mismatch.sampler (issue 6): exactness against the full forward, determinism,
 truncation, sharding, compilation caching and argument errors. Tiny random models only."""
 
+import dataclasses
 import gc
 
 import jax
@@ -443,6 +444,43 @@ def test_cache_sizes_double_up_to_the_budget():
     assert smp.cache_sizes(100, 16) == (16, 32, 64, 100)
     assert smp.cache_sizes(10, 64) == (10,)
     assert smp.cache_sizes(10, 0) == (10,)
+
+
+def test_response_bucket_is_the_cache_size_the_loop_ended_in():
+    cfg = smp.SamplingConfig(max_new_tokens=100, cache_segment=16)  # sizes 16, 32, 64, 100
+    assert [smp.response_bucket(n, cfg) for n in (0, 1, 16, 17, 32, 33, 64, 65, 100)] == \
+        [16, 16, 16, 32, 32, 64, 64, 100, 100]
+    assert smp.response_bucket(7, dataclasses.replace(cfg, cache_segment=0)) == 100
+    for bad in (-1, 101):
+        with pytest.raises(ValueError, match="must lie in"):
+            smp.response_bucket(bad, cfg)
+
+
+def test_trimmed_rollout_keeps_every_response_column(model):
+    """A rollout whose replies end early (EOS ids that greedy decoding emits mid-way), trimmed to
+    its longest reply: the same arrays without the all-padding columns; too narrow a width is
+    refused, not cut."""
+    base = dict(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=16)
+    first = smp.generate(model, _prompts(), jax.random.key(0), smp.SamplingConfig(**base))
+    eos = tuple(np.unique(np.asarray(first.tokens_BT)[:, first.prompt_width + 3]).tolist())  # every row ends by 4
+    rollout = smp.generate(model, _prompts(), jax.random.key(0), smp.SamplingConfig(**base, eos_ids=eos))
+    longest = int(np.asarray(rollout.response_lengths_B).max())
+    assert longest < N_NEW
+    end = rollout.prompt_width + longest
+    trimmed = rollout.trimmed(longest)
+    for f in dataclasses.fields(rollout):
+        got, full = getattr(trimmed, f.name), getattr(rollout, f.name)
+        want = np.asarray(full)[:, :end] if f.name.endswith("_BT") else np.asarray(full)
+        np.testing.assert_array_equal(np.asarray(got), want, f.name)
+        if f.name.endswith("_BT"):  # nothing but padding (pad_id 0, zeros, False) was dropped
+            assert not np.asarray(full)[:, end:].any(), f.name
+    assert trimmed.prompt_width == rollout.prompt_width
+    assert rollout.trimmed(N_NEW) is rollout
+    with pytest.raises(ValueError, match=f"cut responses of up to {longest} tokens"):
+        rollout.trimmed(longest - 1)
+    for bad in (0, N_NEW + 1, True):
+        with pytest.raises(ValueError, match="must be an int in"):
+            rollout.trimmed(bad)
 
 
 @pytest.mark.parametrize("with_eos", [False, True])

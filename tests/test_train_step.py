@@ -295,6 +295,29 @@ def test_skipping_the_prompt_columns_changes_nothing(reference, n_micro):
     _assert_same_step(_one_step(None, n_micro, batch=batch.replace(score_from=first_response)), reference)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_trailing_padding_columns_change_nothing(grouped):
+    """The experiment trims a rollout to its response bucket (`sampler.Rollout.trimmed`): a batch
+    whose last columns hold only padding steps as the batch without them (summation order aside),
+    with its prompt shared per run (two micro-batches of whole runs) or every row in full."""
+    batch = _grouped_batch(response=5) if grouped else _batch(T=10)
+    pad = 7
+    widened = batch.replace(**{name: jnp.pad(getattr(batch, name), ((0, 0), (0, pad)))
+                               for name in ("tokens_BT", "valid_BT", "response_mask_BT", "sampler_logp_BT")})
+    n_micro = 2 if grouped else 1
+    results = []
+    for b in (batch, widened):
+        graphdef, _ = nnx.split(_model())
+        step = ts.make_train_step(graphdef, _SGD, losses.LossConfig(), compute_dtype="f32", n_microbatches=n_micro)
+        state = _state()
+        before = _np(state.params)
+        state, metrics = step(state, b)
+        results.append((jax.tree.map(lambda x, y: np.asarray(x) - y, state.params, before), _np(metrics)))
+    _assert_same_step(results[0], results[1])
+    for key in ("mismatch/n_tokens", "mismatch/n_seqs"):
+        assert results[0][1][key] == results[1][1][key], key
+
+
 def test_microbatches_with_sequence_aggregation_and_correction():
     """The normaliser and the IS weights must not depend on how the batch is split."""
     config = losses.LossConfig(aggregation="seq_mean_token_mean",
