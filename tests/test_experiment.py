@@ -407,6 +407,49 @@ def test_two_processes_match_one_process(tmp_path, tiny_cfg):
                 np.testing.assert_allclose(b[key], value, rtol=0.05, err_msg=f"{a['step']} {key}")
 
 
+_TRIM_ON_TWO_PROCESSES = """
+import sys
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from rl_mismatch import sampler, sharding as shd
+mesh = shd.make_mesh(2, 1)
+B, P, N, lengths = 4, 3, 8, np.array([2, 5, 1, 3])
+resp = (np.arange(P + N) >= P) & (np.arange(P + N) < P + lengths[:, None])
+def global_(x):  # rows over the data axis, each process holding its device's half
+    sharding = shd.batch_sharding(mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+per_token = {k: global_(np.where(resp, v, 0).astype(v.dtype)) for k, v in dict(
+    tokens_BT=np.full((B, P + N), 7, np.int32), response_mask_BT=resp, logp_BT=np.full((B, P + N), -1.0, np.float32),
+    logp_truncated_BT=np.full((B, P + N), -1.0, np.float32), log_kept_mass_BT=np.zeros((B, P + N), np.float32),
+    entropy_BT=np.ones((B, P + N), np.float32)).items()}
+rollout = sampler.Rollout(valid_BT=global_(resp | (np.arange(P + N) < P)), prompt_lengths_B=global_(np.full(B, P)),
+                          response_lengths_B=global_(lengths.astype(np.int32)), finished_B=global_(np.ones(B, bool)),
+                          prompt_width=P, **per_token)
+trimmed = rollout.trimmed(5)
+assert trimmed.tokens_BT.shape == (B, P + 5) and trimmed.logp_BT.sharding.is_equivalent_to(rollout.logp_BT.sharding, 2)
+try:
+    rollout.trimmed(4)
+except ValueError as e:
+    assert "up to 5 tokens" in str(e), e
+else:
+    raise AssertionError("a width below the longest reply was accepted")
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_trimming_a_rollout_on_two_processes():
+    """`Rollout.trimmed` on a batch split over two processes (a pod's rollout): the longest reply
+    is read from the global lengths and the trimmed arrays keep their layout."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _TRIM_ON_TWO_PROCESSES, f"127.0.0.1:{port}", str(i)], cwd=REPO,
+                              env=_subprocess_env(devices=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outs)
+    assert [out.strip().splitlines()[-1] for out, _ in outs] == ["ok", "ok"]  # after gloo's own lines
+
+
 def test_live_arrays_do_not_grow_with_steps(tmp_path, tiny_cfg):
     """The loop holds the same arrays at every step: each step's sampler copy is freed when the
     step is done with it, not left for Python's cyclic collector (disabled here), which counts
