@@ -47,7 +47,8 @@ default a temporary directory deleted at the end). Nothing in the library is cha
   starts at prompt + ``cache_segment`` slots and doubles up to prompt + budget) its decoding
   loop ran in, from its longest response (``rollout/response_length_max``, EOS included):
   k = 1 + #{sizes s before the last: s < longest}. Steps of different buckets run different
-  compiled loops over caches of different sizes, so the CV is taken within a bucket. With the
+  compiled loops over caches of different sizes, and their update runs on that many response
+  columns (``rollout/response_width``), so the CV is taken within a bucket. With the
   main job's 48-token budget and the default 64-token ``cache_segment`` there is one cache size,
   and all prompts are padded to one width, so every step is in one bucket.
   CV = sample standard deviation (ddof 1) / mean. Reported: per bucket its steps, mean and CV;
