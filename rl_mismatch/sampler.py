@@ -18,9 +18,9 @@ Where the sampler's numbers differ from the trainer's, they differ on purpose, i
 4. Truncation (top-k / top-p): the token is drawn from the renormalised kept set, and both
    log-probs (full and truncated) are recorded, with the log of the kept mass.
 
-Shapes are bucketed (:func:`rl_mismatch.buckets.round_up`: batch rows to a multiple of 8 and of the
-data axis, prompt length to a multiple of ``prompt_bucket``) so that steady-state calls reuse the
-compiled program;
+Shapes are bucketed (:func:`rl_mismatch.buckets.round_up`: batch rows to a power of two or a
+multiple of 8, whichever is fewer, and to a multiple of the data axis; prompt length to a multiple
+of ``prompt_bucket``) so that steady-state calls reuse the compiled program;
 ``precompile`` compiles a bucket's program ahead of the first call.
 """
 
@@ -353,7 +353,7 @@ def response_bucket(longest: int, cfg: SamplingConfig) -> int:
     return next(size for size in cache_sizes(cfg.max_new_tokens, cfg.cache_segment) if size >= longest)
 
 
-# A batch's rows are padded up to a multiple of this (and of the mesh's data axis).
+# A batch's rows are padded up to a power of two or a multiple of this, whichever is fewer.
 _ROW_MULTIPLE = 8
 
 # KV-cache row groups of a half-precision decoding loop on CPU, and the fewest rows per group.
@@ -600,10 +600,11 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool,
     _check_groups(lists, group)
     tokens, valid = pad_prompts(lists, pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
     B = tokens.shape[0]
-    # Rows: a multiple of _ROW_MULTIPLE and of the data axis (so it splits evenly), not a power of
-    # two: padding rows cost a decoding step nearly what real ones do.
-    row_multiple = math.lcm(_ROW_MULTIPLE, mesh.shape[shd.DATA] if mesh is not None else 1)
-    Bb = round_up(B, multiple=row_multiple)
+    # Rows: the fewer of a power of two and a multiple of _ROW_MULTIPLE, each a multiple of the data
+    # axis (so the batch splits evenly). Padding rows cost a decoding step nearly what real ones do,
+    # and past 8 rows a multiple of 8 pads less than a power of two (40 -> 40, not 64).
+    data = mesh.shape[shd.DATA] if mesh is not None else 1
+    Bb = min(round_up(B, power_of_two=True, multiple=data), round_up(B, multiple=math.lcm(_ROW_MULTIPLE, data)))
     if Bb > B:  # all-padding rows: finished from the start, cut off by _real_rows
         tokens = np.concatenate([tokens, np.full((Bb - B, tokens.shape[1]), cfg.pad_id, np.int32)])
         valid = np.concatenate([valid, np.zeros((Bb - B, valid.shape[1]), bool)])
@@ -620,8 +621,8 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool,
             # over the data axis, each process contributing its own devices' rows.
             if Bb != B:
                 raise ValueError(f"With {jax.process_count()} processes the batch ({B} prompts) must be a "
-                                 f"multiple of {row_multiple} (of {_ROW_MULTIPLE} and of the data axis, "
-                                 f"{mesh.shape[shd.DATA]}).")
+                                 f"power of two or a multiple of {_ROW_MULTIPLE}, and a multiple of the data axis "
+                                 f"({data}); {Bb} would do.")
             sharding = shd.batch_sharding(mesh)
             tokens, valid = (jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
                              for a in (tokens, valid))

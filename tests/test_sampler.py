@@ -391,7 +391,7 @@ def test_group_prefill_samples_what_every_row_prefilled_does(repeats, dtype, n_p
     every_row = smp.generate(model, prompts, jax.random.key(5), cfg)
     assert not repeats
     grouped = smp.generate(model, prompts, jax.random.key(5), cfg, group=group)
-    rows = round_up(len(prompts), multiple=8)  # the batch bucket
+    rows = min(round_up(len(prompts), power_of_two=True), round_up(len(prompts), multiple=8))  # the batch bucket
     assert [(times, smp.cache_row_groups(rows, dtype)) for times, _ in repeats] == (
         [] if prefills == rows else [(rows // prefills, smp.cache_row_groups(rows, dtype))])
     # Every row still draws its own tokens: the runs' responses differ.
@@ -446,11 +446,13 @@ def test_cache_sizes_double_up_to_the_budget():
     assert smp.cache_sizes(10, 0) == (10,)
 
 
-def test_batch_rows_pad_to_a_multiple_of_eight_and_the_data_axis(model):
-    """40 evaluation prompts run as 40 rows (a power of two would make it 64); 3 as 8; on a
-    (6, 1) mesh, 20 prompts pad to 24, a multiple of both 8 and 6."""
+def test_batch_rows_pad_to_the_fewer_of_a_power_of_two_and_a_multiple_of_eight(model):
+    """40 evaluation prompts run as 40 rows (a power of two would make it 64); 3 as 4 (a multiple
+    of 8 would make it 8); on a (4, 1) mesh 4 stay 4; on a (6, 1) mesh 20 pad to 24, a multiple of
+    both 8 and 6 (a power of two then rounded to 6 would make it 36)."""
     cfg = smp.SamplingConfig(max_new_tokens=4, temperature=0.0, prompt_bucket=16)
-    for n, mesh, rows in ((40, None, 40), (3, None, 8), (16, None, 16), (20, shd.make_mesh(6, 1), 24)):
+    for n, mesh, rows in ((40, None, 40), (3, None, 4), (9, None, 16), (16, None, 16), (4, shd.make_mesh(4, 1), 4),
+                          (20, shd.make_mesh(6, 1), 24)):
         tokens = smp._prepare(model, _prompts((5,) * n), cfg, mesh, blank=False)[2]
         assert tokens.shape[0] == rows, (n, rows)
 
