@@ -365,17 +365,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_processes(command, timeout: int) -> list[str]:
+    """Runs ``command(process_id)`` for processes 0 and 1 side by side (one CPU device each);
+    asserts both exit 0 and returns their standard outputs."""
+    procs = [subprocess.Popen(command(i), cwd=REPO, env=_subprocess_env(devices=1), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outs)
+    return [out for out, _ in outs]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, tiny_cfg):
     steps = 4
     port = _free_port()
     flags = [f"--config.steps={steps}", "--config.mesh.data=2", f"--coordinator_address=127.0.0.1:{port}",
              "--num_processes=2"]
-    procs = [subprocess.Popen(_train_cmd(tmp_path / "two", *flags, f"--process_id={i}"), cwd=REPO,
-                              env=_subprocess_env(devices=1), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
+    _two_processes(lambda i: _train_cmd(tmp_path / "two", *flags, f"--process_id={i}"), timeout=600)
 
     experiment.run(tiny_cfg(steps=steps, **{"mesh.data": 2}), tmp_path / "one")
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
@@ -442,12 +448,9 @@ def test_trimming_a_rollout_on_two_processes():
     """`Rollout.trimmed` on a batch split over two processes (a pod's rollout): the longest reply
     is read from the global lengths and the trimmed arrays keep their layout."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", _TRIM_ON_TWO_PROCESSES, f"127.0.0.1:{port}", str(i)], cwd=REPO,
-                              env=_subprocess_env(devices=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outs)
-    assert [out.strip().splitlines()[-1] for out, _ in outs] == ["ok", "ok"]  # after gloo's own lines
+    outs = _two_processes(lambda i: [sys.executable, "-c", _TRIM_ON_TWO_PROCESSES, f"127.0.0.1:{port}", str(i)],
+                          timeout=300)
+    assert [out.strip().splitlines()[-1] for out in outs] == ["ok", "ok"]  # after gloo's own lines
 
 
 def test_live_arrays_do_not_grow_with_steps(tmp_path, tiny_cfg):

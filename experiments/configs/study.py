@@ -21,8 +21,8 @@ Differences from ``default`` and why:
   recomputation, for less compute (a 135M model's activations fit easily).
 * ``sampler.cache_segment=32`` (the default 64): KV-cache sizes 32, 64 and 96, which are also the
   response widths the update runs on. Once the replies settle at ~20 tokens most steps' update
-  covers 32 response columns instead of 64 or the whole budget, at one more compilation of the
-  train step per run (benchmarks/README.md has the timings).
+  covers 32 response columns instead of 64 or the whole budget, at one compilation of the train
+  step per width a run reaches (benchmarks/README.md has the timings).
 What to expect: one run is one trajectory of 16 samples per step, which another seed or host
 changes completely; what the study found over seeds and arms is in
 ``docs/results/main/report.md``. ``--config=...:N`` runs N steps.
