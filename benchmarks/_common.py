@@ -71,6 +71,17 @@ def matmul_params(config) -> tuple[int, int]:
     return config.n_params - head * (1 if config.tie_embeddings else 2), head
 
 
+def projection_shapes(config, rows: int, head_rows: int) -> list[tuple[str, int, int, int, int]]:
+    """``(name, M, K, N, count)`` of every matrix product of one forward: ``y[M, N] = x[M, K] @
+    W[K, N]``, ``count`` times (once per layer, the LM head once): q, k, v, o, gate, up and down
+    over ``rows`` positions, the LM head over ``head_rows``. Attention's own products (scores,
+    values) are not in it: they have no weight operand."""
+    D, F, L = config.d_model, config.d_ff, config.n_layers
+    qo, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return [("q", rows, D, qo, L), ("k, v", rows, D, kv, 2 * L), ("o", rows, qo, D, L),
+            ("gate, up", rows, D, F, 2 * L), ("down", rows, F, D, L), ("lm head", head_rows, D, config.vocab_size, 1)]
+
+
 def matmul_peak(dtype: str, sizes=(1024, 2048, 3072), repeats: int = 3) -> float:
     """Best GFLOP/s of XLA square matmuls of the given sizes.
 

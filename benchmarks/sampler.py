@@ -24,6 +24,10 @@ token costs the same without the LM head, which the prefill runs on the last pro
 only. The fraction of peak is the FLOPs of the whole generate call (prefill + decoding steps)
 per second over the peak of its dtype.
 
+Then, per cell, the decoding step's matrix products alone, in XLA and in torch
+(`decode_products`), beside each side's whole call per new token (batch / tokens per second):
+whether a framework's own dot bounds its sampler on this host.
+
 Finally tokens/s at ``--lengths`` new tokens (batch ``--length_batch``, dtype ``--length_dtype``)
 to show the per-token cost does not grow with the length (beyond the attention term).
 """
@@ -36,10 +40,11 @@ import numpy as np
 from absl import app, flags
 
 from rl_mismatch import sampler as smp
-from rl_mismatch.models import from_hf_state_dict, load_state_dict
+from rl_mismatch.models import decoder, from_hf_state_dict, load_state_dict
 from rl_mismatch.models.config import ModelConfig
 
-from _common import cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, restart_with_huge_pages, timed
+from _common import (cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, projection_shapes,
+                     restart_with_huge_pages, timed)
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Sampler dtypes.")
@@ -86,6 +91,44 @@ def ours(master, dtype, prompts_BP, new_tokens, repeats, mesh=None):
         best = min(best, wall)
         assert int(out.response_lengths_B.min()) == new_tokens
     return B * new_tokens / best
+
+
+def decode_products(config, dtype: str, rows: int, repeats: int, with_torch: bool) -> tuple[float, float | None]:
+    """(XLA s, torch s): the matrix products of one decoding step of ``rows`` rows alone, each
+    framework's own dot, best of ``repeats`` per product.
+
+    Every projection of every layer and the LM head, one new token per row
+    (`_common.projection_shapes`); no attention, elementwise work or token draw. XLA: ``dtype``
+    operands accumulated into float32, as the decoder runs them, the down projection in the
+    weight-on-the-left form where the decoder takes it (`decoder._left_down_projection`).
+    torch: ``x @ w`` in ``dtype``. Each product is timed as its ``count`` calls back to back, as
+    a step runs them: one call's dispatch and wait would be a large part of a 0.1 ms product.
+    If a framework's sum is a large part of its whole decoding step, its dot is the limit on
+    this host. torch is None when not asked for.
+    """
+    operand = jnp.dtype(dtype)
+    plain = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    left = jax.jit(lambda w_NK, x: jax.lax.dot_general(w_NK, x, (((1,), (1,)), ((), ())),
+                                                       preferred_element_type=jnp.float32))
+    xla = 0.0
+    for name, M, K, N, count in projection_shapes(config, rows, rows):
+        if name == "down" and decoder._left_down_projection(rows, operand):
+            fn, args = left, (jnp.ones((N, K), operand), jnp.ones((M, K), operand))
+        else:
+            fn, args = plain, (jnp.ones((M, K), operand), jnp.ones((K, N), operand))
+        timed(fn, *args)  # compiles
+        xla += min(timed(lambda: [fn(*args) for _ in range(count)])[0] for _ in range(repeats))
+    if not with_torch:
+        return xla, None
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for _, M, K, N, count in projection_shapes(config, rows, rows):
+            x, w = torch.ones(M, K, dtype=getattr(torch, dtype)), torch.ones(K, N, dtype=getattr(torch, dtype))
+            x @ w  # warm-up
+            total += min(timed(lambda: [x @ w for _ in range(count)])[0] for _ in range(repeats))
+    return xla, total
 
 
 def _synced(fn, device):
@@ -145,6 +188,7 @@ def main(argv):
     print(f"decode FLOPs/token ≈ {fpt / 1e9:.3f} GFLOP (2 x {config.n_params / 1e6:.1f}M params + attention)")
     print(f"\n| dtype | batch | ours tok/s | HF tok/s | ours / HF | ours % of {'/'.join(peak)} peak |")
     print("|---|---|---|---|---|---|")
+    floors = []
     for dtype in _DTYPES.value:
         hf_m = None if _SKIP_HF.value else hf_llama(hf_config, state_dict, dtype).to(_TORCH_DEVICE.value)
         for b in map(int, _BATCHES.value):
@@ -154,7 +198,17 @@ def main(argv):
             frac = ours_tps / N * flops_per_seq / (peak[dtype] * 1e9)
             print(f"| {dtype} | {b} | {ours_tps:.0f} | {hf_tps:.0f} | {ours_tps / hf_tps:.2f}x | "
                   f"{100 * frac:.1f}% |", flush=True)
+            floors.append((dtype, b, ours_tps, hf_tps, *decode_products(
+                config, dtype, b, _REPEATS.value, with_torch=not _SKIP_HF.value and _TORCH_DEVICE.value == "cpu")))
         del hf_m
+    print("\nthe decoding step's matrix products alone (every projection and the LM head, one token per row; "
+          "no attention, elementwise work or token draw), against each side's whole call per new token:")
+    print("| dtype | batch | ours ms per step | XLA products ms | HF ms per step | torch products ms | XLA / torch |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype, b, ours_tps, hf_tps, xla_s, torch_s in floors:
+        torch_ms = np.nan if torch_s is None else 1e3 * torch_s
+        print(f"| {dtype} | {b} | {1e3 * b / ours_tps:.1f} | {1e3 * xla_s:.1f} | {1e3 * b / hf_tps:.1f} | "
+              f"{torch_ms:.1f} | {1e3 * xla_s / torch_ms:.2f}x |", flush=True)
     if _LENGTHS.value:
         b, dtype = _LENGTH_BATCH.value, _LENGTH_DTYPE.value
         print(f"\nlength check ({dtype}, batch {b}; marginal = extra time per extra decode step "

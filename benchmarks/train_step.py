@@ -53,7 +53,8 @@ from absl import app, flags
 
 from rl_mismatch.models.decoder import Remat
 
-from _common import cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, restart_with_huge_pages, timed
+from _common import (cpu_data_mesh, hf_llama, machine, matmul_params, matmul_peak, projection_shapes,
+                     restart_with_huge_pages, timed)
 from experiments.scaling_model import train_matmul_flops  # importable once _common has put the checkout on sys.path
 
 _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Compute dtypes to measure.")
@@ -194,12 +195,7 @@ def _gemm_floor(config, dtype_name: str, rows: int, scored_rows: int, repeats: i
     import jax
     import jax.numpy as jnp
 
-    D, H, F = config.d_model, config.head_dim, config.d_ff
-    qo, kv = config.n_heads * H, config.n_kv_heads * H
-    L = config.n_layers
-    # (M, K, N, count): y[M, N] = x[M, K] @ W[K, N], `count` times per step.
-    shapes = [(rows, D, qo, 2 * L), (rows, D, kv, 2 * L), (rows, D, F, 2 * L), (rows, F, D, L),
-              (scored_rows, D, config.vocab_size, 1)]
+    shapes = [shape[1:] for shape in projection_shapes(config, rows, scored_rows)]  # (M, K, N, count)
     dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
     forward = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
     d_input = jax.jit(lambda dy, w: jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())),

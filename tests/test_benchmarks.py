@@ -24,9 +24,11 @@ CASES = {  # script: (tiny flags, regexes its output must match)
         ["--dtypes=bfloat16", "--batch=1", "--seq_len=16", "--prompt_len=4", "--repeats=1"],
         [r"\[bfloat16\] rescore\+metrics / forward = \d", r"unchunked\| log-prob = [\d.e+-]+"]),
     "sampler.py": (
-        ["--batches=2", "--dtypes=bfloat16", "--new_tokens=4", "--prompt_len=4", "--lengths=4,8",
+        # 32 rows: the decoding products' floor then times the down projection's weight-on-the-left form.
+        ["--batches=2,32", "--dtypes=bfloat16", "--new_tokens=4", "--prompt_len=4", "--lengths=4,8",
          "--length_batch=2", "--repeats=1"],
-        [r"\| bfloat16 \| 2 \| \d+ \| \d+ \| [\d.]+x \|", r"\| 8 \| \d+ \|"]),
+        [r"\| bfloat16 \| 2 \| \d+ \| \d+ \| [\d.]+x \|", r"\| 8 \| \d+ \|",
+         r"\| bfloat16 \| 32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|"]),
     "train_step.py": (
         ["--dtypes=bf16", "--batch=2", "--group=2", "--seq_len=16", "--steps=1"],
         [r"ours: +[\d.]+ tok/s", r"HF: +[\d.]+ tok/s", r"ours/HF = [\d.]+x",
