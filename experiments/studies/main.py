@@ -15,10 +15,10 @@ held-out questions every 5 steps). The arms, each a change of that base:
   f_fp16           fp16 sampler and fp16 trainer with dynamic loss scaling
 
 Cost on a 2-core CPU: a run of 30 steps takes 15-20 min on AMD Zen 3 (~30 s per step, 7
-evaluations of 10-40 s; about 3 min on Zen 5), so one seed of six arms is ~1 h 45 min there: the
-study runs in parts of at most 150 minutes (``--seeds=...`` and ``--arms=...``) into one
-workdir, and the report merges whatever runs the workdir holds. ``docs/results/README.md`` says
-which parts have run.
+evaluations of 10-40 s; about 3 min on Zen 5, about 8 min on an Intel Xeon with AMX), so one
+seed of six arms is ~1 h 45 min there: the study runs in parts of at most 150 minutes
+(``--seeds=...`` and ``--arms=...``) into one workdir, and the report merges whatever runs the
+workdir holds. ``docs/results/README.md`` says which parts have run.
 
 The length rule's constants, scaled to a 30-step run: replies start at 40-60 tokens (before the
 answer format is learnt) and settle at ~20 by step 10 (the fp32 control's steps 10-14: 17-20
