@@ -122,10 +122,10 @@ def decode_products(config, dtype: str, rows: int, repeats: int, with_torch: boo
         return xla, None
     import torch
 
-    total = 0.0
+    torch_dtype, total = getattr(torch, dtype), 0.0
     with torch.no_grad():
         for _, M, K, N, count in projection_shapes(config, rows, rows):
-            x, w = torch.ones(M, K, dtype=getattr(torch, dtype)), torch.ones(K, N, dtype=getattr(torch, dtype))
+            x, w = torch.ones(M, K, dtype=torch_dtype), torch.ones(K, N, dtype=torch_dtype)
             x @ w  # warm-up
             total += min(timed(lambda: [x @ w for _ in range(count)])[0] for _ in range(repeats))
     return xla, total

@@ -356,6 +356,15 @@ def response_bucket(longest: int, cfg: SamplingConfig) -> int:
 # A batch's rows are padded up to a power of two or a multiple of this, whichever is fewer.
 _ROW_MULTIPLE = 8
 
+
+def batch_rows(prompts: int, data: int = 1) -> int:
+    """The rows a batch of ``prompts`` prompts runs as: the fewer of a power of two and a multiple
+    of ``_ROW_MULTIPLE``, each a multiple of ``data`` (the mesh's data axis, so the batch splits
+    evenly). Padding rows cost a decoding step nearly what real ones do, and past 8 rows a
+    multiple of 8 pads less than a power of two (40 -> 40, not 64)."""
+    return min(round_up(prompts, power_of_two=True, multiple=data),
+               round_up(prompts, multiple=math.lcm(_ROW_MULTIPLE, data)))
+
 # KV-cache row groups of a half-precision decoding loop on CPU, and the fewest rows per group.
 _CPU_ROW_GROUPS = 2
 _MIN_ROWS_PER_GROUP = 16
@@ -600,11 +609,8 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool,
     _check_groups(lists, group)
     tokens, valid = pad_prompts(lists, pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
     B = tokens.shape[0]
-    # Rows: the fewer of a power of two and a multiple of _ROW_MULTIPLE, each a multiple of the data
-    # axis (so the batch splits evenly). Padding rows cost a decoding step nearly what real ones do,
-    # and past 8 rows a multiple of 8 pads less than a power of two (40 -> 40, not 64).
     data = mesh.shape[shd.DATA] if mesh is not None else 1
-    Bb = min(round_up(B, power_of_two=True, multiple=data), round_up(B, multiple=math.lcm(_ROW_MULTIPLE, data)))
+    Bb = batch_rows(B, data)
     if Bb > B:  # all-padding rows: finished from the start, cut off by _real_rows
         tokens = np.concatenate([tokens, np.full((Bb - B, tokens.shape[1]), cfg.pad_id, np.int32)])
         valid = np.concatenate([valid, np.zeros((Bb - B, valid.shape[1]), bool)])

@@ -13,7 +13,6 @@ from flax import nnx
 from rl_mismatch import mismatch
 from rl_mismatch import sampler as smp
 from rl_mismatch import sharding as shd
-from rl_mismatch.buckets import round_up
 from rl_mismatch.models import Decoder, decoder, tiny_config
 
 # Mixed prompt lengths (left padding of 0 to 13 tokens inside one bucket of 16).
@@ -391,7 +390,7 @@ def test_group_prefill_samples_what_every_row_prefilled_does(repeats, dtype, n_p
     every_row = smp.generate(model, prompts, jax.random.key(5), cfg)
     assert not repeats
     grouped = smp.generate(model, prompts, jax.random.key(5), cfg, group=group)
-    rows = min(round_up(len(prompts), power_of_two=True), round_up(len(prompts), multiple=8))  # the batch bucket
+    rows = smp.batch_rows(len(prompts))  # the batch bucket
     assert [(times, smp.cache_row_groups(rows, dtype)) for times, _ in repeats] == (
         [] if prefills == rows else [(rows // prefills, smp.cache_row_groups(rows, dtype))])
     # Every row still draws its own tokens: the runs' responses differ.
