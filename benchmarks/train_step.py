@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--dtypes=fp32,bf16] [--steps=3] [--batch=8] [--seq_len=256]
                                     [--prompt_len=0] [--group=1] [--microbatches=1]
+                                    [--response_lengths=] [--pack_multiple=32]
                                     [--keep_logits] [--remat=layer] [--skip_hf] [--random_init]
                                     [--cpu_devices=1] [--torch_device=cpu]
 
@@ -35,6 +36,13 @@ line "FLOPs computed" gives ours on the matmul FLOPs it does run, its body count
 shared prompt columns once (its first P - 1: the last prompt column stays each row's own), when
 the step holds whole groups (``train_step.holds_whole_runs``).
 
+With ``--response_lengths=LO,HI`` each response but the first is LO to HI tokens long (uniform,
+seeded), the rest of its columns padding, and the first fills its columns, as in a rollout whose
+replies end at EOS, trimmed to its longest reply (``Rollout.trimmed``): HF masks the padding
+(``attention_mask``) and computes it, as TRL does; ours is timed unpacked (as HF) and packed
+(``TrainBatch.packed_width`` from ``train_step.packed_width``, multiples of ``--pack_multiple``:
+each group's responses end to end), and the line "packed" gives the packed step's speed-up over the unpacked one.
+
 Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
 one untimed step (compilation / warm-up). The achieved FLOP rate counts the forward and
 backward matmuls both sides run: 6 × body parameters per token, plus 6 × the LM head's V × D per
@@ -65,6 +73,11 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "Prompt tokens per sequence 
 _GROUP = flags.DEFINE_integer("group", 1, "Rows per prompt: the prompts come in runs of this many identical rows "
                               "(GRPO's group); ours is then also timed computing every row in full.")
 _MICROBATCHES = flags.DEFINE_integer("microbatches", 1, "Our make_train_step(n_microbatches=...).")
+_RESPONSE_LENGTHS = flags.DEFINE_list("response_lengths", [], "LO,HI: response lengths drawn uniformly from "
+                                      "[LO, HI] but the first's (the longest, filling its columns), padding after "
+                                      "them; ours is then also timed packed (--group > 1).")
+_PACK_MULTIPLE = flags.DEFINE_integer("pack_multiple", 32, "train_step.packed_width(multiple=...) with "
+                                      "--response_lengths (the experiments' trainer.pack_multiple).")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Measure only rl_mismatch.")
 _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Random weights of SmolLM2's config instead of the "
                                  "pretrained ones (throughput does not depend on the values).")
@@ -82,20 +95,27 @@ _FUSED = flags.DEFINE_bool("hf_fused_adamw", True, "torch.optim.AdamW(fused=True
                            "(~3x faster than its default per-tensor loop here), so the baseline is not handicapped.")
 
 
-def _batch_arrays(vocab: int, batch: int, seq_len: int, prompt: int, group: int, seed: int = 0):
-    """A rollout-shaped batch: ``prompt``-token prompts, each repeated in a run of ``group`` rows,
-    the rest response; no padding (HF pads nothing)."""
+def _batch_arrays(vocab: int, batch: int, seq_len: int, prompt: int, group: int, lengths=None, seed: int = 0):
+    """A rollout-shaped batch ``(tokens, valid, response, sampler_logp, advantages)``: ``prompt``-token
+    prompts, each repeated in a run of ``group`` rows, then the response; with ``lengths`` (lo, hi)
+    each response but the first is lo..hi tokens and padding after it, else it fills its columns."""
     if batch % group or not 0 < prompt < seq_len:
         raise ValueError(f"--group={group} must divide --batch={batch}, and --prompt_len={prompt} lie in "
                          f"(0, --seq_len={seq_len}).")
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab, (batch, seq_len)).astype(np.int32)
     tokens[:, :prompt] = np.repeat(tokens[::group, :prompt], group, axis=0)
-    response = np.zeros((batch, seq_len), bool)
-    response[:, prompt:] = True
+    col = np.arange(seq_len)[None]
+    ends = np.full((batch, 1), seq_len)
+    if lengths is not None:  # the first reply is the longest: the batch's columns are trimmed to it
+        ends[1:] = prompt + rng.integers(*lengths, endpoint=True, size=(batch - 1, 1))
+    if np.any(ends > seq_len) or np.any(ends <= prompt):
+        raise ValueError(f"--response_lengths={lengths} must lie in [1, seq_len - prompt_len = {seq_len - prompt}].")
+    valid = col < ends
+    response = valid & (col >= prompt)
     sampler_logp = np.where(response, -rng.uniform(0.5, 8.0, (batch, seq_len)), 0.0).astype(np.float32)
     advantages = rng.normal(size=batch).astype(np.float32)
-    return tokens, response, sampler_logp, advantages
+    return tokens, valid, response, sampler_logp, advantages
 
 
 def _first_response_column(response: np.ndarray) -> int:
@@ -115,7 +135,7 @@ def _time_steps(run_step, steps: int) -> tuple[float, float, float]:
     return min(walls), float(np.median(walls)), min(cpus)
 
 
-def _ours(model, dtype_name, arrays, steps, mesh=None, share_prompts=True):
+def _ours(model, dtype_name, arrays, steps, mesh=None, share_prompts=True, packed_width=0):
     import jax
     import jax.numpy as jnp
     import optax
@@ -128,10 +148,10 @@ def _ours(model, dtype_name, arrays, steps, mesh=None, share_prompts=True):
     step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype=dtype_name,
                               keep_logits=_KEEP_LOGITS.value, mesh=mesh, n_microbatches=_MICROBATCHES.value,
                               share_prompts=share_prompts)
-    tokens, response, sampler_logp, advantages = arrays
-    batch = ts.TrainBatch(jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jnp.asarray(response),
+    tokens, valid, response, sampler_logp, advantages = arrays
+    batch = ts.TrainBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(response),
                           jnp.asarray(sampler_logp), jnp.asarray(advantages),
-                          score_from=_first_response_column(response), group=_GROUP.value)
+                          score_from=_first_response_column(response), group=_GROUP.value, packed_width=packed_width)
     holder = {"state": state}  # the step donates its input state: always pass the newest
 
     def run():
@@ -148,9 +168,9 @@ def _hf(state_dict, hf_config, dtype_name, arrays, steps):
     device = torch.device(_TORCH_DEVICE.value)
     model = hf_llama(hf_config, state_dict, "float32").to(device).train()  # bf16: autocast over float32 weights
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=_FUSED.value)
-    tokens, response, sampler_logp, advantages = (torch.from_numpy(a).to(device) for a in arrays)
-    tokens = tokens.long()
-    P = _first_response_column(arrays[1])
+    tokens, valid, response, sampler_logp, advantages = (torch.from_numpy(a).to(device) for a in arrays)
+    tokens, valid = tokens.long(), valid.long()
+    P = _first_response_column(arrays[2])
     mask = response[:, P:].float()
     adv = advantages[:, None]
     autocast = dtype_name == "bf16"
@@ -159,7 +179,7 @@ def _hf(state_dict, hf_config, dtype_name, arrays, steps):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             # The logits of positions P − 1 … T − 2, those that predict the response tokens.
-            logits = model(input_ids=tokens, logits_to_keep=tokens.shape[1] - P + 1).logits[:, :-1]
+            logits = model(input_ids=tokens, attention_mask=valid, logits_to_keep=tokens.shape[1] - P + 1).logits[:, :-1]
         # The same PPO-clip token-mean loss; log-probs in float32 as ours.
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, P:, None])[..., 0]
         ratio = torch.exp(logp - logp.detach())
@@ -248,18 +268,19 @@ def main(argv):
     hf_config = config.to_hf_config()
     state_dict = to_hf_state_dict(model)
     tokens_per_step = _BATCH.value * _SEQ_LEN.value
+    lengths = tuple(int(x) for x in _RESPONSE_LENGTHS.value) or None
     arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value,
-                           _PROMPT_LEN.value or min(64, _SEQ_LEN.value // 4), _GROUP.value)
+                           _PROMPT_LEN.value or min(64, _SEQ_LEN.value // 4), _GROUP.value, lengths)
     body, head = matmul_params(config)
-    scored = _SEQ_LEN.value - _first_response_column(arrays[1])  # positions whose logits are computed
+    scored = _SEQ_LEN.value - _first_response_column(arrays[2])  # positions whose logits are computed
     flops_per_token = 6 * (body + head * scored / _SEQ_LEN.value)
     print(f"model: {source}, {config.n_params / 1e6:.1f}M parameters; batch {_BATCH.value} x {_SEQ_LEN.value} "
           f"tokens; jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads, HF on {_TORCH_DEVICE.value}); "
           f"ours keep_logits={_KEEP_LOGITS.value}, "
           f"remat={_REMAT.value}, mesh={None if mesh is None else dict(mesh.shape)}, "
-          f"n_microbatches={_MICROBATCHES.value}; prompt {_first_response_column(arrays[1])} tokens in runs of "
-          f"{_GROUP.value} rows\n"
+          f"n_microbatches={_MICROBATCHES.value}; prompt {_first_response_column(arrays[2])} tokens in runs of "
+          f"{_GROUP.value} rows; responses {'filling their columns' if lengths is None else lengths} tokens\n"
           f"machine: {machine()}")
 
     body_tokens = tokens_per_step  # tokens through the layers per step: each prompt once when shared
@@ -268,7 +289,7 @@ def main(argv):
 
         data = 1 if mesh is None else mesh.devices.size
         if holds_whole_runs(_BATCH.value, _GROUP.value, _MICROBATCHES.value, data):
-            prefix = _first_response_column(arrays[1]) - 1
+            prefix = _first_response_column(arrays[2]) - 1
             body_tokens = _BATCH.value // _GROUP.value * prefix + _BATCH.value * (_SEQ_LEN.value - prefix)
 
     computed_flops = train_matmul_flops(config, remat=_REMAT.value, keep_logits=_KEEP_LOGITS.value,
@@ -290,6 +311,21 @@ def main(argv):
             msg += (f"\n  ours computing every row in full (share_prompts=False): {tokens_per_step / full_best:6.1f} "
                     f"tok/s  (step {full_best:5.2f} s best, {full_median:5.2f} s median); each prompt once: "
                     f"{full_best / best:.2f}x")
+        pack_best = None
+        if lengths is not None and _GROUP.value > 1:
+            from rl_mismatch import train_step as ts
+
+            response_width = _SEQ_LEN.value - _first_response_column(arrays[2])
+            width = ts.packed_width(arrays[2].sum(axis=1), _GROUP.value, response_width,
+                                    multiple=_PACK_MULTIPLE.value)
+            unpacked = _GROUP.value * (response_width + 1)
+            if width:
+                _, pack_best, pack_median, _ = _ours(model, dtype_name, arrays, _STEPS.value, mesh, packed_width=width)
+                msg += (f"\n  ours packing each group's responses end to end (packed_width={width} of {unpacked} "
+                        f"columns): {tokens_per_step / pack_best:6.1f} tok/s  (step {pack_best:5.2f} s best, "
+                        f"{pack_median:5.2f} s median); packed: {best / pack_best:.2f}x")
+            else:
+                msg += f"\n  ours would not pack these responses (train_step.packed_width: 0 of {unpacked} columns)"
         if not _SKIP_HF.value:
             hf_first, hf_best, hf_median, hf_cpu = _hf(state_dict, hf_config, dtype_name, arrays, _STEPS.value)
             hf_tps = tokens_per_step / hf_best
@@ -297,7 +333,8 @@ def main(argv):
             msg += (f"\n  HF:   {hf_tps:6.1f} tok/s  (step {hf_best:5.2f} s best, {hf_median:5.2f} s median, "
                     f"{hf_cpu:5.2f} CPU-s; first step {hf_first:5.1f} s)  {hf_gflops:6.1f} GFLOP/s = "
                     f"{hf_gflops / peak:5.1%} of peak\n"
-                    f"  ours/HF = {ours_tps / hf_tps:.2f}x (wall), {hf_cpu / cpu:.2f}x (CPU time)")
+                    f"  ours/HF = {ours_tps / hf_tps:.2f}x (wall), {hf_cpu / cpu:.2f}x (CPU time)"
+                    + (f"; ours packed/HF = {hf_best / pack_best:.2f}x (wall)" if pack_best else ""))
         xla_gemm, torch_gemm = _gemm_floor(config, dtype_name, body_tokens, _BATCH.value * scored)
         msg += (f"\n  the step's matrix products alone ({body_tokens} tokens through the body; forward + "
                 f"backward, no attention, elementwise or recomputation): XLA {xla_gemm:5.2f} s = {xla_gemm / best:.0%} of our step")

@@ -23,8 +23,10 @@ Metrics per step (``metrics.jsonl`` and TensorBoard): the train step's ``loss/*`
 learning rate in force, ``optim.learning_rate`` x ``lr/scale``; and per detector
 ``lr/<length|k3>_trigger/{scale,surge_step}``); ``reward/{mean,std,accuracy,format,
 overlong_penalty,zero_advantage_groups}``; ``rollout/{response_length_mean,_max,_min,
-finished_frac,prompt_length_mean,prompt_width,response_width}`` (``response_width``: the response
-columns the update ran on, `rl_mismatch.sampler.response_bucket`). Timings: ``time/step_s`` (the
+finished_frac,prompt_length_mean,prompt_width,response_width,packed_width}`` (``response_width``:
+the response columns the update ran on, `rl_mismatch.sampler.response_bucket`; ``packed_width``:
+the columns each group's responses took end to end when the update packed them, 0 when it did
+not, `rl_mismatch.train_step.packed_width`). Timings: ``time/step_s`` (the
 wall time of one pass of the loop) is the sum of ``time/eval_s`` (below), ``time/sample_s`` (the
 weight sync and generation), ``time/score_s`` (decoding, rewards, advantages), ``time/train_s``
 (the update, waited for), ``time/write_s`` (writing the previous step's metrics row and sampled
@@ -663,9 +665,10 @@ class _Run:
         # the whole budget: one compilation per size reached. The step lays the batch out over its
         # mesh's data axis itself (from the sampler's devices when the sampler has its own).
         width = sampler.response_bucket(int(host["lengths"].max()), parts.sampling)
+        packed = self._packed_width(host["lengths"], width)
         train_batch = train_step.TrainBatch.from_rollout(
             rollout.trimmed(width), advantages, truncated=cfg.sampler.logp == "truncated",
-            with_entropy=cfg.sampler.return_entropy, group=cfg.rollout.group_size)
+            with_entropy=cfg.sampler.return_entropy, group=cfg.rollout.group_size, packed_width=packed)
         t2 = time.perf_counter()
         if self.save_done_before_update:
             self.ckpt.wait()  # A pending save (see __init__); at once when none is.
@@ -677,11 +680,22 @@ class _Run:
         times = {"time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/checkpoint_s": t3 - t2,
                  "time/train_s": t4 - t3, **({"time/eval_s": eval_s} if eval_metrics else {})}
         host_metrics = {**_host_metrics(cfg, scores, host, rollout.prompt_width), **eval_metrics, **times,
-                        "rollout/response_width": width,
+                        "rollout/response_width": width, "rollout/packed_width": packed,
                         "time/tokens_per_s": host["lengths"].sum() / max(times["time/sample_s"], 1e-9)}
         due = cfg.log.samples_every and step % cfg.log.samples_every == 0
         samples = _sampled_replies(cfg, batch.examples, scores, host, self.row_slice) if due else []
         return host_metrics, device_metrics, samples
+
+    def _packed_width(self, lengths_B: np.ndarray, width: int) -> int:
+        """The update's `train_step.TrainBatch.packed_width` for responses of these lengths
+        trimmed to ``width`` columns: 0 where the step cannot pack (``trainer.share_prompts`` off,
+        or micro-batches that do not hold whole groups)."""
+        cfg = self.cfg
+        group, data = cfg.rollout.group_size, self.parts.mesh.shape[shd.DATA]
+        if not (cfg.trainer.share_prompts
+                and train_step.holds_whole_runs(len(lengths_B), group, cfg.trainer.n_microbatches, data)):
+            return 0
+        return train_step.packed_width(lengths_B, group, width, multiple=cfg.trainer.pack_multiple)
 
     def _score(self, step: int, batch, host: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """This process's replies decoded and scored; the rewards of the global batch."""

@@ -206,8 +206,12 @@ class TrainerSettings:
         logits for the backward pass instead of recomputing them.
       share_prompts: ``make_train_step(share_prompts=...)``: compute each GRPO group's prompt
         once in the forward and backward, not once per response.
-      The last three trade memory or compute and change no number beyond summation order, so a
-      run may resume with other values (benchmarks/README.md has CPU timings).
+      pack_multiple: with ``share_prompts``, lay each group's responses end to end after its
+        prompt in the update (``train_step.packed_width(multiple=...)``), so the padding after
+        short responses is not computed: the packed width is rounded up to a multiple of this
+        (one compilation per multiple reached); 0 never packs.
+      The last four trade memory, compute or compilations and change no number beyond summation
+      order, so a run may resume with other values (benchmarks/README.md has CPU timings).
     """
 
     dtype: str = "float32"
@@ -217,6 +221,7 @@ class TrainerSettings:
     remat: str = "layer"
     keep_logits: bool = False
     share_prompts: bool = True
+    pack_multiple: int = 32
 
     def __post_init__(self):
         try:
@@ -225,6 +230,7 @@ class TrainerSettings:
             raise ValueError(f"config.trainer.dtype: {e}") from None
         _check_literal(self.remat, Remat, "trainer.remat")
         _require(self.n_microbatches >= 1, "trainer.n_microbatches", f"= {self.n_microbatches} must be >= 1.")
+        _require(self.pack_multiple >= 0, "trainer.pack_multiple", f"= {self.pack_multiple} must be >= 0 (0: never pack).")
         _require(self.loss_scale_initial > 0 and self.loss_scale_growth_interval >= 1,
                  "trainer.loss_scale_initial", "must be > 0 and loss_scale_growth_interval >= 1.")
 
@@ -420,7 +426,7 @@ class EvalSettings:
 # directories are places, and what is stored there is a function of the other settings, so a
 # run or study workdir can be moved); dotted for a setting in a group.
 RESUMABLE_KEYS = ("steps", "checkpoint", "log", "eval", "trainer.remat", "trainer.keep_logits",
-                  "trainer.share_prompts", "task.data_dir", "model.cache_dir")
+                  "trainer.share_prompts", "trainer.pack_multiple", "task.data_dir", "model.cache_dir")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,6 +149,12 @@ def check_group(group, B: int) -> None:
                          "of one prompt come in runs of group consecutive rows.")
 
 
+def check_packed_width(packed_width) -> None:
+    """Raises ValueError unless ``packed_width`` is a non-negative int (:func:`rescore`)."""
+    if isinstance(packed_width, bool) or not isinstance(packed_width, int) or packed_width < 0:
+        raise ValueError(f"packed_width={packed_width!r} must be a non-negative int (0: not packed).")
+
+
 def check_chunk_options(token_chunk, keep_logits) -> None:
     """Raises ValueError unless ``token_chunk`` and ``keep_logits`` are valid :func:`rescore` options."""
     if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk <= 0:
@@ -202,17 +208,28 @@ def _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_ch
 
 
 def _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, with_entropy,
-             score_from, token_chunk, keep_logits, group):
+             score_from, token_chunk, keep_logits, group, packed_width):
     _check_rescore_args(tokens_BT, valid_BT, positions_BT, response_mask_BT)
     B, T = tokens_BT.shape
     _check_rescore_options(temperature, score_from, token_chunk, keep_logits, T)
     check_group(group, B)
+    check_packed_width(packed_width)
     valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
     # Column t is predicted from column t − 1: queries [score_from − 1, T − 1), targets
     # [score_from, T). Slicing happens before the LM head (on hidden states) or, for a plain
     # logits function, on the [B, T] results, never on a [B, T, V] array.
     targets_BM = tokens_BT[:, score_from:]
-    if group > 1 and score_from > 1 and hasattr(model, "grouped_hidden_states") and hasattr(model, "logits"):
+    runs = group > 1 and score_from > 1 and hasattr(model, "logits")
+    if runs and packed_width and hasattr(model, "packed_hidden_states"):
+        h_UWD, packing = model.packed_hidden_states(tokens_BT, prefix=score_from - 1, group=group, width=packed_width,
+                                                    positions_BT=positions_BT, valid_BT=valid_BT)
+        # A slot's query predicts the next own column of its row (the last column's target is a
+        # dummy, as is an empty slot's); a column cut off by too small a width scores NaN.
+        next_BO = jnp.concatenate([targets_BM, targets_BM[:, -1:]], axis=1)
+        scored = _score_chunked(model, h_UWD, packing.pack(next_BO), temperature, with_entropy, token_chunk,
+                                keep_logits)
+        lp_BM, ent_BM = jax.tree.map(lambda x: packing.unpack(x, jnp.nan)[:, :-1], scored)
+    elif runs and hasattr(model, "grouped_hidden_states"):
         h_BMD = model.grouped_hidden_states(tokens_BT, prefix=score_from - 1, group=group,
                                             positions_BT=positions_BT, valid_BT=valid_BT)[:, :-1]
         lp_BM, ent_BM = _score_chunked(model, h_BMD, targets_BM, temperature, with_entropy, token_chunk,
@@ -255,7 +272,8 @@ DEFAULT_TOKEN_CHUNK = 128
 def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
             *, positions_BT: jax.Array | None = None, response_mask_BT: jax.Array | None = None,
             temperature: float = 1.0, score_from: int = 1,
-            token_chunk: int = DEFAULT_TOKEN_CHUNK, keep_logits: bool = False, group: int = 1) -> jax.Array:
+            token_chunk: int = DEFAULT_TOKEN_CHUNK, keep_logits: bool = False, group: int = 1,
+            packed_width: int = 0) -> jax.Array:
     """Trainer log-probs of the rollout tokens, teacher-forced, aligned with the sampler's.
 
     ``logp_BT[:, t] = log softmax(z_{t−1} / temperature)[tokens_BT[:, t]]``, where ``z`` are the
@@ -301,14 +319,21 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
         those columns once per run; the result is the same up to float32 summation order.
         The caller guarantees the shared columns are equal (the train step checks them).
         Ignored where ``score_from`` is 1 and by a plain logits function.
+      packed_width: static; with ``group`` > 1, a model with ``packed_hidden_states`` (a
+        ``Decoder``) lays each run's responses end to end in this many columns after the prompt
+        (each response from the prompt's last column to its last valid token), so padding after
+        short responses is not computed; 0 (the default) keeps every row's columns. It must
+        hold every run: ``rl_mismatch.models.decoder.run_spans`` over the columns from
+        ``score_from − 1`` (the train step checks); a column that does not fit scores NaN. Same
+        result up to float32 summation order.
 
     Returns:
       float32 ``logp_BT``, same columns as the sampler's stored log-probs.
 
     Raises:
       ValueError: mis-shaped or non-integer tokens, a non-positive temperature, ``score_from``
-        outside ``[1, T)``, a non-positive ``token_chunk``, a non-bool ``keep_logits`` or a
-        ``group`` that does not divide the batch.
+        outside ``[1, T)``, a non-positive ``token_chunk``, a non-bool ``keep_logits``, a
+        ``group`` that does not divide the batch or a negative ``packed_width``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -317,14 +342,15 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
       [0.0, -1.3863, -1.3863]
     """
     return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, False,
-                    score_from, token_chunk, keep_logits, group)
+                    score_from, token_chunk, keep_logits, group, packed_width)
 
 
 def rescore_with_entropy(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None, *,
                          positions_BT: jax.Array | None = None,
                          response_mask_BT: jax.Array | None = None, temperature: float = 1.0,
                          score_from: int = 1, token_chunk: int = DEFAULT_TOKEN_CHUNK,
-                         keep_logits: bool = False, group: int = 1) -> tuple[jax.Array, jax.Array]:
+                         keep_logits: bool = False, group: int = 1,
+                         packed_width: int = 0) -> tuple[jax.Array, jax.Array]:
     """:func:`rescore` plus the trainer's entropy of the distribution each token came from.
 
     ``entropy_BT[:, t] = H(softmax(z_{t−1} / temperature))``, zeroed where ``logp_BT`` is
@@ -335,7 +361,7 @@ def rescore_with_entropy(model, tokens_BT: jax.Array, valid_BT: jax.Array | None
       ``(logp_BT, entropy_BT)``.
     """
     return _rescore(model, tokens_BT, valid_BT, positions_BT, response_mask_BT, temperature, True,
-                    score_from, token_chunk, keep_logits, group)
+                    score_from, token_chunk, keep_logits, group, packed_width)
 
 
 # ----------------------------------------------------------------------------- metrics

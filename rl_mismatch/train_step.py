@@ -55,7 +55,11 @@ takes whole runs m, m + n, m + 2n, … (still spread over every data shard), and
 computes each run's prompt once (``Decoder.grouped_hidden_states``, ``share_prompts``): the
 layers see ``B/group · prompt + B · response`` tokens instead of ``B · (prompt + response)``.
 The noise scale's small batches are then whole groups. Otherwise rows are split as above and
-every row is computed in full.
+every row is computed in full. A batch with ``packed_width`` > 0 also lays each run's responses
+end to end in that many columns after its prompt (``Decoder.packed_hidden_states``), each token
+attending to the prompt and to its own response only: the layers then see
+``B/group · (prompt + packed_width)`` tokens, and the numbers are those of the unpacked step up
+to float32 summation order.
 
 Example (tiny model, one device):
 
@@ -92,6 +96,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rl_mismatch import losses, mismatch, optim, precision
+from rl_mismatch.buckets import round_up
 from rl_mismatch import sharding as shd
 
 
@@ -118,6 +123,11 @@ class TrainBatch(struct.PyTreeNode):
         (GRPO's group size), equal on every column before ``score_from − 1`` (the step checks).
         The step then runs each prompt through the model once per run and keeps each run in
         one micro-batch (the module docstring's "GRPO groups"). 1: no such structure.
+      packed_width: static; with ``group`` > 1, the columns after the prompt into which each
+        run's responses are laid end to end (`mismatch.rescore`'s ``packed_width``), so the
+        step computes no padding after short responses; 0: every row keeps its columns. It
+        must hold every run's responses (the step checks); `packed_width` picks it. Each
+        distinct value is one compiled step.
     """
 
     tokens_BT: jax.Array
@@ -128,10 +138,11 @@ class TrainBatch(struct.PyTreeNode):
     sampler_entropy_BT: jax.Array | None = None
     score_from: int = struct.field(pytree_node=False, default=1)
     group: int = struct.field(pytree_node=False, default=1)
+    packed_width: int = struct.field(pytree_node=False, default=0)
 
     @classmethod
     def from_rollout(cls, rollout, advantages_B: jax.Array, *, truncated: bool = False,
-                     with_entropy: bool = False, group: int = 1) -> TrainBatch:
+                     with_entropy: bool = False, group: int = 1, packed_width: int = 0) -> TrainBatch:
         """The batch of a `rl_mismatch.sampler.Rollout` and its advantages.
 
         Args:
@@ -142,13 +153,14 @@ class TrainBatch(struct.PyTreeNode):
           with_entropy: pass the rollout's entropies on (only if the sampler recorded them).
           group: the rollout's rows are runs of ``group`` responses to one prompt (what
             ``sampler.generate(..., group=)`` was given).
+          packed_width: see the attribute (`packed_width` gives it from the response lengths).
         """
         return cls(tokens_BT=rollout.tokens_BT, valid_BT=rollout.valid_BT,
                    response_mask_BT=rollout.response_mask_BT,
                    sampler_logp_BT=rollout.logp_truncated_BT if truncated else rollout.logp_BT,
                    advantages_B=advantages_B,
                    sampler_entropy_BT=rollout.entropy_BT if with_entropy else None,
-                   score_from=max(1, rollout.prompt_width), group=group)
+                   score_from=max(1, rollout.prompt_width), group=group, packed_width=packed_width)
 
 
 class TrainState(struct.PyTreeNode):
@@ -419,7 +431,7 @@ class TrainStep:
         return self.jitted.lower(state, batch, dict(opt_signals))
 
 
-def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
+def _check_batch(batch: TrainBatch, n_micro: int, data_size: int, share_prompts: bool):
     if not isinstance(batch, TrainBatch):
         raise ValueError(f"batch must be a TrainBatch, got {type(batch).__name__}.")
     shape = batch.tokens_BT.shape
@@ -433,6 +445,14 @@ def _check_batch(batch: TrainBatch, n_micro: int, data_size: int):
         raise ValueError(f"batch.advantages_B has shape {batch.advantages_B.shape}, expected ({shape[0]},).")
     mismatch.check_score_from(batch.score_from, shape[1])  # before tracing, with the other checks
     mismatch.check_group(batch.group, shape[0])
+    mismatch.check_packed_width(batch.packed_width)
+    if batch.packed_width and not (share_prompts and batch.score_from > 1
+                                   and holds_whole_runs(shape[0], batch.group, n_micro, data_size)):
+        raise ValueError(
+            f"batch.packed_width={batch.packed_width} packs the responses of each run of group={batch.group} "
+            f"rows after their shared prompt, which needs score_from > 1 (got {batch.score_from}), a step "
+            f"with share_prompts=True (got {share_prompts}) and {shape[0]} rows in whole runs for "
+            f"{n_micro} micro-batch(es) x {data_size} data shard(s); pass packed_width=0.")
     if batch.score_from > 1:
         _check_columns(batch)
     if shape[0] % (n_micro * data_size):
@@ -445,8 +465,9 @@ def _check_columns(batch: TrainBatch) -> None:
     """Raises ValueError if the response mask marks a column before ``score_from`` (the trainer
     gives those no log-prob: such a token would enter the loss and metrics with log π = 0), or if
     a run of ``batch.group`` rows differs on the columns the step computes once per run (before
-    ``score_from − 1``). One jitted reduction and one host read of three scalars."""
-    early, n_bad, first = (int(x) for x in jax.device_get(_column_flags(
+    ``score_from − 1``), or if ``batch.packed_width`` cannot hold a run's responses. One jitted
+    reduction and one host read of four scalars."""
+    early, n_bad, first, span = (int(x) for x in jax.device_get(_column_flags(
         batch.tokens_BT, batch.valid_BT, batch.response_mask_BT, np.int32(batch.score_from), group=batch.group)))
     if early:
         raise ValueError(
@@ -460,25 +481,35 @@ def _check_columns(batch: TrainBatch) -> None:
             f"batch.group={G} but rows {first}..{first + G - 1} differ on their first {width} columns "
             f"(the prompt, before score_from − 1 = {width}); {n_bad} run(s) differ in all. Give each "
             "prompt's responses as consecutive rows, or build the batch with group=1.")
+    if batch.packed_width and span > batch.packed_width:
+        raise ValueError(
+            f"batch.packed_width={batch.packed_width} cannot hold a run of {batch.group} responses that needs "
+            f"{span} columns (each response from the prompt's last column to its last valid token); "
+            "size it with train_step.packed_width from the response lengths, or pass 0.")
 
 
 @functools.partial(jax.jit, static_argnames="group")
 def _column_flags(tokens_BT, valid_BT, mask_BT, score_from, *, group: int):
     """``(any response token before score_from, runs that differ before score_from − 1, the first
-    such run)``. ``score_from`` is traced and the columns are masked, not sliced: one compilation
+    such run, the most columns a run's responses packed end to end take (`decoder.run_spans`
+    from column score_from − 1))``. ``score_from`` is traced and the columns are masked, not sliced: one compilation
     per batch shape, whatever the prompt width. Scalars only, so on a multi-process mesh every
     process reads them (the [B/G] flags are not all addressable on one)."""
     col_T = jnp.arange(tokens_BT.shape[1])
     early = jnp.any(mask_BT.astype(bool) & (col_T < score_from))
     if group == 1:
-        return early, jnp.int32(0), jnp.int32(0)
+        return early, jnp.int32(0), jnp.int32(0), jnp.int32(0)
 
     def differs(x_BT):  # [B/G]: does any row of the run differ from its first row there?
         runs = x_BT.reshape(-1, group, x_BT.shape[1])
         return jnp.any((runs != runs[:, :1]) & (col_T < score_from - 1), axis=(1, 2))
 
     bad = differs(tokens_BT) | differs(valid_BT.astype(bool))
-    return early, jnp.sum(bad, dtype=jnp.int32), jnp.argmax(bad).astype(jnp.int32)
+    # A row's span: its columns from score_from − 1 up to its last valid one (decoder.run_spans).
+    own_T = col_T - (score_from - 1) + 1
+    span_B = jnp.max(jnp.where(valid_BT.astype(bool) & (own_T > 0), own_T, 0), axis=1)
+    span = jnp.max(jnp.sum(span_B.reshape(-1, group), axis=1))
+    return early, jnp.sum(bad, dtype=jnp.int32), jnp.argmax(bad).astype(jnp.int32), span
 
 
 def _noise_metrics(sq_big, mask_BT, sq_n=None, seqs_n=None) -> dict[str, jax.Array]:
@@ -603,7 +634,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                      n_microbatches, mesh, loss_scale, temperature, token_chunk, keep_logits, share_prompts)
     data_size = 1 if mesh is None else mesh.shape[shd.DATA]
     return TrainStep(functools.partial(_train_step, spec), mesh,
-                     lambda batch: _check_batch(batch, n_microbatches, data_size))
+                     lambda batch: _check_batch(batch, n_microbatches, data_size, share_prompts))
 
 
 def holds_whole_runs(rows: int, group: int, n_microbatches: int, data: int = 1) -> bool:
@@ -611,6 +642,40 @@ def holds_whole_runs(rows: int, group: int, n_microbatches: int, data: int = 1) 
     of whole runs spread evenly over ``data`` shards: the condition for computing each run's prompt
     once (the module docstring's "GRPO groups"). False for ``group`` 1."""
     return group > 1 and rows % (n_microbatches * group * data) == 0
+
+
+# Pack only where it leaves at most this fraction of a run's unpacked columns: a packed run's
+# masked attention spans all its columns, so a width near the unpacked one saves less than its
+# columns and costs a compilation (measured in benchmarks/README.md, "Packed responses").
+_PACK_AT_MOST = 0.75
+
+
+def packed_width(response_lengths_B, group: int, response_width: int, *, multiple: int) -> int:
+    """The `TrainBatch.packed_width` of a rollout whose rows are runs of ``group`` responses of
+    ``response_lengths_B`` tokens (host integers) in ``response_width`` columns: the most columns
+    a run's responses take end to end (each its length + 1, from the prompt's last column, whose
+    query predicts its first token), rounded up to a multiple of ``multiple`` so that the step
+    compiles once per multiple reached. 0 (every row keeps its columns) where that is more than
+    ``_PACK_AT_MOST`` of the ``group · (response_width + 1)`` columns a run has unpacked, or
+    where ``multiple`` is 0.
+
+    >>> packed_width([3, 40, 5, 7, 2, 2, 2, 2], 4, 48, multiple=32)  # runs take 59 and 12 columns
+    64
+    >>> packed_width([30, 30, 20, 25], 4, 48, multiple=32)  # 109 -> 128, of 4 x 49 = 196 unpacked
+    128
+    >>> packed_width([48, 40, 45, 47], 4, 48, multiple=32)  # 184 -> 192: too close to 196
+    0
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 0:
+        raise ValueError(f"multiple={multiple!r} must be a non-negative int (0: never pack).")
+    lengths = np.asarray(response_lengths_B, np.int64)
+    if lengths.ndim != 1 or len(lengths) % group or np.any(lengths < 0) or np.any(lengths > response_width):
+        raise ValueError(f"response_lengths_B must be {group}-row runs of lengths in [0, {response_width}], "
+                         f"got {lengths.tolist()}.")
+    if not multiple:
+        return 0
+    width = round_up(int(np.max(np.sum(lengths.reshape(-1, group) + 1, axis=1))), multiple=multiple)
+    return width if width <= _PACK_AT_MOST * group * (response_width + 1) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,7 +772,7 @@ def _micro_grads(s: _StepSpec, params, ls_state, mb: TrainBatch, normalizer, gro
         logp_BT = mismatch.rescore(model, mb.tokens_BT, mb.valid_BT, response_mask_BT=mb.response_mask_BT,
                                    temperature=s.temperature, score_from=mb.score_from,
                                    token_chunk=s.token_chunk, keep_logits=s.keep_logits,
-                                   group=group)
+                                   group=group, packed_width=mb.packed_width if group > 1 else 0)
         # One update per rollout: π_old is π_θ itself, detached (its value, not its gradient).
         old_BT = jax.lax.stop_gradient(logp_BT)
         loss, _ = losses.compute_policy_loss(logp_BT, old_BT, mb.sampler_logp_BT, mb.advantages_B,

@@ -185,6 +185,28 @@ def tiny_run(tmp_path_factory, tiny_cfg):
 
 
 @pytest.mark.slow
+def test_packed_updates_change_no_number(tiny_run, tiny_cfg, tmp_path, monkeypatch):
+    """The tiny run again with every group's replies packed end to end (multiple 1, and any
+    width up to the unpacked one: the tiny model's replies are too long for the default rule):
+    while a step samples the same replies as the unpacked run, its update gives the same
+    numbers up to float32 summation order (test_train_step's bound, 1.5e-4 relative)."""
+    monkeypatch.setattr(train_step, "_PACK_AT_MOST", 1.0)
+    experiment.run(tiny_cfg(steps=3, **{"trainer.pack_multiple": 1}), tmp_path)
+    packed, plain = read_metrics(tmp_path), tiny_run[1]
+    assert [r["rollout/packed_width"] for r in plain] == [0] * len(plain)
+    compared = 0
+    for p, r in zip(packed, plain):
+        if (p["rollout/response_length_mean"], p["reward/mean"]) != (r["rollout/response_length_mean"], r["reward/mean"]):
+            break  # another sample: the runs' trajectories parted (by summation order, or not at all)
+        assert 0 < p["rollout/packed_width"] <= 4 * 49
+        for key in ("loss/policy", "opt/grad_norm", "opt/grad_sq_big", "opt/param_norm", "mismatch/k1",
+                    "is/weight_mean"):
+            np.testing.assert_allclose(p[key], r[key], rtol=1.5e-4, atol=1e-7, err_msg=f"step {p['step']} {key}")
+        compared += 1
+    assert compared >= 1 and max(p["opt/grad_norm"] for p in packed[:compared]) > 0  # step 0 samples alike
+
+
+@pytest.mark.slow
 def test_tiny_end_to_end(tiny_run, tiny_cfg):
     workdir, rows = tiny_run
     cfg = tiny_cfg()
@@ -209,10 +231,16 @@ def test_tiny_end_to_end(tiny_run, tiny_cfg):
     assert rows[0]["time/cpu_user_s"] > 0.25 * rows[0]["time/compile_s"]  # 2 test workers may share 2 cores
     # One step's noise-scale estimate is +inf when its |G|^2 estimate is <= 0 (documented).
     assert all(not math.isnan(r["opt/grad_noise_scale"]) for r in rows)
-    # The first step compiles; later steps reuse the programs (one prompt width for the run).
+    # The first step compiles; a later step reuses the programs unless its update has a shape
+    # no earlier step had (one prompt width for the run; a packed width is a new shape).
     assert rows[0]["time/compile_s"] > 0
-    assert all(r["time/compile_s"] < 0.5 * rows[0]["time/compile_s"] for r in rows[2:])
+    shapes = [(r["rollout/response_width"], r["rollout/packed_width"]) for r in rows]
+    assert all(r["time/compile_s"] < 0.5 * rows[0]["time/compile_s"] for i, r in enumerate(rows[2:], 2)
+               if shapes[i] in shapes[:i])
     assert len({r["rollout/prompt_width"] for r in rows}) == 1
+    # The update packs a group's replies end to end where that leaves at most 3/4 of its 4 x 49
+    # columns, in multiples of trainer.pack_multiple (32).
+    assert all(w == 0 or (w % 32 == 0 and w <= 147) for _, w in shapes), shapes
     # The update ran on the cache size each step's longest reply ended in (the one size of a
     # 48-token budget under the default 64-token segment).
     assert all(r["rollout/response_width"] == 48 >= r["rollout/response_length_max"] for r in rows)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from rl_mismatch import mismatch
 from rl_mismatch.models import Decoder, tiny_config
-from rl_mismatch.models.decoder import _REMAT_POLICIES, Remat, _mixed_einsum
+from rl_mismatch.models.decoder import _REMAT_POLICIES, Remat, _mixed_einsum, run_spans
 
 B, T, P = 3, 20, 10
 # Both paths compute the same logits (same casts, float32 accumulation); only the matmul
@@ -139,6 +139,59 @@ def test_grouped_rescoring_equals_every_row_in_full():
                                    err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="group=3 must be a positive int dividing the batch"):
         mismatch.rescore(model, tokens, valid, score_from=P, group=3)
+
+
+def test_packed_rescoring_equals_every_row_in_full():
+    """rescore(packed_width=W) lays each run's responses end to end: the same log-probs,
+    entropies and gradient as every row in full (float32, only blocking and summation order
+    differ: the bounds of test_grouped_rescoring_equals_every_row_in_full). One row has an
+    invalid token inside its response (a hole its span keeps, masked as a key), one run has a
+    row whose response is empty, and W is exactly the longest run's spans."""
+    model = Decoder(tiny_config(tie_embeddings=False), rngs=nnx.Rngs(0))
+    tokens, valid, mask = _groups()
+    valid = valid.at[2, P + 2].set(False).at[5, P:].set(False)
+    mask = mask & valid
+    spans = np.asarray(run_spans(valid[:, P - 1:], 4))
+    width = int(spans.max())
+    assert width < 4 * (T - P + 1) and spans[1] < width  # packing saves columns; run 1 has empty slots
+    for fn in (mismatch.rescore, mismatch.rescore_with_entropy):
+        full, packed = (jax.jit(lambda t, v, kw=kw: fn(model, t, v, response_mask_BT=mask, score_from=P,
+                                                       token_chunk=8, **kw))(tokens, valid)
+                        for kw in ({}, {"group": 4, "packed_width": width}))
+        for r, g in zip(jax.tree.leaves(full), jax.tree.leaves(packed)):
+            np.testing.assert_array_equal(np.asarray(r) == 0, np.asarray(g) == 0)
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=0, atol=ATOL)
+    graphdef, params = nnx.split(model)
+
+    def grad(**kw):
+        def loss(p):
+            lp = mismatch.rescore(nnx.merge(graphdef, p), tokens, valid, response_mask_BT=mask, score_from=P, **kw)
+            return jnp.sum(lp * jnp.linspace(-1.0, 1.0, T)[None])
+        return jax.grad(loss)(params)
+
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad()),
+                            jax.tree.leaves(grad(group=4, packed_width=width))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))),
+                                   err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="packed_width=-1 must be a non-negative int"):
+        mismatch.rescore(model, tokens, valid, score_from=P, group=4, packed_width=-1)
+
+
+def test_packed_width_too_small_scores_the_lost_columns_nan():
+    """A run whose spans do not fit loses its last columns: exactly the scored tokens whose
+    query was cut off read NaN (a loss over them is non-finite and the train step skips it; the
+    step checks the width first), every other column is as with room to spare (up to ATOL)."""
+    model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
+    tokens, valid, mask = _groups()
+    spans = np.asarray(run_spans(valid[:, P - 1:], 4))
+    width = int(spans.max())
+    roomy, tight = (np.asarray(mismatch.rescore(model, tokens, valid, response_mask_BT=mask, score_from=P, group=4,
+                                                packed_width=w)) for w in (width + 8, width - 3))
+    lost = np.isnan(tight)
+    longest = int(spans.argmax())
+    last = 4 * longest + 3  # the longest run's last row loses its last 3 own columns, 2 of them scored
+    assert lost.sum() == 2 and lost[last].sum() == 2 and np.all(lost[last, -2:] | ~np.asarray(mask)[last, -2:])
+    np.testing.assert_allclose(tight[~lost], roomy[~lost], rtol=0, atol=ATOL)  # other widths, other blocking
 
 
 def test_grouped_bf16_gradient_is_as_close_to_float32():

@@ -150,7 +150,7 @@ def _matrix_products(hlo: str):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="about XLA:CPU's choice of kernel")
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("grouped", [False, True, "packed"])
 def test_every_matrix_product_of_a_bf16_step_is_bf16_on_cpu(grouped):
     """The decoder's custom backward rules exist so that every matmul of a bf16 step, forward and
     backward, takes bf16 operands (`decoder._mixed_einsum`, `_softmax_attention`). XLA:CPU runs a
@@ -158,7 +158,7 @@ def test_every_matrix_product_of_a_bf16_step_is_bf16_on_cpu(grouped):
     backward products) in float32, at less than half the speed: in its compiled program that is
     a dot of float32 operands. Vector products (an output dimension of 1: the float32 sums of
     `decoder._sum_rows`) are float32 by design."""
-    batch = _grouped_batch() if grouped else _batch()
+    batch = {False: _batch, True: _grouped_batch, "packed": lambda: _packed(_grouped_batch())}[grouped]()
     graphdef, _ = nnx.split(_model())
     step = ts.make_train_step(graphdef, _SGD, losses.LossConfig(), compute_dtype="bf16", n_microbatches=2)
     products = _matrix_products(step.lower(_state(dtype="bf16"), batch).compile().as_text())
@@ -545,6 +545,74 @@ def test_shared_prompts_change_no_step(mesh_shape, n_micro, shared, grouped_call
                                rtol=_REORDER_RTOL)
 
 
+def _packed(batch: ts.TrainBatch) -> ts.TrainBatch:
+    """``batch`` with its runs' responses packed into the fewest columns that hold them."""
+    lengths = np.asarray(jnp.sum(batch.response_mask_BT, axis=1))
+    width = int(np.max(np.sum(lengths.reshape(-1, batch.group) + 1, axis=1)))  # + 1: the prompt's last column
+    assert width < batch.group * (batch.tokens_BT.shape[1] - batch.score_from + 1)
+    return batch.replace(packed_width=width)
+
+
+@pytest.mark.parametrize("mesh_shape,n_micro", [(None, 1), (None, 2), ((2, 2), 2)])
+def test_packed_responses_change_no_step(mesh_shape, n_micro, monkeypatch):
+    """A batch whose runs' responses are packed end to end (`TrainBatch.packed_width`, the
+    narrowest that holds them) against the same batch unpacked, each prompt once in both: the
+    same update and metrics up to summation order (the _REORDER_RTOL bounds), on a mesh too."""
+    calls = []
+    original = Decoder.packed_hidden_states
+    monkeypatch.setattr(Decoder, "packed_hidden_states",
+                        lambda self, *a, **kw: calls.append(kw["width"]) or original(self, *a, **kw))
+    mesh = None if mesh_shape is None else shd.make_mesh(*mesh_shape)
+    batch = _grouped_batch()
+    graphdef, _ = nnx.split(_model())
+    step = ts.make_train_step(graphdef, _SGD, losses.LossConfig(), compute_dtype="f32", n_microbatches=n_micro,
+                              mesh=mesh)
+    results = []
+    for b in (batch, _packed(batch)):
+        state = _state(mesh)
+        before = _np(state.params)
+        state, metrics = step(state, b)
+        results.append((jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, before), _np(metrics)))
+    assert calls == [_packed(batch).packed_width]
+    _assert_same_step(results[1], results[0])
+    np.testing.assert_allclose(results[1][1]["opt/grad_sq_small"], results[0][1]["opt/grad_sq_small"],
+                               rtol=_REORDER_RTOL)
+
+
+def test_packed_batch_errors():
+    """A packed width that cannot hold a run, or a step that cannot pack, is a clear error
+    before anything runs; the state is untouched."""
+    opt = optax.sgd(0.1)
+    graphdef, state = ts.init_train_state(_model(), opt, compute_dtype="f32", key=jax.random.key(0))
+    batch = _packed(_grouped_batch())
+    step = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32")
+    need = batch.packed_width
+    with pytest.raises(ValueError, match=f"packed_width={need - 1} cannot hold a run of 4 responses that needs "
+                                         f"{need} columns"):
+        step(state, batch.replace(packed_width=need - 1))
+    with pytest.raises(ValueError, match="packed_width=-2 must be a non-negative int"):
+        step(state, batch.replace(packed_width=-2))
+    unshared = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", share_prompts=False)
+    with pytest.raises(ValueError, match="share_prompts=True \\(got False\\)"):
+        unshared(state, batch)
+    split = ts.make_train_step(graphdef, opt, losses.LossConfig(), compute_dtype="f32", n_microbatches=8)
+    with pytest.raises(ValueError, match="16 rows in whole runs for 8 micro-batch"):
+        split(state, batch)
+    with pytest.raises(ValueError, match="needs score_from > 1"):
+        step(state, batch.replace(score_from=1))
+    with pytest.raises(ValueError, match=r"must be 4-row runs of lengths in \[0, 48\]"):
+        ts.packed_width([3, 49, 1, 1], 4, 48, multiple=8)
+    with pytest.raises(ValueError, match="multiple=-1 must be a non-negative int"):
+        ts.packed_width([3, 4, 1, 1], 4, 48, multiple=-1)
+    assert ts.packed_width([3, 4, 1, 1], 4, 48, multiple=0) == 0
+    # Widths up to 3/4 of a run's unpacked 4 x 49 = 196 columns pack, rounded up to the multiple.
+    assert ts.packed_width([32, 32, 32, 33] + [0] * 4, 4, 48, multiple=1) == 133
+    assert ts.packed_width([32, 32, 32, 33], 4, 48, multiple=16) == 144
+    assert ts.packed_width([32, 32, 32, 33], 4, 48, multiple=32) == 0  # 160 > 147
+    state, metrics = step(state, batch)  # the state survived every refusal
+    assert np.isfinite(metrics["opt/grad_norm"])
+
+
 def test_micro_batches_hold_whole_runs():
     """With runs of G kept whole, micro-batch m holds runs m, m + n, …: the step's small-batch
     gradient norms are those of steps on exactly those rows."""
@@ -586,10 +654,10 @@ def test_grouped_batch_errors():
 def test_batch_checks_compile_once_whatever_the_prompt_width():
     """The step's column checks take score_from traced: a new prompt width compiles nothing."""
     batch = _grouped_batch()  # prompts of 6 columns: score_from 2..6 all valid
-    ts._check_batch(batch.replace(score_from=2), 1, 1)
+    ts._check_batch(batch.replace(score_from=2), 1, 1, True)
     compiled = ts._column_flags._cache_size()
     for score_from in (3, 5, 6):
-        ts._check_batch(batch.replace(score_from=score_from), 1, 1)
+        ts._check_batch(batch.replace(score_from=score_from), 1, 1, True)
     assert ts._column_flags._cache_size() == compiled
 
 

@@ -27,7 +27,8 @@ rescoring) applies them with ``lax.scan``: one compiled block keeps compile time
 and the backward pass recomputes each layer (``remat``). ``Decoder.hidden_states`` and
 ``Decoder.logits`` split the forward before the LM head for callers that apply it in pieces;
 ``Decoder.grouped_hidden_states`` is the same forward for rows that share a prompt, computing
-it once per group.
+it once per group, and ``Decoder.packed_hidden_states`` lays each group's responses end to end
+after it, so the padding after short responses is not computed.
 KV-cache decoding unrolls the layers (see ``Decoder.decode``).
 """
 
@@ -476,6 +477,91 @@ def _grouped_attention(q, k, v, *, prefix, group, allowed_prefix, allowed_own):
     return jnp.concatenate([out_shared, out_own.reshape(runs, group * R, N, H)], axis=1), None
 
 
+class RunPacking(NamedTuple):
+    """Where each row's own columns sit when a run's rows are packed end to end
+    (`pack_runs`, `Decoder.packed_hidden_states`).
+
+    A run is ``group`` consecutive rows that share their first ``prefix`` columns; each row's
+    own columns ``[prefix, T)`` hold its tokens up to its last valid one (its span), then
+    padding. Packed, the run's spans lie one after another in ``width`` slots, the rest empty.
+
+    Attributes:
+      slot_BO: int32 [B, T − prefix], the slot own column j of row b takes in its run's packed
+        row; ``width`` for a column past the row's span or one that does not fit.
+      source_UW: int32 [B/group, width], for each slot, the column of the run's rows laid end to
+        end (``row_in_run · (T − prefix) + j``) it holds; 0 for an empty slot.
+      segment_UW: int32 [B/group, width], the row of the run (0 … group − 1) each slot holds;
+        ``group`` for an empty slot.
+    """
+
+    slot_BO: jax.Array
+    source_UW: jax.Array
+    segment_UW: jax.Array
+
+    def pack(self, x_BO: jax.Array) -> jax.Array:
+        """[B, T − prefix, ...] own-column values -> [B/group, width, ...] in packed order (an empty
+        slot takes the run's first value: mask it with ``segment_UW``)."""
+        runs = self.source_UW.shape[0]
+        rows = x_BO.reshape(runs, -1, *x_BO.shape[2:])
+        return jax.vmap(lambda r, i: r[i])(rows, self.source_UW)
+
+    def unpack(self, y_UW: jax.Array, fill) -> jax.Array:
+        """[B/group, width, ...] packed values -> [B, T − prefix, ...] by row and column; ``fill``
+        where a column has no slot (past its row's span, or cut off by a too-small ``width``)."""
+        runs, width = self.source_UW.shape
+        B, O = self.slot_BO.shape
+        rows = jnp.repeat(y_UW, B // runs, axis=0)
+        got = jax.vmap(lambda r, i: r[i])(rows, jnp.minimum(self.slot_BO, width - 1))
+        has_slot = (self.slot_BO < width).reshape(B, O, *([1] * (got.ndim - 2)))
+        return jnp.where(has_slot, got, jnp.asarray(fill, got.dtype))
+
+
+def _row_spans(valid_BO: jax.Array) -> jax.Array:
+    """[B] int32: each row's own columns up to its last valid one."""
+    cols = jnp.arange(valid_BO.shape[1], dtype=jnp.int32)
+    return jnp.max(jnp.where(valid_BO.astype(bool), cols + 1, 0), axis=1)
+
+
+def run_spans(valid_BO: jax.Array, group: int) -> jax.Array:
+    """[B/group] int32: the packed width each run needs, the sum of its rows' spans (own columns
+    up to the last valid one) over ``valid_BO`` [B, T − prefix]."""
+    return jnp.sum(_row_spans(valid_BO).reshape(-1, group), axis=1)
+
+
+def pack_runs(valid_BO: jax.Array, group: int, width: int) -> RunPacking:
+    """The `RunPacking` of runs of ``group`` rows into ``width`` slots each, from the validity of
+    the rows' own columns ``valid_BO`` [B, T − prefix]. Traced; a run whose spans exceed
+    ``width`` loses its last columns (`RunPacking.unpack` fills them): size ``width`` by
+    `run_spans`."""
+    B, O = valid_BO.shape
+    cols = jnp.arange(O, dtype=jnp.int32)
+    span_B = _row_spans(valid_BO)
+    span_UG = span_B.reshape(-1, group)
+    start_B = (jnp.cumsum(span_UG, axis=1) - span_UG).reshape(B)
+    slot_BO = start_B[:, None] + cols
+    slot_BO = jnp.where((cols < span_B[:, None]) & (slot_BO < width), slot_BO, width)
+    run_B = jnp.arange(B, dtype=jnp.int32) // group
+    member_BO = jnp.broadcast_to((jnp.arange(B, dtype=jnp.int32) % group)[:, None], (B, O))
+    where = (run_B[:, None], slot_BO)  # slot `width` is out of range: dropped
+    source_UW = jnp.zeros((B // group, width), jnp.int32).at[where].set(member_BO * O + cols, mode="drop")
+    segment_UW = jnp.full((B // group, width), group, jnp.int32).at[where].set(member_BO, mode="drop")
+    return RunPacking(slot_BO, source_UW, segment_UW)
+
+
+def _runs_inputs(tokens_BT, prefix, group, positions_BT, valid_BT):
+    """Checks the run layout's ``prefix`` and ``group`` (`Decoder.grouped_hidden_states`) and
+    returns ``(valid_BT, positions_BT)`` with their defaults."""
+    B, T = tokens_BT.shape
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix < T:
+        raise ValueError(f"prefix={prefix!r} must be an int in [1, {T}).")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or B % group:
+        raise ValueError(f"group={group!r} must be a positive int dividing the batch ({B} rows).")
+    valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
+    if positions_BT is None:
+        positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
+    return valid_BT, positions_BT
+
+
 def _write_slots(cache_BKSH: jax.Array, new_BKTH: jax.Array, start: jax.Array) -> jax.Array:
     """``cache[:, :, start:start + T] = new`` (cast to the cache dtype), in place.
 
@@ -742,14 +828,8 @@ class Decoder(nnx.Module):
           ValueError: ``prefix`` not in ``[1, T)``, or ``group`` not a positive divisor of B.
         """
         B, T = tokens_BT.shape
-        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix < T:
-            raise ValueError(f"prefix={prefix!r} must be an int in [1, {T}).")
-        if isinstance(group, bool) or not isinstance(group, int) or group < 1 or B % group:
-            raise ValueError(f"group={group!r} must be a positive int dividing the batch ({B} rows).")
+        valid_BT, positions_BT = _runs_inputs(tokens_BT, prefix, group, positions_BT, valid_BT)
         R, runs = T - prefix, B // group
-        valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT.astype(bool)
-        if positions_BT is None:
-            positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
 
         def runs_layout(x_BT):  # [B, T, ...] -> [B/group, prefix + group·R, ...]
             shared, own = x_BT[::group, :prefix], x_BT[:, prefix:]
@@ -765,6 +845,51 @@ class Decoder(nnx.Module):
                                    allowed_prefix=allowed_prefix, allowed_own=allowed_own)
         x = self._layer_scan(runs_layout(self._embed(tokens_BT)), runs_layout(positions_BT), attend)
         return self._final_norm(x[:, prefix:].reshape(B, R, -1))
+
+    def packed_hidden_states(self, tokens_BT, *, prefix: int, group: int, width: int, positions_BT=None,
+                             valid_BT=None) -> tuple[jax.Array, RunPacking]:
+        """:meth:`grouped_hidden_states` with each run's rows packed end to end: the final-normed
+        hidden states [B/group, width, D] of the packed own columns, and their `RunPacking`.
+
+        A run's rows rarely all reach the longest response, yet :meth:`grouped_hidden_states`
+        gives each of them ``T − prefix`` columns. Here each row keeps its span (own columns up
+        to its last valid one), the spans lie one after another in ``width`` slots after the
+        run's shared columns, and a slot's query sees the shared keys then its own row's keys
+        up to itself: the keys, in the order, of :meth:`grouped_hidden_states`, so the result
+        unpacked (``RunPacking.unpack``) equals its output on every column of every span up to
+        float32 summation order. The layers see ``B/group · (prefix + width)`` tokens; attention
+        is one masked causal attention per run over them.
+
+        ``width`` is static (one compilation per value) and must hold every run's spans
+        (`run_spans`); columns that do not fit are lost, and ``RunPacking.unpack`` fills them.
+        The other arguments and the caller's guarantees are :meth:`grouped_hidden_states`'.
+
+        Raises:
+          ValueError: as :meth:`grouped_hidden_states`, or ``width`` not a positive int.
+        """
+        valid_BT, positions_BT = _runs_inputs(tokens_BT, prefix, group, positions_BT, valid_BT)
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width={width!r} must be a positive int (the packed columns per run).")
+        packing = pack_runs(valid_BT[:, prefix:], group, width)
+
+        def runs_layout(x_BT):  # [B, T, ...] -> [B/group, prefix + width, ...]
+            return jnp.concatenate([x_BT[::group, :prefix], packing.pack(x_BT[:, prefix:])], axis=1)
+
+        # Segment of each column: -1 for the shared columns, the row of the run for a slot.
+        segment_UT = jnp.concatenate([jnp.full((len(packing.segment_UW), prefix), -1, jnp.int32),
+                                      packing.segment_UW], axis=1)
+        filled_UT = jnp.concatenate([jnp.ones((len(packing.segment_UW), prefix), bool),
+                                     packing.segment_UW < group], axis=1)
+        valid_UT = runs_layout(valid_BT) & filled_UT
+        T = prefix + width
+        same_row = (segment_UT[:, None, :] < 0) | (segment_UT[:, None, :] == segment_UT[:, :, None])
+        allowed_UTS = jnp.tril(jnp.ones((T, T), bool))[None] & valid_UT[:, None, :] & same_row
+
+        def attend(q, k, v):
+            return _causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed_UTS), None
+
+        x = self._layer_scan(self._embed(runs_layout(tokens_BT)), runs_layout(positions_BT), attend)
+        return self._final_norm(x[:, prefix:]), packing
 
     def _layer_scan(self, x_BTD, positions_BT, attend):
         """Every layer over ``x_BTD`` with ``lax.scan``, each rematerialised as ``self.remat`` says."""
