@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--dtypes=fp32,bf16] [--steps=3] [--batch=8] [--seq_len=256]
                                     [--prompt_len=0] [--group=1] [--microbatches=1]
-                                    [--response_lengths=] [--pack_multiple=32]
+                                    [--response_lengths=] [--pack_multiple=32] [--packed_widths=]
                                     [--keep_logits] [--remat=layer] [--skip_hf] [--random_init]
                                     [--cpu_devices=1] [--torch_device=cpu]
 
@@ -41,7 +41,8 @@ seeded), the rest of its columns padding, and the first fills its columns, as in
 replies end at EOS, trimmed to its longest reply (``Rollout.trimmed``): HF masks the padding
 (``attention_mask``) and computes it, as TRL does; ours is timed unpacked (as HF) and packed
 (``TrainBatch.packed_width`` from ``train_step.packed_width``, multiples of ``--pack_multiple``:
-each group's responses end to end), and the line "packed" gives the packed step's speed-up over the unpacked one.
+each group's responses end to end; ``--packed_widths`` adds widths of your choice), and each line
+"packed" gives the packed step's speed-up over the unpacked one.
 
 Throughput is tokens (batch × sequence length) per second over ``--steps`` timed steps after
 one untimed step (compilation / warm-up). The achieved FLOP rate counts the forward and
@@ -76,6 +77,9 @@ _MICROBATCHES = flags.DEFINE_integer("microbatches", 1, "Our make_train_step(n_m
 _RESPONSE_LENGTHS = flags.DEFINE_list("response_lengths", [], "LO,HI: response lengths drawn uniformly from "
                                       "[LO, HI] but the first's (the longest, filling its columns), padding after "
                                       "them; ours is then also timed packed (--group > 1).")
+_PACKED_WIDTHS = flags.DEFINE_list("packed_widths", [], "With --response_lengths: also time ours packed into each "
+                                    "of these widths (at least the longest run's), whatever train_step.packed_width "
+                                    "would choose: where packing starts to pay on this host.")
 _PACK_MULTIPLE = flags.DEFINE_integer("pack_multiple", 32, "train_step.packed_width(multiple=...) with "
                                       "--response_lengths (the experiments' trainer.pack_multiple).")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Measure only rl_mismatch.")
@@ -319,13 +323,15 @@ def main(argv):
             width = ts.packed_width(arrays[2].sum(axis=1), _GROUP.value, response_width,
                                     multiple=_PACK_MULTIPLE.value)
             unpacked = _GROUP.value * (response_width + 1)
-            if width:
-                _, pack_best, pack_median, _ = _ours(model, dtype_name, arrays, _STEPS.value, mesh, packed_width=width)
-                msg += (f"\n  ours packing each group's responses end to end (packed_width={width} of {unpacked} "
-                        f"columns): {tokens_per_step / pack_best:6.1f} tok/s  (step {pack_best:5.2f} s best, "
-                        f"{pack_median:5.2f} s median); packed: {best / pack_best:.2f}x")
-            else:
+            if not width:
                 msg += f"\n  ours would not pack these responses (train_step.packed_width: 0 of {unpacked} columns)"
+            for w in [width] * bool(width) + [int(x) for x in _PACKED_WIDTHS.value if int(x) != width]:
+                _, w_best, w_median, _ = _ours(model, dtype_name, arrays, _STEPS.value, mesh, packed_width=w)
+                msg += (f"\n  ours packing each group's responses end to end (packed_width={w} of {unpacked} "
+                        f"columns{'' if w == width else ', given'}): {tokens_per_step / w_best:6.1f} tok/s  "
+                        f"(step {w_best:5.2f} s best, {w_median:5.2f} s median); packed: {best / w_best:.2f}x")
+                if w == width:
+                    pack_best = w_best
         if not _SKIP_HF.value:
             hf_first, hf_best, hf_median, hf_cpu = _hf(state_dict, hf_config, dtype_name, arrays, _STEPS.value)
             hf_tps = tokens_per_step / hf_best

@@ -646,8 +646,8 @@ def holds_whole_runs(rows: int, group: int, n_microbatches: int, data: int = 1) 
 
 # Pack only where it leaves at most this fraction of a run's unpacked columns: a packed run's
 # masked attention spans all its columns, so a width near the unpacked one saves less than its
-# columns and costs a compilation (measured in benchmarks/README.md, "Packed responses").
-_PACK_AT_MOST = 0.75
+# columns and costs a compilation (measured in benchmarks/README.md, "Packed replies").
+_PACK_AT_MOST = 2 / 3
 
 
 def packed_width(response_lengths_B, group: int, response_width: int, *, multiple: int) -> int:
@@ -656,14 +656,14 @@ def packed_width(response_lengths_B, group: int, response_width: int, *, multipl
     a run's responses take end to end (each its length + 1, from the prompt's last column, whose
     query predicts its first token), rounded up to a multiple of ``multiple`` so that the step
     compiles once per multiple reached. 0 (every row keeps its columns) where that is more than
-    ``_PACK_AT_MOST`` of the ``group · (response_width + 1)`` columns a run has unpacked, or
+    ``_PACK_AT_MOST`` (2/3) of the ``group · (response_width + 1)`` columns a run has unpacked, or
     where ``multiple`` is 0.
 
     >>> packed_width([3, 40, 5, 7, 2, 2, 2, 2], 4, 48, multiple=32)  # runs take 59 and 12 columns
     64
     >>> packed_width([30, 30, 20, 25], 4, 48, multiple=32)  # 109 -> 128, of 4 x 49 = 196 unpacked
     128
-    >>> packed_width([48, 40, 45, 47], 4, 48, multiple=32)  # 184 -> 192: too close to 196
+    >>> packed_width([40, 30, 35, 38], 4, 48, multiple=32)  # 147 -> 160: more than 2/3 of 196
     0
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 0:

@@ -31,7 +31,7 @@ CASES = {  # script: (tiny flags, regexes its output must match)
          r"\| bfloat16 \| 32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|"]),
     "train_step.py": (
         ["--dtypes=bf16", "--batch=2", "--group=2", "--seq_len=16", "--steps=1", "--response_lengths=1,3",
-         "--pack_multiple=1"],
+         "--pack_multiple=1", "--packed_widths=20"],
         [r"ours: +[\d.]+ tok/s", r"HF: +[\d.]+ tok/s", r"ours/HF = [\d.]+x",
          r"every row in full \(share_prompts=False\): +[\d.]+ tok/s .* each prompt once: [\d.]+x",
          r"FLOPs computed \(each prompt once: 29 tokens through the body, recomputation included\): +[\d.]+ GFLOP/s",
@@ -40,7 +40,8 @@ CASES = {  # script: (tiny flags, regexes its output must match)
          r"torch +[\d.]+ s; XLA/torch = [\d.]+x",
          # A 12-token reply (the longest) and one of 1..3 in 12 columns: 15 to 17 of 26 columns packed.
          r"packing each group's responses end to end \(packed_width=1[5-7] of 26 columns\): +[\d.]+ tok/s.*"
-         r"packed: [\d.]+x", r"ours packed/HF = [\d.]+x"]),
+         r"packed: [\d.]+x", r"ours packed/HF = [\d.]+x",
+         r"packed_width=20 of 26 columns, given\): +[\d.]+ tok/s.*packed: [\d.]+x"]),
     "rl_loop.py": (
         ["--steps=2", "--max_new_tokens=4", "--prompts=2", "--group=2", "--dtypes=bf16"],
         [r"\| ours \| bf16 sampler, fp32 trainer \| [\d.]+ \| [\d.]+ \([\d.]+\) \| [\d.]+ \| - \| [\d.]+ \| \d+ \| [\d.]+x \|",
