@@ -183,7 +183,8 @@ def _hf(state_dict, hf_config, dtype_name, arrays, steps):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             # The logits of positions P − 1 … T − 2, those that predict the response tokens.
-            logits = model(input_ids=tokens, attention_mask=valid, logits_to_keep=tokens.shape[1] - P + 1).logits[:, :-1]
+            logits = model(input_ids=tokens, attention_mask=valid,
+                           logits_to_keep=tokens.shape[1] - P + 1).logits[:, :-1]
         # The same PPO-clip token-mean loss; log-probs in float32 as ours.
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, P:, None])[..., 0]
         ratio = torch.exp(logp - logp.detach())
@@ -273,6 +274,9 @@ def main(argv):
     state_dict = to_hf_state_dict(model)
     tokens_per_step = _BATCH.value * _SEQ_LEN.value
     lengths = tuple(int(x) for x in _RESPONSE_LENGTHS.value) or None
+    if lengths is not None and (len(lengths) != 2 or not 1 <= lengths[0] <= lengths[1]):
+        raise app.UsageError(f"--response_lengths={','.join(_RESPONSE_LENGTHS.value)} must be LO,HI with "
+                             "1 <= LO <= HI.")
     arrays = _batch_arrays(config.vocab_size, _BATCH.value, _SEQ_LEN.value,
                            _PROMPT_LEN.value or min(64, _SEQ_LEN.value // 4), _GROUP.value, lengths)
     body, head = matmul_params(config)

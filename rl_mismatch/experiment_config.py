@@ -230,7 +230,8 @@ class TrainerSettings:
             raise ValueError(f"config.trainer.dtype: {e}") from None
         _check_literal(self.remat, Remat, "trainer.remat")
         _require(self.n_microbatches >= 1, "trainer.n_microbatches", f"= {self.n_microbatches} must be >= 1.")
-        _require(self.pack_multiple >= 0, "trainer.pack_multiple", f"= {self.pack_multiple} must be >= 0 (0: never pack).")
+        _require(self.pack_multiple >= 0, "trainer.pack_multiple",
+                 f"= {self.pack_multiple} must be >= 0 (0: never pack).")
         _require(self.loss_scale_initial > 0 and self.loss_scale_growth_interval >= 1,
                  "trainer.loss_scale_initial", "must be > 0 and loss_scale_growth_interval >= 1.")
 

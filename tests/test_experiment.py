@@ -196,8 +196,9 @@ def test_packed_updates_change_no_number(tiny_run, tiny_cfg, tmp_path, monkeypat
     assert [r["rollout/packed_width"] for r in plain] == [0] * len(plain)
     compared = 0
     for p, r in zip(packed, plain):
-        if (p["rollout/response_length_mean"], p["reward/mean"]) != (r["rollout/response_length_mean"], r["reward/mean"]):
-            break  # another sample: the runs' trajectories parted (by summation order, or not at all)
+        same_replies = all(p[k] == r[k] for k in ("rollout/response_length_mean", "reward/mean"))
+        if not same_replies:
+            break  # the runs parted: a float32 rounding difference changed a sampled token
         assert 0 < p["rollout/packed_width"] <= 4 * 49
         for key in ("loss/policy", "opt/grad_norm", "opt/grad_sq_big", "opt/param_norm", "mismatch/k1",
                     "is/weight_mean"):
