@@ -323,7 +323,7 @@ def rescore(model, tokens_BT: jax.Array, valid_BT: jax.Array | None = None,
         ``Decoder``) lays each run's responses end to end in this many columns after the prompt
         (each response from the prompt's last column to its last valid token), so padding after
         short responses is not computed; 0 (the default) keeps every row's columns. It must
-        hold every run: ``rl_mismatch.models.decoder.run_spans`` over the columns from
+        hold every run: ``rl_mismatch.models.packing.run_spans`` over the columns from
         ``score_from − 1`` (the train step checks); a column that does not fit scores NaN. Same
         result up to float32 summation order.
 

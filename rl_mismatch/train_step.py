@@ -97,6 +97,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rl_mismatch import losses, mismatch, optim, precision
 from rl_mismatch.buckets import round_up
+from rl_mismatch.models import packing
 from rl_mismatch import sharding as shd
 
 
@@ -491,7 +492,7 @@ def _check_columns(batch: TrainBatch) -> None:
 @functools.partial(jax.jit, static_argnames="group")
 def _column_flags(tokens_BT, valid_BT, mask_BT, score_from, *, group: int):
     """``(any response token before score_from, runs that differ before score_from − 1, the first
-    such run, the most columns a run's responses packed end to end take (`decoder.run_spans`
+    such run, the most columns a run's responses packed end to end take (`packing.run_spans`
     from column score_from − 1))``. ``score_from`` is traced and the columns are masked, not sliced: one compilation
     per batch shape, whatever the prompt width. Scalars only, so on a multi-process mesh every
     process reads them (the [B/G] flags are not all addressable on one)."""
@@ -505,9 +506,10 @@ def _column_flags(tokens_BT, valid_BT, mask_BT, score_from, *, group: int):
         return jnp.any((runs != runs[:, :1]) & (col_T < score_from - 1), axis=(1, 2))
 
     bad = differs(tokens_BT) | differs(valid_BT.astype(bool))
-    # A row's span: its columns from score_from − 1 up to its last valid one (decoder.run_spans).
-    own_T = col_T - (score_from - 1) + 1
-    span_B = jnp.max(jnp.where(valid_BT.astype(bool) & (own_T > 0), own_T, 0), axis=1)
+    # A row's span: its columns from score_from − 1 up to its last valid one (score_from is
+    # traced, so the own columns are masked, and the span counted from column 0 shifted).
+    own_BT = valid_BT.astype(bool) & (col_T >= score_from - 1)
+    span_B = jnp.maximum(packing.row_spans(own_BT) - (score_from - 1), 0)
     span = jnp.max(jnp.sum(span_B.reshape(-1, group), axis=1))
     return early, jnp.sum(bad, dtype=jnp.int32), jnp.argmax(bad).astype(jnp.int32), span
 

@@ -11,7 +11,8 @@ from flax import nnx
 
 from rl_mismatch import mismatch
 from rl_mismatch.models import Decoder, tiny_config
-from rl_mismatch.models.decoder import _REMAT_POLICIES, Remat, _mixed_einsum, run_spans
+from rl_mismatch.models.decoder import _REMAT_POLICIES, Remat, _mixed_einsum
+from rl_mismatch.models.packing import run_spans
 
 B, T, P = 3, 20, 10
 # Both paths compute the same logits (same casts, float32 accumulation); only the matmul
