@@ -40,7 +40,8 @@ from rl_mismatch import sampler, train_step
 from rl_mismatch import sharding as shd
 from rl_mismatch.experiment_config import ExperimentConfig
 from rl_mismatch.models.config import ModelConfig, known_config, tiny_config
-from rl_mismatch.models.decoder import Decoder, KVCache, init_cache
+from rl_mismatch.models.decoder import Decoder
+from rl_mismatch.models.kv_cache import KVCache, init_cache
 from rl_mismatch.precision import make_loss_scale, parse_dtype
 
 _MODEL = flags.DEFINE_string("model", "qwen3-4b", "A known config name (qwen3-4b, qwen3-1.7b) or 'reduced'.")

@@ -16,7 +16,7 @@ by the sampler and the trainer:
   ``1/data`` of it.
 * **Train phase.** The trainer rescoring + backward pass over micro-batches of
   ``rows / n_microbatches`` rows (split over ``data``), with the decoder's remat policy, its
-  blocked causal attention (``decoder._causal_attention``: float32 scores over 128-query blocks,
+  blocked causal attention (``attention.causal_attention``: float32 scores over 128-query blocks,
   kept for the backward pass; no flash attention), and the LM head in ``token_chunk``-position
   chunks.
 
@@ -46,7 +46,7 @@ from rl_mismatch.sharding import DATA, MODEL, SAMPLER_RULES, TRAINER_RULES
 GIB = 2**30
 USABLE_HBM = 0.9  # of each chip's memory, assumed left to the program (runtime, fragmentation).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_CAUSAL_BLOCK = 128  # query positions per attention block (rl_mismatch.models.decoder)
+_CAUSAL_BLOCK = 128  # query positions per attention block (rl_mismatch.models.attention)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,8 @@ from flax import nnx, struct
 
 from rl_mismatch import sharding as shd
 from rl_mismatch.buckets import round_up
-from rl_mismatch.models.decoder import Decoder, KVCache, grow_cache, init_cache
+from rl_mismatch.models.decoder import Decoder
+from rl_mismatch.models.kv_cache import KVCache, grow_cache, init_cache
 from rl_mismatch.precision import parse_dtype
 
 
@@ -371,7 +372,7 @@ _MIN_ROWS_PER_GROUP = 16
 
 
 def cache_row_groups(batch: int, dtype, mesh: jax.sharding.Mesh | None = None) -> int:
-    """Row groups of the decoding loop's KV cache (`rl_mismatch.models.decoder.KVCache`).
+    """Row groups of the decoding loop's KV cache (`rl_mismatch.models.kv_cache.KVCache`).
 
     ``_CPU_ROW_GROUPS`` on XLA:CPU for a bfloat16/float16 batch of at least
     ``_CPU_ROW_GROUPS * _MIN_ROWS_PER_GROUP`` rows on a single data shard, else 1. A decoding

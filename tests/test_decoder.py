@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rl_mismatch.models import decoder
+from rl_mismatch.models import attention, decoder
 from rl_mismatch.models.config import ModelConfig, tiny_config
-from rl_mismatch.models.decoder import Decoder, grow_cache, init_cache
+from rl_mismatch.models.decoder import Decoder
+from rl_mismatch.models.kv_cache import grow_cache, init_cache
 from rl_mismatch.models.loading import from_hf_state_dict, to_hf_state_dict
 
 VARIANTS = {
@@ -40,7 +41,7 @@ def _left_padded(B, T, pads, vocab, seed=0):
 def test_kv_cache_decode_equals_full_forward(variant, causal_block, monkeypatch):
     # causal_block 4: the full forward's attention runs in query blocks of 4 (14 = 4+4+4+2),
     # each against the keys up to its end; the decode path never blocks.
-    monkeypatch.setattr(decoder, "_CAUSAL_BLOCK", causal_block)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", causal_block)
     cfg = tiny_config(**VARIANTS[variant])
     model = _randomise(Decoder(cfg, rngs=nnx.Rngs(0)))
     pads = [0, 3, 7, 1]  # mixed prompt lengths in one batch (left padding)
@@ -65,7 +66,7 @@ def test_kv_cache_decode_equals_full_forward(variant, causal_block, monkeypatch)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("T", [1, 8])
 def test_half_precision_attention_layout_changes_no_value(dtype, T):
-    """In half precision _attention hands XLA the queries as [B, K, G, T, H] (a layout choice for
+    """In half precision `attention` hands XLA the queries as [B, K, G, T, H] (a layout choice for
     speed); the result must be that of the plain [B, T, K, G, H] contraction, bit for bit."""
     B, N, K, H, S = 3, 6, 2, 8, 11
     ks = jax.random.split(jax.random.key(0), 3)
@@ -76,11 +77,11 @@ def test_half_precision_attention_layout_changes_no_value(dtype, T):
     def plain(q, k, v, allowed):
         scores = jnp.einsum("btkgh,bksh->bkgts", q.reshape(B, T, K, N // K, H), k,
                             preferred_element_type=jnp.float32) * (H ** -0.5)
-        probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, decoder._NEG_INF), axis=-1)
+        probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, attention.NEG_INF), axis=-1)
         out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(dtype), v, preferred_element_type=jnp.float32)
         return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
-    np.testing.assert_array_equal(np.asarray(jax.jit(decoder._attention)(q, k, v, allowed), np.float32),
+    np.testing.assert_array_equal(np.asarray(jax.jit(attention.attention)(q, k, v, allowed), np.float32),
                                   np.asarray(jax.jit(plain)(q, k, v, allowed), np.float32))
 
 
@@ -91,8 +92,8 @@ def test_causal_attention_in_blocks_equals_one_block(T, block):
                enumerate([(B, T, N, H), (B, K, T, H), (B, K, T, H)]))
     valid = jnp.arange(T)[None, :] >= jnp.array([[0], [2], [5]])  # left padding
     allowed = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
-    full = decoder._attention(q, k, v, allowed)
-    blocked = decoder._causal_attention(q, k, v, allowed, block=block)
+    full = attention.attention(q, k, v, allowed)
+    blocked = attention.causal_attention(q, k, v, allowed, block=block)
     # Every query with an allowed key sums the same nonzero terms (masked ones are exact
     # zeros); only the summation's length differs, so a few float32 ulp of O(1) outputs.
     np.testing.assert_allclose(np.where(valid[:, :, None, None], blocked, 0),
@@ -101,7 +102,7 @@ def test_causal_attention_in_blocks_equals_one_block(T, block):
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3 * 2.0 ** -8), ("float16", 3 * 2.0 ** -11)])
 def test_attention_gradient_within_its_rounding(dtype, tol):
-    """`_softmax_attention`'s hand-written backward pass (through `_causal_attention`'s query
+    """`_softmax_attention`'s hand-written backward pass (through `causal_attention`'s query
     blocks, with left padding) against float64 `jax.grad` of plain softmax attention on the same
     inputs. Beyond float32 arithmetic it rounds P (for dV) and dS (for dQ, dK) to the compute
     dtype, then each gradient; a key in both query blocks adds its two rounded gradients in that
@@ -119,7 +120,7 @@ def test_attention_gradient_within_its_rounding(dtype, tol):
     w = jnp.where(valid[:, :, None, None], w, 0)  # padding queries' outputs are never read
 
     def loss(q, k, v):
-        return jnp.sum(decoder._causal_attention(q, k, v, allowed, block=8).astype(jnp.float32) * w)
+        return jnp.sum(attention.causal_attention(q, k, v, allowed, block=8).astype(jnp.float32) * w)
 
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     assert [x.dtype for x in grads] == [jnp.dtype(dtype)] * 3
@@ -169,7 +170,7 @@ def test_grouped_hidden_states_equal_the_full_forward(variant, causal_block, mon
     The two variants between them have every optional part (biases, untied head, q/k norms;
     the plain tied model is test_rescore's and the train step's); causal_block 4: the shared
     columns' attention runs in query blocks."""
-    monkeypatch.setattr(decoder, "_CAUSAL_BLOCK", causal_block)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", causal_block)
     cfg = tiny_config(**VARIANTS[variant])
     graphdef, params = nnx.split(_randomise(Decoder(cfg, rngs=nnx.Rngs(0))))
     G, prefix, T = 3, 9, 15

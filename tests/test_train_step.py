@@ -153,7 +153,7 @@ def _matrix_products(hlo: str):
 @pytest.mark.parametrize("grouped", [False, True, "packed"])
 def test_every_matrix_product_of_a_bf16_step_is_bf16_on_cpu(grouped):
     """The decoder's custom backward rules exist so that every matmul of a bf16 step, forward and
-    backward, takes bf16 operands (`decoder._mixed_einsum`, `_softmax_attention`). XLA:CPU runs a
+    backward, takes bf16 operands (`decoder._mixed_einsum`, `attention._softmax_attention`). XLA:CPU runs a
     matmul it has no bf16 kernel for (e.g. JAX's own rule, whose float32 cotangents promote the
     backward products) in float32, at less than half the speed: in its compiled program that is
     a dot of float32 operands. Vector products (an output dimension of 1: the float32 sums of

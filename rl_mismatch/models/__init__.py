@@ -6,7 +6,8 @@
 """
 
 from rl_mismatch.models.config import ModelConfig, tiny_config
-from rl_mismatch.models.decoder import Decoder, KVCache, grow_cache, init_cache
+from rl_mismatch.models.decoder import Decoder
+from rl_mismatch.models.kv_cache import KVCache, grow_cache, init_cache
 from rl_mismatch.models.loading import (
     from_hf_state_dict,
     load_pretrained,

@@ -15,7 +15,7 @@ Numerics (every one of these is a mismatch decision, so they are explicit):
   in the weights' own dtype (float32 master weights: float32 gradients, never rounded to
   ``dtype``). Norm scales, biases and embedding rows likewise: their gradients are float32 sums
   (``_scale_features``, ``_add_bias``, ``Decoder._embed``). The attention's backward pass
-  (``_softmax_attention``) rounds the scores' cotangent to ``dtype`` for its matmuls too;
+  (``rl_mismatch.models.attention``) rounds the scores' cotangent to ``dtype`` for its matmuls too;
   the softmax and its gradient stay float32.
 
 Token layout. Batches are left-padded: ``valid_BT`` is False on padding, padded keys are never
@@ -43,7 +43,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from rl_mismatch.models.attention import attention_in_row_groups, causal_attention, grouped_attention
 from rl_mismatch.models.config import ModelConfig
+from rl_mismatch.models.kv_cache import KVCache, write_slots
 from rl_mismatch.models.packing import RunPacking, pack_runs
 from rl_mismatch.precision import parse_dtype
 
@@ -51,8 +53,6 @@ from rl_mismatch.precision import parse_dtype
 # axes (tensor-parallel for the sampler, FSDP for the trainer).
 LAYERS, VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP = (
     "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
-
-_NEG_INF = -1e30  # finite "minus infinity" for masked scores: exp underflows to exactly 0, no NaN.
 
 
 def _dtype(dtype) -> jnp.dtype:
@@ -331,153 +331,6 @@ def _down_projection(gated_BTF: jax.Array, w_FD: jax.Array, w_DF: jax.Array | No
     return jax.lax.optimization_barrier(out_DB).T.astype(gated_BTF.dtype).reshape(B, 1, -1)
 
 
-# Query positions per block of the full-sequence (causal) attention, see `_causal_attention`.
-_CAUSAL_BLOCK = 128
-
-
-def _causal_attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, block: int | None = None) -> jax.Array:
-    """`_attention` of a full sequence (query t is key slot t, keys after it never allowed),
-    ``block`` (default ``_CAUSAL_BLOCK``) query positions at a time, each block against the
-    keys up to its last position.
-
-    The key blocks above the diagonal are all masked, so skipping them leaves every query with
-    an allowed key the same terms to sum (the masked scores' ``exp`` is exactly 0), summed over
-    shorter rows: equal up to summation order (bitwise in the micro-benchmark, last float32
-    bits in SmolLM2's forward). Only a query with no allowed key (left padding, whose output
-    nothing reads) averages over fewer values. It saves those blocks' matmuls and elementwise
-    passes: at T = 256 the blocks hold 3/4 of the [T, T] scores, and SmolLM2's 30 layers of
-    attention, forward + recomputed forward + backward, took 1.13 vs 1.48 s (fp32) and 1.30
-    vs 1.65 s (bf16) on CPU (benchmarks/README.md).
-    """
-    block = _CAUSAL_BLOCK if block is None else block
-    T = q_BTNH.shape[1]
-    if T <= block:
-        return _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS)
-    outs = []
-    for start in range(0, T, block):
-        stop = min(T, start + block)
-        outs.append(_attention(q_BTNH[:, start:stop], k_BKSH[:, :, :stop], v_BKSH[:, :, :stop],
-                               allowed_BTS[:, start:stop, :stop]))
-    return jnp.concatenate(outs, axis=1)
-
-
-def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
-    """Grouped-query attention; query head n uses KV head n // (N / K). Softmax in float32.
-
-    Keys and values are laid out [B, K, S, H] (heads before slots) so that both matmuls have
-    their batch dimensions (b, k) leading: with [B, S, K, H] XLA transposes the whole KV cache
-    on every decoding step, which made decoding ~5x slower and its cost grow with the cache size.
-    In half precision the queries are laid out [B, K, G, T, H] before the score matmul: given
-    [B, T, K, G, H], XLA:CPU made the keys the matmul's left operand and copied the queries into
-    a [B, K, H, G·T] layout with the rotary embedding fused in, a slow strided copy of 2-byte
-    elements (the bf16 batch-64 sampler is faster without it). In float32 XLA's own choice is
-    the faster one (the same change made fp32 `generate` slower), so it stays.
-    Both give the same scores: only the layout differs (benchmarks/README.md). The backward
-    pass is `_softmax_attention`'s.
-    """
-    B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    if q.dtype != jnp.float32:
-        q = q.transpose(0, 2, 3, 1, 4)
-    return _softmax_attention(q, k_BKSH, v_BKSH, allowed_BTS).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-
-
-def _masked_scores(q, k_BKSH, allowed_BTS):
-    """Scaled float32 scores [B, K, G, T, S] of queries laid out [B, T, K, G, H] (float32) or
-    [B, K, G, T, H] (half precision, see `_attention`); ``_NEG_INF`` where not allowed."""
-    eq = "btkgh,bksh->bkgts" if q.dtype == jnp.float32 else "bkgth,bksh->bkgts"
-    scores = jnp.einsum(eq, q, k_BKSH, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    return jnp.where(allowed_BTS[:, None, None], scores, _NEG_INF)
-
-
-def _softmax_attention_fwd(q, k_BKSH, v_BKSH, allowed_BTS):
-    probs = jax.nn.softmax(_masked_scores(q, k_BKSH, allowed_BTS), axis=-1)
-    # Output with the batch dims leading, transposed by the caller: XLA:CPU has no bf16 x bf16 -> f32
-    # kernel for the batch-dims-inside layout "->btkgh".
-    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v_BKSH.dtype), v_BKSH,
-                     preferred_element_type=jnp.float32).astype(q.dtype)
-    return out, (q, k_BKSH, v_BKSH, allowed_BTS, probs)
-
-
-@jax.custom_vjp
-def _softmax_attention(q, k_BKSH, v_BKSH, allowed_BTS):
-    """``softmax(q kᵀ / √H, masked) v`` as [B, K, G, T, H] in ``q``'s dtype; ``q`` as in
-    `_masked_scores`. The probabilities P are float32, rounded to the compute dtype for the
-    value matmul.
-
-    Backward pass (the standard softmax-attention gradient, written out so that every matmul
-    takes compute-dtype operands and accumulates in float32, like the projections'
-    `_mixed_einsum`): with g the output's cotangent,
-
-        dV = round(P)ᵀ g,   dP = g Vᵀ,   dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √H  (zero where masked),
-        dQ = round(dS) K,   dK = round(dS)ᵀ Q,
-
-    P, dP and dS in float32, ``round`` to the compute dtype (a no-op in float32). JAX's own rule
-    for the same forward fed the float32 dP and dS to float32 x half-precision matmuls; the only
-    new rounding is dS's, at most half an ulp of the compute dtype per element, the precision at
-    which the projections already round their cotangents. It skips the elementwise passes of
-    JAX's separate mask, scale, softmax and cast rules: the bf16 SmolLM2 layer-stack gradient
-    took 3.31 → 3.03 s and the train step 4.13 → 3.94 s on CPU (benchmarks/README.md).
-    """
-    return _softmax_attention_fwd(q, k_BKSH, v_BKSH, allowed_BTS)[0]
-
-
-def _softmax_attention_bwd(residuals, g_BKGTH):
-    q, k_BKSH, v_BKSH, allowed_BTS, probs = residuals
-    g = g_BKGTH.astype(v_BKSH.dtype)
-    dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(v_BKSH.dtype), g, preferred_element_type=jnp.float32)
-    dprobs = jnp.einsum("bkgth,bksh->bkgts", g, v_BKSH, preferred_element_type=jnp.float32)
-    dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True)) * (q.shape[-1] ** -0.5)
-    # A query with no allowed key (left padding) has uniform P over masked scores: their
-    # gradient is zero all the same, as the forward's where() makes it.
-    dscores = jnp.where(allowed_BTS[:, None, None], dscores, 0.0).astype(q.dtype)
-    # These layouts are ones XLA:CPU has a bf16 x bf16 -> f32 kernel for (it rejects, e.g.,
-    # "bkgth,bkgts->bkhs" for dK); float32 queries keep their [B, T, K, G, H] layout.
-    q_eq = "btkgh" if q.dtype == jnp.float32 else "bkgth"
-    dq = jnp.einsum(f"bkgts,bksh->{q_eq}", dscores, k_BKSH, preferred_element_type=jnp.float32)
-    dk = jnp.einsum(f"bkgts,{q_eq}->bksh", dscores, q, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k_BKSH.dtype), dv.astype(v_BKSH.dtype), None
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
-def _attention_in_row_groups(q_BTNH, k_groups, v_groups, allowed_BTS) -> jax.Array:
-    """`_attention` against a KV cache held in row groups (`KVCache`): each group of consecutive
-    batch rows attends to its own key/value buffers, the outputs concatenated in row order.
-    Rows never interact, so the result is that of one `_attention` over the whole batch."""
-    if len(k_groups) == 1:
-        return _attention(q_BTNH, k_groups[0], v_groups[0], allowed_BTS)
-    n = len(k_groups)
-    return jnp.concatenate([_attention(*group) for group in zip(
-        jnp.split(q_BTNH, n), k_groups, v_groups, jnp.split(allowed_BTS, n))], axis=0)
-
-
-def _grouped_attention(q, k, v, *, prefix, group, allowed_prefix, allowed_own):
-    """Attention of `Decoder.grouped_hidden_states`' layout, one row per run of ``group``
-    sequences: ``[runs, prefix + group · R, ·, H]``, the run's shared columns then its rows.
-
-    The shared columns attend causally among themselves (`_causal_attention`). Each row's own
-    columns attend to the shared keys and values, repeated to the run's rows, followed by their
-    own: the key order of the full sequence, so each query sums the same terms as in
-    `Decoder.hidden_states`. ``allowed_prefix`` [runs, prefix, prefix] and ``allowed_own``
-    [B, R, prefix + R] are the masks. Returns ``(out, None)`` in ``q``'s layout.
-    """
-    runs, _, N, H = q.shape
-    B, R = runs * group, allowed_own.shape[1]
-    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [., T, K, H] -> [., K, T, H]
-    out_shared = _causal_attention(q[:, :prefix], heads_first(k[:, :prefix]), heads_first(v[:, :prefix]),
-                                   allowed_prefix)
-
-    def with_shared(x):  # the run's shared keys before each row's own: [B, K, prefix + R, H]
-        own = heads_first(x[:, prefix:].reshape(B, R, *x.shape[2:]))
-        return jnp.concatenate([jnp.repeat(heads_first(x[:, :prefix]), group, axis=0), own], axis=2)
-
-    out_own = _attention(q[:, prefix:].reshape(B, R, N, H), with_shared(k), with_shared(v), allowed_own)
-    return jnp.concatenate([out_shared, out_own.reshape(runs, group * R, N, H)], axis=1), None
-
-
 def _runs_inputs(tokens_BT, prefix, group, positions_BT, valid_BT):
     """Checks the run layout's ``prefix`` and ``group`` (`Decoder.grouped_hidden_states`) and
     returns ``(valid_BT, positions_BT)`` with their defaults."""
@@ -490,86 +343,6 @@ def _runs_inputs(tokens_BT, prefix, group, positions_BT, valid_BT):
     if positions_BT is None:
         positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
     return valid_BT, positions_BT
-
-
-def _write_slots(cache_BKSH: jax.Array, new_BKTH: jax.Array, start: jax.Array) -> jax.Array:
-    """``cache[:, :, start:start + T] = new`` (cast to the cache dtype), in place.
-
-    Written on the raw bits: XLA:CPU otherwise fuses the producer's final float convert (RoPE
-    runs in float32) into the update, moves the update into float32 and converts the layer's
-    whole cache there and back at every step, a large share of a bf16 decoding step; an integer
-    bitcast cannot be moved across. The bits written are those of the cast.
-    """
-    new_BKTH = new_BKTH.astype(cache_BKSH.dtype)
-    if cache_BKSH.dtype.itemsize not in _UINT_OF_SIZE:
-        return jax.lax.dynamic_update_slice(cache_BKSH, new_BKTH, (0, 0, start, 0))
-    uint = _UINT_OF_SIZE[cache_BKSH.dtype.itemsize]
-    bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(cache_BKSH, uint),
-                                        jax.lax.bitcast_convert_type(new_BKTH, uint), (0, 0, start, 0))
-    return jax.lax.bitcast_convert_type(bits, cache_BKSH.dtype)
-
-
-_UINT_OF_SIZE = {2: jnp.uint16, 4: jnp.uint32}
-
-
-class KVCache(NamedTuple):
-    """Keys/values of every layer for ``max_len`` slots, held in row groups.
-
-    The batch rows are split into ``row_groups`` groups of consecutive rows, each with its own
-    buffers: ``k[layer][group]`` is a [B / row_groups, K, S, H] array. With one group (the
-    default) the cache is one buffer per layer. Several groups give XLA several independent
-    attention matmuls per decoding step, which XLA:CPU runs side by side on its threads (one
-    batched matmul runs on one thread); the values are the same (see ``rl_mismatch.sampler``,
-    which chooses the grouping).
-
-    Attributes:
-      k: per layer, a tuple of [B / row_groups, K, S, H] arrays of keys (after RoPE), one per
-        row group, in the compute dtype.
-      v: the same for values.
-      valid_BS: which slots hold a real (non-padding) token, for the whole batch.
-      index: int32 scalar, the next slot to write; every sequence writes the same slot.
-    """
-
-    k: tuple[tuple[jax.Array, ...], ...]
-    v: tuple[tuple[jax.Array, ...], ...]
-    valid_BS: jax.Array
-    index: jax.Array
-
-    @property
-    def row_groups(self) -> int:
-        return len(self.k[0])
-
-
-def init_cache(config: ModelConfig, *, batch: int, max_len: int, dtype=jnp.float32,
-               row_groups: int = 1) -> KVCache:
-    """An empty cache. ``max_len`` bounds prompt + generated tokens; ``row_groups`` must divide
-    ``batch`` (see `KVCache`)."""
-    if max_len > config.max_seq_len:
-        raise ValueError(f"max_len={max_len} exceeds the model's context of {config.max_seq_len} tokens.")
-    if row_groups < 1 or batch % row_groups:
-        raise ValueError(f"row_groups={row_groups} must be a positive divisor of the batch ({batch} rows).")
-    shape = (batch // row_groups, config.n_kv_heads, max_len, config.head_dim)
-    dtype = _dtype(dtype)
-    zeros = lambda: tuple(tuple(jnp.zeros(shape, dtype) for _ in range(row_groups))
-                          for _ in range(config.n_layers))
-    return KVCache(zeros(), zeros(), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
-
-
-def grow_cache(cache: KVCache, max_len: int) -> KVCache:
-    """``cache`` with room for ``max_len`` slots: the new slots are empty, the others unchanged.
-
-    For decoding loops that allocate in stages: attention reads every allocated slot at every
-    step, so a cache sized for the whole budget from the first step makes each step pay for
-    the longest possible response (see ``rl_mismatch.sampler.decode_loop``).
-    """
-    S = cache.valid_BS.shape[1]
-    if max_len < S:
-        raise ValueError(f"grow_cache cannot shrink a {S}-slot cache to {max_len} slots.")
-    if max_len == S:
-        return cache
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, max_len - S), (0, 0)))
-    return KVCache(jax.tree.map(pad, cache.k), jax.tree.map(pad, cache.v),
-                   jnp.pad(cache.valid_BS, ((0, 0), (0, max_len - S))), cache.index)
 
 
 class DecodingLayer(NamedTuple):
@@ -729,7 +502,7 @@ class Decoder(nnx.Module):
         allowed_BTS = causal[None] & valid_BT[:, None, :]
 
         def attend(q, k, v):
-            return _causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed_BTS), None
+            return causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed_BTS), None
 
         return self._final_norm(self._layer_scan(self._embed(tokens_BT), positions_BT, attend))
 
@@ -747,7 +520,7 @@ class Decoder(nnx.Module):
 
         Layout: one row per run, ``[B/group, prefix + group · (T − prefix), D]``, the shared
         columns first, then the run's rows one after another. The projections and the MLP see
-        one [tokens, D] matrix either way; only attention needs the structure (`_grouped_attention`).
+        one [tokens, D] matrix either way; only attention needs the structure (`grouped_attention`).
         ``activation_sharding`` applies to this layout, so a mesh splits the runs over ``data``.
 
         The caller guarantees that ``tokens_BT`` and ``valid_BT`` (and ``positions_BT``, if
@@ -771,7 +544,7 @@ class Decoder(nnx.Module):
         own_causal = jnp.tril(jnp.ones((R, R), bool))[None] & valid_BT[:, None, prefix:]
         shared_seen = jnp.broadcast_to(jnp.repeat(valid_P, group, axis=0)[:, None, :], (B, R, prefix))
         allowed_own = jnp.concatenate([shared_seen, own_causal], axis=2)
-        attend = functools.partial(_grouped_attention, prefix=prefix, group=group,
+        attend = functools.partial(grouped_attention, prefix=prefix, group=group,
                                    allowed_prefix=allowed_prefix, allowed_own=allowed_own)
         x = self._layer_scan(runs_layout(self._embed(tokens_BT)), runs_layout(positions_BT), attend)
         return self._final_norm(x[:, prefix:].reshape(B, R, -1))
@@ -817,7 +590,7 @@ class Decoder(nnx.Module):
         allowed_UTS = jnp.tril(jnp.ones((T, T), bool))[None] & valid_UT[:, None, :] & same_row
 
         def attend(q, k, v):
-            return _causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed_UTS), None
+            return causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed_UTS), None
 
         x = self._layer_scan(self._embed(runs_layout(tokens_BT)), runs_layout(positions_BT), attend)
         return self._final_norm(x[:, prefix:]), packing
@@ -908,7 +681,7 @@ class Decoder(nnx.Module):
         x = self._embed(tokens_BT)
 
         def write(groups, new_BKTH):  # each row group's slice of the new keys into its buffer
-            return tuple(_write_slots(g, new, start) for g, new in zip(groups, jnp.split(new_BKTH, len(groups))))
+            return tuple(write_slots(g, new, start) for g, new in zip(groups, jnp.split(new_BKTH, len(groups))))
 
         def as_compute(groups, like):  # the cache dtype may differ from the compute dtype
             return tuple(g.astype(like.dtype) for g in groups)
@@ -921,7 +694,7 @@ class Decoder(nnx.Module):
             def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
                 k_cache = write(k_cache, k.transpose(0, 2, 1, 3))
                 v_cache = write(v_cache, v.transpose(0, 2, 1, 3))
-                out = _attention_in_row_groups(q, as_compute(k_cache, k), as_compute(v_cache, v), allowed_BTS)
+                out = attention_in_row_groups(q, as_compute(k_cache, k), as_compute(v_cache, v), allowed_BTS)
                 return out, (k_cache, v_cache)
 
             x, (k_cache, v_cache) = block(x, positions_BT, attend, down_DF=layers[layer].down_DF)
