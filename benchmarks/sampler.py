@@ -95,29 +95,33 @@ def ours(master, dtype, prompts_BP, new_tokens, repeats, mesh=None):
 
 def decode_products(config, dtype: str, rows: int, repeats: int, with_torch: bool) -> tuple[float, float | None]:
     """(XLA s, torch s): the matrix products of one decoding step of ``rows`` rows alone, each
-    framework's own dot, best of ``repeats`` per product.
+    framework's own dot, best of ``repeats`` per product kind.
 
     Every projection of every layer and the LM head, one new token per row
-    (`_common.projection_shapes`); no attention, elementwise work or token draw. XLA: ``dtype``
-    operands accumulated into float32, as the decoder runs them, the down projection in the
+    (`_common.projection_shapes`); no attention, elementwise work or token draw. Each product
+    kind multiplies by ``count`` distinct weights, one per layer, as a decoding step does: the
+    weights stream from memory (a single weight multiplied ``count`` times would stay in the
+    CPU's cache and time a product no decoding step runs). XLA: the ``count`` products as one
+    jitted program (a decoding step is one program, with no dispatch per product), ``dtype``
+    operands accumulated into float32 as the decoder runs them, the down projection in the
     weight-on-the-left form where the decoder takes it (`decoder._left_down_projection`).
-    torch: ``x @ w`` in ``dtype``. Each product is timed as its ``count`` calls back to back, as
-    a step runs them: one call's dispatch and wait would be a large part of a 0.1 ms product.
+    torch: ``x @ w`` in ``dtype``, an eager loop over the weights, as HF's forward runs them.
     If a framework's sum is a large part of its whole decoding step, its dot is the limit on
     this host. torch is None when not asked for.
     """
-    operand = jnp.dtype(dtype)
-    plain = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
-    left = jax.jit(lambda w_NK, x: jax.lax.dot_general(w_NK, x, (((1,), (1,)), ((), ())),
-                                                       preferred_element_type=jnp.float32))
+    operand, f32 = jnp.dtype(dtype), jnp.float32
+    plain = lambda x, w: jnp.dot(x, w, preferred_element_type=f32)
+    left = lambda x, w_NK: jax.lax.dot_general(w_NK, x, (((1,), (1,)), ((), ())), preferred_element_type=f32)
     xla = 0.0
     for name, M, K, N, count in projection_shapes(config, rows, rows):
+        product, shape = plain, (K, N)
         if name == "down" and decoder._left_down_projection(rows, operand):
-            fn, args = left, (jnp.ones((N, K), operand), jnp.ones((M, K), operand))
-        else:
-            fn, args = plain, (jnp.ones((M, K), operand), jnp.ones((K, N), operand))
-        timed(fn, *args)  # compiles
-        xla += min(timed(lambda: [fn(*args) for _ in range(count)])[0] for _ in range(repeats))
+            product, shape = left, (N, K)
+        x, weights = jnp.ones((M, K), operand), [jnp.ones(shape, operand) for _ in range(count)]
+        step = jax.jit(lambda x, weights, product=product: [product(x, w) for w in weights])
+        timed(step, x, weights)  # compiles
+        xla += min(timed(step, x, weights)[0] for _ in range(repeats))
+        del weights
     if not with_torch:
         return xla, None
     import torch
@@ -125,9 +129,11 @@ def decode_products(config, dtype: str, rows: int, repeats: int, with_torch: boo
     torch_dtype, total = getattr(torch, dtype), 0.0
     with torch.no_grad():
         for _, M, K, N, count in projection_shapes(config, rows, rows):
-            x, w = torch.ones(M, K, dtype=torch_dtype), torch.ones(K, N, dtype=torch_dtype)
-            x @ w  # warm-up
-            total += min(timed(lambda: [x @ w for _ in range(count)])[0] for _ in range(repeats))
+            x = torch.ones(M, K, dtype=torch_dtype)
+            weights = [torch.ones(K, N, dtype=torch_dtype) for _ in range(count)]
+            [x @ w for w in weights]  # warm-up
+            total += min(timed(lambda: [x @ w for w in weights])[0] for _ in range(repeats))
+            del weights
     return xla, total
 
 
