@@ -29,16 +29,19 @@ the columns each group's responses took end to end when the update packed them, 
 not, `rl_mismatch.train_step.packed_width`). Timings: ``time/step_s`` (the
 wall time of one pass of the loop) is the sum of ``time/eval_s`` (below), ``time/sample_s`` (the
 weight sync and generation), ``time/score_s`` (decoding, rewards, advantages), ``time/train_s``
-(the update, waited for), ``time/write_s`` (writing the previous step's metrics row and sampled
-replies) and ``time/checkpoint_s`` (saving the state after the previous step when a checkpoint is
+(the update, waited for), ``time/write_s`` (everything after the update: this step's host metrics
+and sampled replies, and writing the previous step's metrics row and sampled replies) and
+``time/checkpoint_s`` (saving the state after the previous step when a checkpoint is
 due: the metrics file's fsync and the save's synchronous part, and on a CPU backend the wait for
 its background write before the update); ``time/tokens_per_s`` is the generated tokens over
 ``time/sample_s``, and ``time/compile_s`` the seconds JAX spent tracing and compiling during the
-step (the first step's compile time, and any recompilation later; it is part of the phase that
-compiled). ``time/cpu_user_s`` and ``time/cpu_system_s`` are the CPU seconds the process used
-during the step, all threads, in user code and in the kernel (page faults, file writes): a step
-slower than its neighbours with more system time points at the host's memory, not the code
-(docs/profiling.md).
+step, summed over the threads that compiled (the first step's compile time, and any recompilation
+later; it is part of the phase that compiled). The first step's update compiles in a thread of its
+own while the sampler compiles and samples, for the shapes its batch most likely has (the widest
+response bucket, unpacked); where the batch has other shapes, the update compiles when it runs.
+``time/cpu_user_s`` and ``time/cpu_system_s`` are the CPU seconds the process used during the step,
+all threads, in user code and in the kernel (page faults, file writes): a step slower than its
+neighbours with more system time points at the host's memory, not the code (docs/profiling.md).
 With ``eval.every > 0``, every ``eval.every``-th step also carries ``eval/*``, the greedy accuracy
 on the task's eval split (``rl_mismatch.evaluation``) of the policy that samples the step, and
 ``time/eval_s``; after the last update, a row of its own at step ``steps`` holds the trained
@@ -423,6 +426,7 @@ class _Parts:
     graphdef: Any
     step_fn: Callable
     loop: dict[str, Any]  # The train state and the rollout key: what a checkpoint holds.
+    prompt_context: int  # The most columns the sampler pads a prompt to (the context less the response budget).
 
 
 def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
@@ -485,7 +489,7 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
         temperature=cfg.sampler.temperature, keep_logits=cfg.trainer.keep_logits,
         share_prompts=cfg.trainer.share_prompts)
     loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}
-    return _Parts(mesh, sampler_mesh, tok, batches, sampling, evaluator, graphdef, step_fn, loop)
+    return _Parts(mesh, sampler_mesh, tok, batches, sampling, evaluator, graphdef, step_fn, loop, context - N)
 
 
 class _Run:
@@ -517,6 +521,8 @@ class _Run:
             self.ckpt.close()
             raise
         self.completed = self.start  # Steps whose update is in `self.loop`.
+        self.early_compile: threading.Thread | None = None  # `_compile_update_early`'s thread.
+        self.update_end = 0.0  # When the last step's update was done (perf_counter seconds).
         self.state_intact = True  # False while a step holds the donated state.
         local_rows = self.parts.batches.local_batch_size * cfg.rollout.group_size
         self.row_slice = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
@@ -558,6 +564,8 @@ class _Run:
             logging.warning("log.profile_step = %d is not a step this run takes (%d to %d): no trace.",
                             cfg.log.profile_step, self.start, cfg.steps - 1)
         step = self.start
+        if self.start < cfg.steps:
+            self.early_compile = self._compile_update_early(self.start)
         # Free host memory back to the OS: the loader's float32 copy of the weights (or a
         # restore's buffers) now, the first step's compilation after it (`host_memory`).
         host_memory.release_free_memory()
@@ -574,12 +582,11 @@ class _Run:
                 # Only now does a save cover this step: its row is held and `last_k3` is its k3, so
                 # a save after an error here continues exactly.
                 self.state_intact, self.completed = True, step + 1
-                t2 = time.perf_counter()
                 self.writer.write_samples(step, samples)
                 self.writer.flush(keep_newest=True)  # The previous step's row.
                 t3 = time.perf_counter()
                 user, system = (now - before for now, before in zip(_cpu_seconds(), cpu0))
-                times = {"time/write_s": t3 - t2, "time/step_s": t3 - t0, "time/compile_s": _compile_seconds() - c0,
+                times = {"time/write_s": t3 - self.update_end, "time/step_s": t3 - t0, "time/compile_s": _compile_seconds() - c0,
                          "time/cpu_user_s": user, "time/cpu_system_s": system}
                 self.writer.amend(step, times)
                 if step == self.start:
@@ -601,10 +608,51 @@ class _Run:
         except BaseException as e:
             self._stop(e, step)
         finally:
+            self._join_early_compile()
             try:
                 self.ckpt.close()
             except Exception as e:  # Raised by wait() already on success; after an error, secondary.
                 logging.error("%s", e)
+
+    def _compile_update_early(self, step: int) -> threading.Thread | None:
+        """Starts compiling ``step``'s update in a thread of its own, beside the sampler's
+        compilation and sampling, for the shapes its batch will most likely have: the prompt
+        width the sampler pads these prompts to, the widest response bucket, no packing. Two
+        compilations then run on two cores instead of one after the other. Where the batch turns
+        out otherwise (shorter replies, a packed update), the update compiles as it would have.
+        None with several processes (each would lower a global program on its own schedule)."""
+        cfg, parts = self.cfg, self.parts
+        if jax.process_count() > 1:
+            return None
+        batch = parts.batches[step]
+        prompts = [list(t[v]) for t, v in zip(batch.tokens_BP, batch.valid_BP)]
+        sampling = parts.sampling
+        prompt_width = sampler.pad_prompts(prompts, pad_id=sampling.pad_id, prompt_bucket=sampling.prompt_bucket,
+                                           context=parts.prompt_context)[0].shape[1]
+        shapes = train_step.TrainBatch.shapes(
+            len(prompts), prompt_width, sampler.response_bucket(cfg.sampler.max_new_tokens, sampling),
+            with_entropy=cfg.sampler.return_entropy, group=cfg.rollout.group_size)
+        signals = {"response_length": jax.ShapeDtypeStruct((), jnp.float32)}
+        if cfg.optim.k3_trigger_threshold > 0:
+            signals["k3"] = jax.ShapeDtypeStruct((), jnp.float32)
+        state = self.loop["train"]
+
+        def compile_update():
+            try:
+                parts.step_fn.precompile(state, shapes, **signals)
+            except Exception as e:  # The update's own call compiles again, and raises what is wrong.
+                logging.warning("Compiling the first update early failed (it compiles when it runs): %s", e)
+
+        thread = threading.Thread(target=compile_update, name="compile-update", daemon=True)
+        thread.start()
+        return thread
+
+    def _join_early_compile(self) -> None:
+        """Waits for `_compile_update_early`'s compilation, if one is under way: the update must
+        not compile the same program a second time beside it."""
+        thread, self.early_compile = self.early_compile, None
+        if thread is not None:
+            thread.join()
 
     @contextlib.contextmanager
     def _sampler_model(self):
@@ -675,7 +723,7 @@ class _Run:
         t3 = time.perf_counter()
 
         device_metrics = self._update(train_batch, host["lengths"].astype(np.float64).mean())
-        t4 = time.perf_counter()
+        t4 = self.update_end = time.perf_counter()  # time/write_s counts from here (`run`)
 
         times = {"time/sample_s": t1 - t0 - eval_s, "time/score_s": t2 - t1, "time/checkpoint_s": t3 - t2,
                  "time/train_s": t4 - t3, **({"time/eval_s": eval_s} if eval_metrics else {})}
@@ -722,6 +770,7 @@ class _Run:
             # The previous step's k3: a device scalar (no host wait), or from the checkpoint.
             signals["k3"] = self.last_k3 if isinstance(self.last_k3, jax.Array) else np.float32(
                 np.nan if self.last_k3 is None else self.last_k3)
+        self._join_early_compile()
         self.state_intact = False  # The step donates the state it is given.
         train, device_metrics = self.parts.step_fn(self.loop["train"], train_batch, **signals)
         # Waited for here, not inside the next sampling call (which needs the new weights

@@ -163,6 +163,19 @@ class TrainBatch(struct.PyTreeNode):
                    sampler_entropy_BT=rollout.entropy_BT if with_entropy else None,
                    score_from=max(1, rollout.prompt_width), group=group, packed_width=packed_width)
 
+    @classmethod
+    def shapes(cls, rows: int, prompt_width: int, response_width: int, *, with_entropy: bool = False,
+               group: int = 1, packed_width: int = 0) -> TrainBatch:
+        """The batch `from_rollout` makes of a rollout of ``rows`` rows, ``prompt_width`` prompt
+        and ``response_width`` response columns, as ``jax.ShapeDtypeStruct`` leaves: what
+        `TrainStep.precompile` needs to compile the step before any rollout exists."""
+        columns = prompt_width + response_width
+        array = lambda dtype, shape=(rows, columns): jax.ShapeDtypeStruct(shape, dtype)
+        return cls(tokens_BT=array(jnp.int32), valid_BT=array(jnp.bool_), response_mask_BT=array(jnp.bool_),
+                   sampler_logp_BT=array(jnp.float32), advantages_B=array(jnp.float32, (rows,)),
+                   sampler_entropy_BT=array(jnp.float32) if with_entropy else None,
+                   score_from=max(1, prompt_width), group=group, packed_width=packed_width)
+
 
 class TrainState(struct.PyTreeNode):
     """Everything a train step reads and replaces.
@@ -416,6 +429,36 @@ class TrainStep:
             signals = jax.device_put(signals, shd.replicated(self._mesh))
         new_state, metrics = self.jitted(state, batch, signals)
         return new_state.replace(key=key), metrics
+
+    def precompile(self, state: TrainState, batch: TrainBatch, **opt_signals) -> None:
+        """Compiles the step for these arguments without running it: a later call with arguments
+        of the same shapes and dtypes, and a state laid out like this one, compiles nothing.
+
+        Any argument may be abstract (``jax.ShapeDtypeStruct`` leaves: `TrainBatch.shapes`, a
+        signal's ``jax.ShapeDtypeStruct((), jnp.float32)``); concrete ones are only read for
+        their shapes and layout, so the state may be the live one, and nothing is donated. The
+        batch is not checked. It may run in another thread, e.g. to compile the first update
+        beside the sampler's compilation (`rl_mismatch.experiment`), but not during a call of
+        this step.
+        """
+        def abstract(x, sharding=None):
+            """``x``'s shape and dtype with the placement a call gives it (`__call__`): ``sharding``
+            on a mesh; else an array's own where it is committed to a device (an uncommitted one
+            leaves its placement to jit), and an abstract argument's own."""
+            if sharding is None:
+                if isinstance(x, jax.ShapeDtypeStruct):
+                    return x
+                sharding = x.sharding if x.committed else None
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        mesh = self._mesh
+        concrete = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
+        batch_sharding = None if mesh is None else NamedSharding(mesh, P(shd.DATA))
+        signal_sharding = None if mesh is None else shd.replicated(mesh)
+        self.lower(jax.tree.map(abstract, state),
+                   jax.tree.map(lambda x: abstract(concrete(x), batch_sharding), batch),
+                   **{k: abstract(v if isinstance(v, jax.ShapeDtypeStruct) else _signal(v), signal_sharding)
+                      for k, v in opt_signals.items()}).compile()
 
     def lower(self, state: TrainState, batch: TrainBatch, **opt_signals) -> jax.stages.Lowered:
         """The step lowered for these arguments, without running it.

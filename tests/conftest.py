@@ -28,7 +28,9 @@ atexit.register(shutil.rmtree, _SUBPROCESS_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _SUBPROCESS_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+import collections  # noqa: E402
 import contextlib  # noqa: E402
+import threading  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -37,30 +39,41 @@ _STAGES = {"/jax/core/compile/jaxpr_trace_duration": "traces",
            "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowerings",
            "/jax/core/compile/backend_compile_duration": "n"}
 _totals = dict.fromkeys(_STAGES.values(), 0)
+_compiled_names = collections.Counter()  # backend compilations per (jitted function's name, thread's name)
 
 
 def _on_duration_event(name, *args, **kwargs):
     if name in _STAGES:
         _totals[_STAGES[name]] += 1
+    if name == "/jax/core/compile/backend_compile_duration":
+        _compiled_names[kwargs.get("fun_name"), threading.current_thread().name] += 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
 
 
 class _Counter:
-    """``n``: XLA backend compilations; ``traces``, ``lowerings``: jaxpr traces, MLIR lowerings."""
+    """``n``: XLA backend compilations; ``traces``, ``lowerings``: jaxpr traces, MLIR lowerings;
+    ``names``: the backend compilations per jitted function's name (e.g. ``"jit(_train_step)"``);
+    ``threads``: per (name, the compiling thread's name)."""
 
     n = traces = lowerings = 0
+    names: collections.Counter
+    threads: collections.Counter
 
 
 @contextlib.contextmanager
 def _count_compiles():
-    counter, start = _Counter(), dict(_totals)
+    counter, start, start_names = _Counter(), dict(_totals), collections.Counter(_compiled_names)
     try:
         yield counter
     finally:
         for stage, total in _totals.items():
             setattr(counter, stage, total - start[stage])
+        counter.threads = _compiled_names - start_names
+        counter.names = collections.Counter()
+        for (fun_name, _), count in counter.threads.items():
+            counter.names[fun_name] += count
 
 
 @pytest.fixture
@@ -70,7 +83,8 @@ def count_compiles():
     Counts real backend compilations (jax.monitoring), which is what "compiles nothing" means;
     a jitted function's ``_cache_size()`` is not reliable across a long pytest process.
     ``c.traces`` and ``c.lowerings`` count the earlier stages (a retrace that hits the
-    compilation cache still shows there).
+    compilation cache still shows there); ``c.names["jit(_train_step)"]``, one function's compilations
+    (from any thread), ``c.threads["jit(_train_step)", "MainThread"]`` those from one thread.
     """
     return _count_compiles
 

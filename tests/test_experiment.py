@@ -208,6 +208,19 @@ def test_packed_updates_change_no_number(tiny_run, tiny_cfg, tmp_path, monkeypat
 
 
 @pytest.mark.slow
+def test_first_update_compiles_beside_the_sampler(tmp_path, tiny_cfg, count_compiles):
+    """The first step's update compiles in a thread of its own while the sampler compiles and
+    samples (`experiment._Run._compile_update_early`). With one response bucket (48 new tokens,
+    the cache's first 64 slots) and no packing, its guess of the batch's shapes is exact: the
+    update itself then compiles nothing, in the first step or the next."""
+    with count_compiles() as compiles:
+        experiment.run(tiny_cfg(steps=2, **{"trainer.pack_multiple": 0}), tmp_path)
+    assert compiles.threads["jit(_train_step)", "compile-update"] == 1
+    assert compiles.names["jit(_train_step)"] == 1
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+
+
+@pytest.mark.slow
 def test_tiny_end_to_end(tiny_run, tiny_cfg):
     workdir, rows = tiny_run
     cfg = tiny_cfg()

@@ -13,6 +13,7 @@ Numerical bounds used below (float32 unit roundoff u = 2**-24 ≈ 6e-8):
 """
 
 import re
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rl_mismatch import losses, optim, precision
+from rl_mismatch import losses, optim, precision, sampler
 from rl_mismatch.corrections import parse_correction
 from rl_mismatch import sharding as shd
 from rl_mismatch import train_step as ts
@@ -137,6 +138,53 @@ def test_steady_state_steps_compile_nothing(mesh_shape, n_micro, dtype, count_co
     assert (compiles.traces, compiles.lowerings, compiles.n) == (0, 0, 0)
     assert int(state.step) == 5
     assert float(metrics["lr/scale"]) == 1.0 and int(metrics["lr/length_trigger/surge_step"]) == -1
+
+
+@pytest.mark.parametrize("mesh_shape,abstract", [(None, True), ((2, 2), True), ((2, 2), False)])
+def test_a_precompiled_step_compiles_nothing_when_called(mesh_shape, abstract, count_compiles):
+    """`TrainStep.precompile` from the live state and abstract shapes (`TrainBatch.shapes`, a
+    signal's ShapeDtypeStruct) or the batch itself, in a thread of its own as the experiment runs
+    it: the first call with a batch of those shapes then compiles nothing, and its step is
+    bitwise that of a step that compiled on its first call."""
+    mesh = None if mesh_shape is None else shd.make_mesh(*mesh_shape)
+    graphdef, _ = nnx.split(_model())
+    # A fresh optimizer per step: a step built like an earlier one would reuse its program.
+    make = lambda: ts.make_train_step(graphdef, optax.sgd(1.0), losses.LossConfig(), compute_dtype="f32",
+                                      n_microbatches=2, mesh=mesh)
+    batch = _grouped_batch()  # 16 rows in runs of 4, 6 prompt and 7 response columns
+    with count_compiles() as compiles:
+        want = make()(_state(mesh), batch, response_length=7.0)
+    assert compiles.names["jit(_train_step)"] == 1  # so that the check below can fail
+    step, state = make(), _state(mesh)
+    args = ((ts.TrainBatch.shapes(16, 6, 7, group=4), jax.ShapeDtypeStruct((), jnp.float32)) if abstract
+            else (batch, 7.0))
+    thread = threading.Thread(target=step.precompile, args=(state, args[0]), kwargs={"response_length": args[1]})
+    with count_compiles() as compiles:
+        thread.start()
+        thread.join()
+    assert compiles.names["jit(_train_step)"] == 1
+    with count_compiles() as compiles:
+        got = step(state, batch, response_length=7.0)
+        jax.block_until_ready(got)
+    assert compiles.names["jit(_train_step)"] == 0
+    assert _bits((got[0].params, got[0].opt_state, got[1])) == _bits((want[0].params, want[0].opt_state, want[1]))
+
+
+def test_batch_shapes_are_those_of_a_rollouts_batch():
+    """`TrainBatch.shapes` gives the structure, shapes, dtypes and static fields `from_rollout`
+    makes of a real rollout of those sizes (the sampler's program, shapes only)."""
+    model = _model()
+    cfg = sampler.SamplingConfig(max_new_tokens=7, prompt_bucket=4, return_entropy=True)
+    prompts = [[5, 6, 7]] * 4 + [[8, 9, 10, 11, 12]] * 4
+    rollout = jax.eval_shape(lambda key: sampler.generate(model, prompts, key, cfg, group=4), jax.random.key(0))
+    assert rollout.prompt_width == 8
+    for entropy in (False, True):
+        want = ts.TrainBatch.from_rollout(rollout, jax.ShapeDtypeStruct((8,), jnp.float32), with_entropy=entropy,
+                                          group=4)
+        got = ts.TrainBatch.shapes(8, 8, 7, with_entropy=entropy, group=4)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
+        assert (got.score_from, got.group, got.packed_width) == (want.score_from, want.group, want.packed_width)
 
 
 def _matrix_products(hlo: str):
