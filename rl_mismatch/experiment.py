@@ -586,7 +586,8 @@ class _Run:
                 self.writer.flush(keep_newest=True)  # The previous step's row.
                 t3 = time.perf_counter()
                 user, system = (now - before for now, before in zip(_cpu_seconds(), cpu0))
-                times = {"time/write_s": t3 - self.update_end, "time/step_s": t3 - t0, "time/compile_s": _compile_seconds() - c0,
+                times = {"time/write_s": t3 - self.update_end, "time/step_s": t3 - t0,
+                         "time/compile_s": _compile_seconds() - c0,
                          "time/cpu_user_s": user, "time/cpu_system_s": system}
                 self.writer.amend(step, times)
                 if step == self.start:
