@@ -84,7 +84,7 @@ def ours(master, dtype, prompts_BP, new_tokens, repeats, mesh=None):
     cfg = smp.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(), prompt_bucket=64)
     B, P = prompts_BP.shape
     valid = np.ones_like(prompts_BP, bool)
-    smp.precompile(model, (prompts_BP, valid), cfg, mesh=mesh)  # the timed calls compile nothing
+    smp.precompile(model, (prompts_BP, valid), cfg, mesh=mesh)  # the timed calls compile no sampler program
     best = np.inf
     for i in range(repeats):
         wall, _, out = timed(smp.generate, model, (prompts_BP, valid), jax.random.key(i), cfg, mesh=mesh)

@@ -39,6 +39,7 @@ step, summed over the threads that compiled (the first step's compile time, and 
 later; it is part of the phase that compiled). The first step's update compiles in a thread of its
 own while the sampler compiles and samples, for the shapes its batch most likely has (the widest
 response bucket, unpacked); where the batch has other shapes, the update compiles when it runs.
+Where the first step evaluates first, its sampler's program compiles beside the evaluation.
 ``time/cpu_user_s`` and ``time/cpu_system_s`` are the CPU seconds the process used during the step,
 all threads, in user code and in the kernel (page faults, file writes): a step slower than its
 neighbours with more system time points at the host's memory, not the code (docs/profiling.md).
@@ -591,8 +592,8 @@ class _Run:
                          "time/cpu_user_s": user, "time/cpu_system_s": system}
                 self.writer.amend(step, times)
                 if step == self.start:
-                    logging.info("First step (%d): %.1f s, of which %.1f s tracing and compiling.", step,
-                                 times["time/step_s"], times["time/compile_s"])
+                    logging.info("First step (%d): %.1f s; tracing and compiling took %.1f s, summed over the "
+                                 "threads that compiled.", step, times["time/step_s"], times["time/compile_s"])
                     host_memory.release_free_memory()
             self._save_if_due(cfg.steps)
             if self.parts.evaluator is not None:
@@ -621,7 +622,7 @@ class _Run:
         width the sampler pads these prompts to, the widest response bucket, no packing. Two
         compilations then run on two cores instead of one after the other. Where the batch turns
         out otherwise (shorter replies, a packed update), the update compiles as it would have.
-        None with several processes (each would lower a global program on its own schedule)."""
+        None with several processes (`_in_background`)."""
         cfg, parts = self.cfg, self.parts
         if jax.process_count() > 1:
             return None
@@ -636,15 +637,24 @@ class _Run:
         signals = {"response_length": jax.ShapeDtypeStruct((), jnp.float32)}
         if cfg.optim.k3_trigger_threshold > 0:
             signals["k3"] = jax.ShapeDtypeStruct((), jnp.float32)
-        state = self.loop["train"]
+        return self._in_background("compile-update", parts.step_fn.precompile, self.loop["train"], shapes, **signals)
 
-        def compile_update():
+    @staticmethod
+    def _in_background(name: str, compile_fn: Callable, *args, **kwargs) -> threading.Thread | None:
+        """Runs ``compile_fn(*args, **kwargs)``, a compilation ahead of the call that needs it, in a
+        thread of its own (None with several processes: each would lower a global program on its
+        own schedule). A failure is only logged: the call itself then compiles, and raises what
+        is wrong."""
+        if jax.process_count() > 1:
+            return None
+
+        def run():
             try:
-                parts.step_fn.precompile(state, shapes, **signals)
-            except Exception as e:  # The update's own call compiles again, and raises what is wrong.
-                logging.warning("Compiling the first update early failed (it compiles when it runs): %s", e)
+                compile_fn(*args, **kwargs)
+            except Exception as e:
+                logging.warning("Compiling ahead (%s) failed; the program compiles when it runs: %s", name, e)
 
-        thread = threading.Thread(target=compile_update, name="compile-update", daemon=True)
+        thread = threading.Thread(target=run, name=name, daemon=True)
         thread.start()
         return thread
 
@@ -696,9 +706,17 @@ class _Run:
         eval_metrics, eval_s = {}, 0.0
         with self._sampler_model() as sampler_model:
             if parts.evaluator is not None and step % cfg.eval.every == 0:
-                # The policy that samples this step, before its update: eval/* of step 0 is the start.
-                eval_metrics = parts.evaluator(sampler_model, mesh=parts.sampler_mesh)
-                eval_s = time.perf_counter() - t0
+                # The first step's sampler compiles beside the evaluation (each compilation runs on one thread).
+                compiling = self._in_background(
+                    "compile-sampler", sampler.precompile, sampler_model, prompts, parts.sampling,
+                    mesh=parts.sampler_mesh, group=cfg.rollout.group_size) if step == self.start else None
+                try:
+                    # The policy that samples this step, before its update: eval/* of step 0 is the start.
+                    eval_metrics = parts.evaluator(sampler_model, mesh=parts.sampler_mesh)
+                    eval_s = time.perf_counter() - t0
+                finally:  # A compilation still under way counts as sampling time.
+                    if compiling is not None:
+                        compiling.join()
             rollout = sampler.generate(sampler_model, prompts, jax.random.fold_in(self.loop["rollout_key"], step),
                                        parts.sampling, mesh=parts.sampler_mesh, group=cfg.rollout.group_size)
         host = fetch_to_host({"tokens": rollout.tokens_BT, "mask": rollout.response_mask_BT,

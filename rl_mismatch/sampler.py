@@ -575,15 +575,23 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
 
 def precompile(model: Decoder, prompts, cfg: SamplingConfig, *, mesh: jax.sharding.Mesh | None = None,
                group: int = 1) -> None:
-    """Compiles :func:`generate`'s program for ``prompts``' bucket without sampling.
+    """Compiles :func:`generate`'s program for ``prompts``' bucket without running it.
 
-    Arguments as for :func:`generate`. Every row is passed as padding, so the decoding loop
-    exits at once (only the prefill runs); a later ``generate`` call in the same batch and
-    prompt-width bucket compiles nothing (with a typed ``jax.random.key``, the key kind used
-    here). For timing a sampler without its compilation, or compiling before a run's first step.
+    Arguments as for :func:`generate`. A later ``generate`` call in the same batch and
+    prompt-width bucket compiles no program of its own (with a typed ``jax.random.key``, the key
+    kind used here, placed as ``generate`` places it); only, the first time, the small eager
+    slices that cut off the batch padding. For timing a sampler without its compilation, or
+    compiling beside other work: nothing runs on the devices, and it may run in another thread
+    (`rl_mismatch.experiment` compiles the first step's sampler while the evaluation runs).
     """
-    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=True, group=group)
-    jax.block_until_ready(_real_rows(program(state, tokens, valid, jax.random.key(0)), B))
+    program, state, tokens, valid, _ = _prepare(model, prompts, cfg, mesh, blank=True, group=group)
+
+    def abstract(x):  # shape, dtype and, where it is committed to devices, placement
+        sharding = x.sharding if isinstance(x, jax.Array) and x.committed else None
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=None if mesh is None else shd.replicated(mesh))
+    program.lower(jax.tree.map(abstract, state), abstract(tokens), abstract(valid), key).compile()
 
 
 def _real_rows(rollout: Rollout, B: int) -> Rollout:

@@ -208,16 +208,25 @@ def test_packed_updates_change_no_number(tiny_run, tiny_cfg, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_first_update_compiles_beside_the_sampler(tmp_path, tiny_cfg, count_compiles):
+@pytest.mark.parametrize("eval_every", [0, 1])
+def test_first_step_compiles_its_programs_side_by_side(tmp_path, tiny_cfg, count_compiles, eval_every):
     """The first step's update compiles in a thread of its own while the sampler compiles and
     samples (`experiment._Run._compile_update_early`). With one response bucket (48 new tokens,
     the cache's first 64 slots) and no packing, its guess of the batch's shapes is exact: the
-    update itself then compiles nothing, in the first step or the next."""
+    update itself then compiles nothing, in the first step or the next. With an evaluation
+    first, the sampler's program compiles in a thread of its own beside it, and the rollout
+    compiles nothing; the main thread compiles only the evaluation's program."""
     with count_compiles() as compiles:
-        experiment.run(tiny_cfg(steps=2, **{"trainer.pack_multiple": 0}), tmp_path)
+        experiment.run(tiny_cfg(steps=2, **{"trainer.pack_multiple": 0, "eval.every": eval_every}), tmp_path)
     assert compiles.threads["jit(_train_step)", "compile-update"] == 1
     assert compiles.names["jit(_train_step)"] == 1
-    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+    assert compiles.threads["jit(_generate)", "compile-sampler"] == eval_every
+    assert compiles.threads["jit(_generate)", "MainThread"] == 1
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2][:2 + eval_every]  # with eval, the trained policy's row
+    parts = ("time/eval_s", "time/sample_s", "time/score_s", "time/train_s", "time/write_s", "time/checkpoint_s")
+    for r in rows[:2]:
+        assert abs(sum(r.get(k, 0.0) for k in parts) - r["time/step_s"]) <= 0.05 * r["time/step_s"], r
 
 
 @pytest.mark.slow
