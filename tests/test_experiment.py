@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rl_mismatch import experiment, tasks, train_step
+from rl_mismatch import experiment, sampler, tasks, train_step
 from rl_mismatch.experiment_config import ExperimentConfig
 from rl_mismatch.metric_writing import read_metrics
 from rl_mismatch.workdir_lock import WorkdirBusyError, WorkdirLock
@@ -216,6 +216,7 @@ def test_first_step_compiles_its_programs_side_by_side(tmp_path, tiny_cfg, count
     update itself then compiles nothing, in the first step or the next. With an evaluation
     first, the sampler's program compiles in a thread of its own beside it, and the rollout
     compiles nothing; the main thread compiles only the evaluation's program."""
+    sampler._compiled.cache_clear()  # an earlier run in this process may have compiled the same sampler programs
     with count_compiles() as compiles:
         experiment.run(tiny_cfg(steps=2, **{"trainer.pack_multiple": 0, "eval.every": eval_every}), tmp_path)
     assert compiles.threads["jit(_train_step)", "compile-update"] == 1
