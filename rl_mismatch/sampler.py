@@ -567,7 +567,7 @@ def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
       ValueError: empty batch, a prompt longer than the context, a mesh the batch or heads do
         not fit, or ``group`` not dividing the batch into runs of identical prompts.
     """
-    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, blank=False, group=group)
+    program, state, tokens, valid, B = _prepare(model, prompts, cfg, mesh, group=group)
     if mesh is not None:  # e.g. a key made on the trainer's devices, for a sampler with its own
         key = jax.device_put(key, shd.replicated(mesh))
     return _real_rows(program(state, tokens, valid, key), B)
@@ -584,13 +584,9 @@ def precompile(model: Decoder, prompts, cfg: SamplingConfig, *, mesh: jax.shardi
     compiling beside other work: nothing runs on the devices, and it may run in another thread
     (`rl_mismatch.experiment` compiles the first step's sampler while the evaluation runs).
     """
-    program, state, tokens, valid, _ = _prepare(model, prompts, cfg, mesh, blank=True, group=group)
-
-    def abstract(x):  # shape, dtype and, where it is committed to devices, placement
-        sharding = x.sharding if isinstance(x, jax.Array) and x.committed else None
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
+    program, state, tokens, valid, _ = _prepare(model, prompts, cfg, mesh, group=group)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=None if mesh is None else shd.replicated(mesh))
+    abstract = shd.abstract_argument
     program.lower(jax.tree.map(abstract, state), abstract(tokens), abstract(valid), key).compile()
 
 
@@ -601,11 +597,11 @@ def _real_rows(rollout: Rollout, B: int) -> Rollout:
     return jax.tree.map(lambda a: a[:B], rollout)
 
 
-def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool, group: int = 1):
+def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, group: int = 1):
     """``(program, state, tokens_BP, valid_BP, B)``: the compiled sampler for the bucket of
-    ``prompts`` and its inputs, padded to the bucket (``B`` real rows; all rows marked as
-    padding if ``blank``). The program prefills once per run of ``group`` prompts where the
-    padded batch and its data shards hold whole runs, else every row."""
+    ``prompts`` and its inputs, padded to the bucket (``B`` real rows). The program prefills
+    once per run of ``group`` prompts where the padded batch and its data shards hold whole
+    runs, else every row."""
     context = model.config.max_seq_len - cfg.max_new_tokens
     if context <= 0:
         raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the "
@@ -623,8 +619,6 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, blank: bool,
     if Bb > B:  # all-padding rows: finished from the start, cut off by _real_rows
         tokens = np.concatenate([tokens, np.full((Bb - B, tokens.shape[1]), cfg.pad_id, np.int32)])
         valid = np.concatenate([valid, np.zeros((Bb - B, valid.shape[1]), bool)])
-    if blank:
-        valid = np.zeros_like(valid)
     if Bb % group or (mesh is not None and (Bb // group) % mesh.shape[shd.DATA]):
         group = 1  # the padded batch or its shards do not hold whole runs: prefill every row
     graphdef, state = nnx.split(model)

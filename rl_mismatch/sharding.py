@@ -131,3 +131,16 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def abstract_argument(x, sharding=None) -> jax.ShapeDtypeStruct:
+    """``x``'s shape and dtype with the placement a jitted call gives it, for compiling the call
+    ahead (``jit(f).lower(...).compile()``): ``sharding`` where the caller places the argument
+    itself; otherwise an abstract argument's own, a device array's own where it is committed to
+    devices, and none for an uncommitted or host array (jit places those). A placement other
+    than the call's is another program: the call would compile again."""
+    if sharding is None:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        sharding = x.sharding if isinstance(x, jax.Array) and x.committed else None
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

@@ -441,20 +441,11 @@ class TrainStep:
         beside the sampler's compilation (`rl_mismatch.experiment`), but not during a call of
         this step.
         """
-        def abstract(x, sharding=None):
-            """``x``'s shape and dtype with the placement a call gives it (`__call__`): ``sharding``
-            on a mesh; else an array's own where it is committed to a device (an uncommitted one
-            leaves its placement to jit), and an abstract argument's own."""
-            if sharding is None:
-                if isinstance(x, jax.ShapeDtypeStruct):
-                    return x
-                sharding = x.sharding if x.committed else None
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
         mesh = self._mesh
         concrete = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
         batch_sharding = None if mesh is None else NamedSharding(mesh, P(shd.DATA))
         signal_sharding = None if mesh is None else shd.replicated(mesh)
+        abstract = shd.abstract_argument
         self.lower(jax.tree.map(abstract, state),
                    jax.tree.map(lambda x: abstract(concrete(x), batch_sharding), batch),
                    **{k: abstract(v if isinstance(v, jax.ShapeDtypeStruct) else _signal(v), signal_sharding)

@@ -453,7 +453,7 @@ def test_batch_rows_pad_to_the_fewer_of_a_power_of_two_and_a_multiple_of_eight(m
     cfg = smp.SamplingConfig(max_new_tokens=4, temperature=0.0, prompt_bucket=16)
     for n, mesh, rows in ((40, None, 40), (3, None, 4), (9, None, 16), (16, None, 16), (4, shd.make_mesh(4, 1), 4),
                           (20, shd.make_mesh(6, 1), 24)):
-        tokens = smp._prepare(model, _prompts((5,) * n), cfg, mesh, blank=False)[2]
+        tokens = smp._prepare(model, _prompts((5,) * n), cfg, mesh)[2]
         assert tokens.shape[0] == rows, (n, rows)
 
 
