@@ -64,6 +64,8 @@ _GROUP = flags.DEFINE_integer("group", 4, "Samples per prompt (rollout.group_siz
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 48, "Maximum completion length, both sides.")
 _DTYPES = flags.DEFINE_list("dtypes", ["fp32", "bf16"], "Our sampler dtypes, one run each (trainer float32).")
 _MICROBATCHES = flags.DEFINE_integer("microbatches", 0, "Our trainer.n_microbatches (0: the config's).")
+_REMAT = flags.DEFINE_enum("remat", None, ["layer", "projections", "none"], "Our trainer.remat (unset: the config's).")
+_KEEP_LOGITS = flags.DEFINE_bool("keep_logits", None, "Our trainer.keep_logits (unset: the config's).")
 _SKIP_TRL = flags.DEFINE_bool("skip_trl", False, "Measure only rl_mismatch.")
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch.set_num_threads for TRL (0: torch's default, one per physical core). On cores "
@@ -100,6 +102,10 @@ def _config(sampler_dtype: str, data_dir: str):
     c.trainer.dtype = "float32"
     if _MICROBATCHES.value:
         c.trainer.n_microbatches = _MICROBATCHES.value
+    if _REMAT.value:
+        c.trainer.remat = _REMAT.value
+    if _KEEP_LOGITS.value is not None:
+        c.trainer.keep_logits = _KEEP_LOGITS.value
     c.task.data_dir = data_dir
     c.eval.every = 0
     c.log.tensorboard = False
@@ -134,7 +140,8 @@ def _measure_ours(out: dict) -> None:
         rollout_s=[r["time/sample_s"] + r["time/score_s"] for r in rows],
         tokens=[r["rollout/response_length_mean"] * rows_per_step for r in rows],
         reward=[r["reward/mean"] for r in rows],
-        detail=f"n_microbatches={cfg.trainer.n_microbatches}, remat={cfg.trainer.remat}, lr={cfg.optim.learning_rate:g}",
+        detail=(f"n_microbatches={cfg.trainer.n_microbatches}, remat={cfg.trainer.remat}, "
+                f"keep_logits={cfg.trainer.keep_logits}, lr={cfg.optim.learning_rate:g}"),
     )
 
 
@@ -256,6 +263,8 @@ def _run_side(side: str, dtype: str, data_dir: str) -> dict:
                 f"--data_dir={data_dir}", f"--out={f.name}", f"--steps={_STEPS.value}",
                 f"--prompts={_PROMPTS.value}", f"--group={_GROUP.value}",
                 f"--max_new_tokens={_MAX_NEW_TOKENS.value}", f"--microbatches={_MICROBATCHES.value}",
+                *([f"--remat={_REMAT.value}"] if _REMAT.value else []),
+                *([f"--keep_logits={_KEEP_LOGITS.value}"] if _KEEP_LOGITS.value is not None else []),
                 f"--torch_threads={_TORCH_THREADS.value}", f"--torch_device={_TORCH_DEVICE.value}"]
         env = dict(os.environ, HF_HUB_OFFLINE="1")  # TRL and transformers need nothing from the Hub.
         start = time.perf_counter()

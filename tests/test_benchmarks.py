@@ -43,8 +43,11 @@ CASES = {  # script: (tiny flags, regexes its output must match)
          r"packed: [\d.]+x", r"ours packed/HF = [\d.]+x",
          r"packed_width=20 of 26 columns, given\): +[\d.]+ tok/s.*packed: [\d.]+x"]),
     "rl_loop.py": (
-        ["--steps=2", "--max_new_tokens=4", "--prompts=2", "--group=2", "--dtypes=bf16"],
+        # The trainer settings reach our side's subprocess (its detail line repeats them).
+        ["--steps=2", "--max_new_tokens=4", "--prompts=2", "--group=2", "--dtypes=bf16", "--remat=none",
+         "--keep_logits"],
         [r"\| ours \| bf16 sampler, fp32 trainer \| [\d.]+ \| [\d.]+ \([\d.]+\) \| [\d.]+ \| - \| [\d.]+ \| \d+ \| [\d.]+x \|",
+         r"remat=none, keep_logits=True",
          r"\| TRL \| fp32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| - \| [\d.]+ \| \d+ \| - \|"]),
     "step_time.py": (  # Shapes and the runtime baseline only; test_step_time_* runs both phases.
         ["--config=experiments/configs/tiny.py", "--skip_main_job", "--skip_cv"],
