@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -66,6 +67,28 @@ class _DropNonFiniteWarning(logging.Filter):
 
 
 _TBX_LOGGER = logging.getLogger("tensorboardX.x2num")
+
+
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without importing torch.
+
+    Where torch is installed, importing tensorboardX imports it too (its writer also accepts
+    torch tensors): ~1 s and ~200 MiB of resident memory in the main job's process
+    (benchmarks/README.md), for a writer that is only ever given floats here. Unless torch is
+    already imported, tensorboardX is imported with torch marked absent (``sys.modules["torch"]
+    = None`` makes ``import torch`` raise ImportError, which tensorboardX handles), and the mark
+    is removed at once, so that a later ``import torch`` works.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def fetch_to_host(tree: Any) -> Any:
@@ -245,9 +268,8 @@ class MetricWriter:
             _resume_samples(self.samples_path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter  # Lazy: only the writing process needs it.
-
-            self._tb = SummaryWriter(os.path.join(os.fspath(workdir), TENSORBOARD_DIR),
+            # Imported here: only the writing process needs it.
+            self._tb = _summary_writer_class()(os.path.join(os.fspath(workdir), TENSORBOARD_DIR),
                                      purge_step=resume_step if resume_step > 0 else None)
 
     def write(self, step: int, host_metrics: Mapping[str, Any], device_metrics: Any = None) -> Row | None:

@@ -6,6 +6,9 @@ import json
 import logging
 import math
 import struct
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -48,6 +51,26 @@ def test_non_finite_scalars_are_kept_and_not_warned_about(tmp_path, caplog):
     # The warning is silenced only around the writer's own writes.
     make_np(math.nan)
     assert [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
+
+
+def test_the_tensorboard_writer_leaves_torch_unimported(tmp_path):
+    """Importing tensorboardX imports torch where torch is installed (as it is here); the writer
+    imports tensorboardX with torch marked absent. A fresh process that has written TensorBoard
+    scalars has not imported torch, and can still import it afterwards."""
+    pytest.importorskip("torch")  # without torch installed there is nothing to keep out
+    code = textwrap.dedent(f"""
+        import sys
+        from rl_mismatch.metric_writing import MetricWriter
+        writer = MetricWriter({str(tmp_path)!r})
+        writer.write(0, {{"loss": 0.5}})
+        writer.close()
+        assert "torch" not in sys.modules, "tensorboardX imported torch"
+        import torch  # the mark is gone
+        print(torch.__version__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert _tensorboard_scalars(tmp_path) == {("loss", 0): 0.5}
 
 
 def _write_rows(workdir, steps):
