@@ -270,7 +270,7 @@ class MetricWriter:
         if tensorboard:
             # Imported here: only the writing process needs it.
             self._tb = _summary_writer_class()(os.path.join(os.fspath(workdir), TENSORBOARD_DIR),
-                                     purge_step=resume_step if resume_step > 0 else None)
+                                               purge_step=resume_step if resume_step > 0 else None)
 
     def write(self, step: int, host_metrics: Mapping[str, Any], device_metrics: Any = None) -> Row | None:
         """Holds step ``step``'s metrics and writes the previously held row (`hold`, then
