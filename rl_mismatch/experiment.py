@@ -427,7 +427,7 @@ class _Parts:
     graphdef: Any
     step_fn: Callable
     loop: dict[str, Any]  # The train state and the rollout key: what a checkpoint holds.
-    prompt_context: int  # The most columns the sampler pads a prompt to (the context less the response budget).
+    max_seq_len: int  # The model's positions: the sampler pads prompts for them (`sampler.padded_prompts`).
 
 
 def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
@@ -490,7 +490,7 @@ def _build(cfg: ExperimentConfig, workdir: str, score_fns) -> _Parts:
         temperature=cfg.sampler.temperature, keep_logits=cfg.trainer.keep_logits,
         share_prompts=cfg.trainer.share_prompts)
     loop = {"train": state, "rollout_key": _replicated_key(cfg.seed, _ROLLOUT, mesh)}
-    return _Parts(mesh, sampler_mesh, tok, batches, sampling, evaluator, graphdef, step_fn, loop, context - N)
+    return _Parts(mesh, sampler_mesh, tok, batches, sampling, evaluator, graphdef, step_fn, loop, context)
 
 
 class _Run:
@@ -627,12 +627,10 @@ class _Run:
         if jax.process_count() > 1:
             return None
         batch = parts.batches[step]
-        prompts = [list(t[v]) for t, v in zip(batch.tokens_BP, batch.valid_BP)]
-        sampling = parts.sampling
-        prompt_width = sampler.pad_prompts(prompts, pad_id=sampling.pad_id, prompt_bucket=sampling.prompt_bucket,
-                                           context=parts.prompt_context)[0].shape[1]
+        tokens_BP, _ = sampler.padded_prompts((batch.tokens_BP, batch.valid_BP), parts.sampling, parts.max_seq_len)
+        rows, prompt_width = tokens_BP.shape
         shapes = train_step.TrainBatch.shapes(
-            len(prompts), prompt_width, sampler.response_bucket(cfg.sampler.max_new_tokens, sampling),
+            rows, prompt_width, sampler.response_bucket(cfg.sampler.max_new_tokens, parts.sampling),
             with_entropy=cfg.sampler.return_entropy, group=cfg.rollout.group_size)
         signals = {"response_length": jax.ShapeDtypeStruct((), jnp.float32)}
         if cfg.optim.k3_trigger_threshold > 0:

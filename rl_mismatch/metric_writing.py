@@ -79,14 +79,13 @@ def _summary_writer_class():
     = None`` makes ``import torch`` raise ImportError, which tensorboardX handles), and the mark
     is removed at once, so that a later ``import torch`` works.
     """
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment]
+    mark = "torch" not in sys.modules
+    if mark:
+        sys.modules["torch"] = None  # type: ignore[assignment]
     try:
         from tensorboardX import SummaryWriter
     finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
+        if mark and sys.modules.get("torch", False) is None:
             del sys.modules["torch"]
     return SummaryWriter
 

@@ -542,6 +542,29 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, prompt_bucket:
     return tokens, valid
 
 
+def padded_prompts(prompts, cfg: SamplingConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens_BP, valid_BP)``: ``prompts`` (as :func:`generate` takes them) left-padded as
+    :func:`generate` pads them for a model of ``max_seq_len`` positions, before any batch-padding
+    rows. Its width ``P`` is the program's prompt width.
+
+    Raises:
+      ValueError: ``cfg.max_new_tokens`` leaves no room for a prompt, or as :func:`pad_prompts`.
+    """
+    context = max_seq_len - cfg.max_new_tokens
+    if context <= 0:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {max_seq_len}-token context.")
+    return pad_prompts(_prompt_lists(prompts), pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
+
+
+def _prompt_lists(prompts) -> list[list[int]]:
+    """Token lists from ragged lists or a left-padded ``(tokens_BP, valid_BP)`` pair."""
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+        tokens, valid = (np.asarray(a) for a in prompts)
+        return [list(t[v]) for t, v in zip(tokens, valid)]
+    return [list(p) for p in prompts]
+
+
 def generate(model: Decoder, prompts, key: jax.Array, cfg: SamplingConfig, *,
              mesh: jax.sharding.Mesh | None = None, group: int = 1) -> Rollout:
     """Samples a response for every prompt.
@@ -602,17 +625,9 @@ def _prepare(model: Decoder, prompts, cfg: SamplingConfig, mesh, *, group: int =
     ``prompts`` and its inputs, padded to the bucket (``B`` real rows). The program prefills
     once per run of ``group`` prompts where the padded batch and its data shards hold whole
     runs, else every row."""
-    context = model.config.max_seq_len - cfg.max_new_tokens
-    if context <= 0:
-        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the "
-                         f"model's {model.config.max_seq_len}-token context.")
-    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
-        tokens, valid = (np.asarray(a) for a in prompts)
-        lists = [list(t[v]) for t, v in zip(tokens, valid)]
-    else:
-        lists = [list(p) for p in prompts]
+    lists = _prompt_lists(prompts)
     _check_groups(lists, group)
-    tokens, valid = pad_prompts(lists, pad_id=cfg.pad_id, prompt_bucket=cfg.prompt_bucket, context=context)
+    tokens, valid = padded_prompts(lists, cfg, model.config.max_seq_len)
     B = tokens.shape[0]
     data = mesh.shape[shd.DATA] if mesh is not None else 1
     Bb = batch_rows(B, data)
